@@ -1,0 +1,243 @@
+"""Nested Attention as an efficient cross-attention op (pure torch).
+
+The literal definition (spec §1.1) gives every query its own value table in which the subject
+token's value ``V[s*]`` is replaced by a nested attention readout ``v*``. It is computed here in
+the equivalent form of spec §7.2, which never builds that table:
+
+    O  = softmax(q K^T / sqrt(d) + bias) V            (bias = log(w) on the s* column)
+    a  = the share of s* in that softmax, per query and head
+    V* = softmax(q K_nested^T / sqrt(d)) V_nested
+    O += a * alpha * (V* - V[s*])
+
+Rows without a subject (index -1, or no usable nested token) keep the plain SDPA output as is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .maps import merge_heads, split_heads
+
+IndexLike = Union[Tensor, int, Sequence[int]]
+
+
+@dataclass
+class NestedSubject:
+    """One subject: its token position per row (-1 = absent), nested keys/values and knobs.
+
+    ``nested_k``/``nested_v`` are projected ``[B or 1, M, heads*d]``; ``nested_mask`` is bool
+    ``[B or 1, M]`` (True = usable); ``query_mask`` is bool or float ``[B or 1, Nq]`` and scales
+    this subject's update per query (its token weight still applies to every query of the row).
+    """
+
+    subject_index: IndexLike
+    nested_k: Tensor
+    nested_v: Tensor
+    nested_mask: Optional[Tensor] = None
+    strength: float = 1.0
+    token_weight: float = 1.0
+    query_mask: Optional[Tensor] = None
+
+
+@dataclass
+class _Prepared:
+    index: Tensor  # [B] long, -1 where the row gets no update
+    rows: Tensor  # [R] long, rows that get the update
+    nested_k: Tensor  # [B or 1, h, M, d]
+    nested_v: Tensor  # [B or 1, h, M, dv]
+    nested_mask: Optional[Tensor]  # [B or 1, M] bool
+    strength: float
+    log_weight: float  # 0.0 when token_weight == 1
+    query_mask: Optional[Tensor]  # [B or 1, Nq]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_of(x: Tensor, rows: Tensor) -> Tensor:
+    """Select batch rows, broadcasting a batch of one."""
+    return x.expand(rows.numel(), *x.shape[1:]) if x.shape[0] == 1 else x.index_select(0, rows)
+
+
+def _check_batch(name: str, x: Tensor, batch: int) -> None:
+    if x.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has batch {x.shape[0]}, expected 1 or {batch}")
+
+
+def _prepare(subject: NestedSubject, q: Tensor, v: Tensor, heads: int, n_text: int) -> _Prepared:
+    batch, n_query, channels = q.shape
+    index = torch.as_tensor(subject.subject_index, dtype=torch.long, device=q.device)
+    if index.dim() == 0:
+        index = index.expand(batch)
+    if index.shape != (batch,):
+        raise ValueError(f"subject_index must have shape [{batch}], got {tuple(index.shape)}")
+    if bool((index >= n_text).any()) or bool((index < -1).any()):
+        raise IndexError(f"subject_index must lie in [-1, {n_text}), got {index.tolist()}")
+
+    nested_k, nested_v = subject.nested_k, subject.nested_v
+    if nested_k.dim() != 3 or nested_v.dim() != 3 or nested_k.shape[:2] != nested_v.shape[:2]:
+        raise ValueError("nested_k and nested_v must be [B or 1, M, C] with matching B and M")
+    if nested_k.shape[-1] != channels or nested_v.shape[-1] != v.shape[-1]:
+        raise ValueError("nested_k/nested_v channels must match q/v channels")
+    _check_batch("nested_k", nested_k, batch)
+
+    active = index >= 0
+    mask = subject.nested_mask
+    if mask is not None:
+        mask = mask.to(device=q.device, dtype=torch.bool)
+        if mask.dim() != 2 or mask.shape[1] != nested_k.shape[1]:
+            raise ValueError(f"nested_mask must be [B or 1, {nested_k.shape[1]}]")
+        _check_batch("nested_mask", mask, batch)
+        # A row with no usable nested token would make the inner softmax NaN: skip it instead.
+        active = active & mask.any(dim=1)
+    index = torch.where(active, index, torch.full_like(index, -1))
+
+    query_mask = subject.query_mask
+    if query_mask is not None:
+        if query_mask.dim() != 2 or query_mask.shape[1] != n_query:
+            raise ValueError(f"query_mask must be [B or 1, {n_query}]")
+        _check_batch("query_mask", query_mask, batch)
+        query_mask = query_mask.to(device=q.device)
+
+    weight = float(subject.token_weight)
+    if not (weight >= 0 and math.isfinite(weight)):
+        raise ValueError(f"token_weight must be finite and >= 0, got {weight}")
+    log_weight = math.log(weight) if weight > 0 else -math.inf
+
+    device_dtype = dict(device=q.device, dtype=q.dtype)
+    return _Prepared(
+        index=index,
+        rows=active.nonzero().squeeze(1),
+        nested_k=split_heads(nested_k.to(**device_dtype), heads),
+        nested_v=split_heads(nested_v.to(**device_dtype), heads),
+        nested_mask=mask,
+        strength=float(subject.strength),
+        log_weight=log_weight,
+        query_mask=query_mask,
+    )
+
+
+def _outer_bias(subjects: List[_Prepared], batch: int, n_text: int, q: Tensor) -> Optional[Tensor]:
+    """Additive ``[B, T]`` logit bias holding log(w) at each active subject's column, or None."""
+    bias = None
+    for s in subjects:
+        if s.log_weight == 0.0:
+            continue
+        if bias is None:
+            bias = torch.zeros(batch, n_text, dtype=_compute_dtype(q.dtype), device=q.device)
+        columns = s.index.index_select(0, s.rows)
+        bias[s.rows, columns] += s.log_weight
+    return bias
+
+
+def _subject_update(
+    qh: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    s: _Prepared,
+    bias: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """Return ``a * alpha * (V* - V[s*])`` for the subject's rows, ``[R, h, Nq, dv]``."""
+    rows = s.rows
+    q, k, v = qh.index_select(0, rows), kh.index_select(0, rows), vh.index_select(0, rows)
+    n_rows, heads, n_query, _ = q.shape
+    cdtype = _compute_dtype(q.dtype)
+
+    # The gate needs the outer softmax share of s*; SDPA does not return it, so recompute the
+    # (small, T-wide) logits once and take exp(logit[s*] - logsumexp).
+    logits = torch.matmul(q.to(cdtype), k.to(cdtype).transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.index_select(0, rows)[:, None, None, :]
+    column = s.index.index_select(0, rows)
+    picked = logits.gather(-1, column[:, None, None, None].expand(n_rows, heads, n_query, 1))
+    gate = torch.exp(picked - torch.logsumexp(logits, dim=-1, keepdim=True)).to(q.dtype)
+
+    nested_mask = None
+    if s.nested_mask is not None:
+        nested_mask = _rows_of(s.nested_mask, rows)[:, None, None, :]
+    v_star = F.scaled_dot_product_attention(
+        q, _rows_of(s.nested_k, rows), _rows_of(s.nested_v, rows), attn_mask=nested_mask, scale=scale
+    )
+    v_subject = v.gather(2, column[:, None, None, None].expand(n_rows, heads, 1, v.shape[-1]))
+    update = gate * s.strength * (v_star - v_subject)
+    if s.query_mask is not None:
+        update = update * _rows_of(s.query_mask, rows).to(update.dtype)[:, None, :, None]
+    return update
+
+
+def nested_attention_multi(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    subjects: Sequence[NestedSubject],
+    *,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Cross-attention with several nested subjects whose updates add up; returns ``[B, Nq, h*dv]``.
+
+    All subjects' token weights bias the same outer softmax, so each gate sees all of them.
+    Subjects should use distinct token positions within a row.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("q, k, v must be projected [B, N, heads*d] tensors")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    batch, n_text = q.shape[0], k.shape[1]
+    if scale is None:
+        scale = qh.shape[-1] ** -0.5
+
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    prepared = [_prepare(s, q, v, heads, n_text) for s in subjects]
+    prepared = [s for s in prepared if s.rows.numel() > 0]
+    if not prepared:
+        return merge_heads(out)
+
+    bias = _outer_bias(prepared, batch, n_text, q)
+    if bias is not None:
+        # Only rows whose logits actually change are recomputed, so every other row keeps the
+        # exact plain-SDPA numerics.
+        rows = (bias != 0).any(dim=1).nonzero().squeeze(1)
+        row_bias = bias.index_select(0, rows).to(q.dtype)[:, None, None, :]
+        biased = F.scaled_dot_product_attention(
+            qh.index_select(0, rows), kh.index_select(0, rows), vh.index_select(0, rows),
+            attn_mask=row_bias, scale=scale,
+        )
+        out = out.index_copy(0, rows, biased)
+    for s in prepared:
+        out = out.index_add(0, s.rows, _subject_update(qh, kh, vh, s, bias, scale))
+    return merge_heads(out)
+
+
+def nested_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    subject_index: IndexLike,
+    nested_k: Tensor,
+    nested_v: Tensor,
+    *,
+    nested_mask: Optional[Tensor] = None,
+    strength: float = 1.0,
+    token_weight: float = 1.0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Cross-attention where subject token s* reads its value from nested keys/values; ``[B, Nq, h*dv]``."""
+    subject = NestedSubject(
+        subject_index=subject_index,
+        nested_k=nested_k,
+        nested_v=nested_v,
+        nested_mask=nested_mask,
+        strength=strength,
+        token_weight=token_weight,
+    )
+    return nested_attention_multi(q, k, v, heads, [subject], scale=scale)
