@@ -1,0 +1,91 @@
+"""The one thin layer between the attention math and ComfyUI's ``ModelPatcher``.
+
+Hooks are installed as :class:`AttentionChain` objects in ``transformer_options["patches_replace"]
+["attn2"]`` under per-depth keys ``(block, id, depth)``. Installation is copy-on-write: the dicts on
+the path are copied, so a clone never shares a mutable level with the model it came from. A
+replace function that another pack installed earlier (per-depth or per-block key) becomes the
+chain's ``inner`` callable and keeps running.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .chain import AttentionChain, AttentionHook
+from .layers import CrossAttentionLayer, LayerKey, discover_layers, select_layers
+
+
+def stock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    extra_options: dict[str, Any]) -> torch.Tensor:
+    """ComfyUI's own attention call, exactly as ``CrossAttention.forward`` makes it."""
+    from comfy.ldm.modules import attention as comfy_attention
+
+    return comfy_attention.optimized_attention(
+        q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+        transformer_options=extra_options)
+
+
+def model_layers(model: Any) -> list[CrossAttentionLayer]:
+    """Cross-attention layers of a ModelPatcher's UNet."""
+    return discover_layers(model.model.diffusion_model)
+
+
+def resolve_layers(model: Any, selector: str | Iterable[CrossAttentionLayer]) -> list[CrossAttentionLayer]:
+    """Layers named by a selector string (see ``select_layers``) or given directly."""
+    if isinstance(selector, str):
+        return select_layers(model_layers(model), selector)
+    return list(selector)
+
+
+def _attn2_replaces(model_options: dict[str, Any]) -> dict[Any, Any]:
+    return model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+
+def chain_at(model: Any, key: LayerKey) -> AttentionChain | None:
+    """Our chain installed at a layer key, if any."""
+    entry = _attn2_replaces(model.model_options).get(key)
+    return entry if isinstance(entry, AttentionChain) else None
+
+
+def _write_attn2(model: Any, attn2: dict[Any, Any]) -> None:
+    options = dict(model.model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    replaces = dict(transformer_options.get("patches_replace", {}))
+    replaces["attn2"] = attn2
+    transformer_options["patches_replace"] = replaces
+    options["transformer_options"] = transformer_options
+    model.model_options = options
+
+
+def install_hook(model: Any, hook: AttentionHook,
+                 layers: str | Iterable[CrossAttentionLayer] = "all") -> list[CrossAttentionLayer]:
+    """Add ``hook`` to the chains of the chosen layers of ``model`` (a clone you own)."""
+    chosen = resolve_layers(model, layers)
+    attn2 = dict(_attn2_replaces(model.model_options))
+    for layer in chosen:
+        existing = attn2.get(layer.key)
+        if isinstance(existing, AttentionChain):
+            attn2[layer.key] = existing.with_hook(hook)
+        else:
+            foreign = existing if existing is not None else attn2.get(layer.key[:2])
+            attn2[layer.key] = AttentionChain((hook,), inner=foreign, stock=stock_attention)
+    _write_attn2(model, attn2)
+    return chosen
+
+
+def remove_hooks(model: Any, hooks: Iterable[AttentionHook]) -> None:
+    """Take hooks out of every chain of ``model``; chains left empty give their key back."""
+    hooks = list(hooks)
+    attn2 = dict(_attn2_replaces(model.model_options))
+    for key, entry in list(attn2.items()):
+        if not isinstance(entry, AttentionChain):
+            continue
+        chain = entry.without(hooks)
+        if chain.hooks:
+            attn2[key] = chain
+        elif chain.inner is not None and attn2.get(key[:2]) is not chain.inner:
+            attn2[key] = chain.inner
+        else:
+            del attn2[key]
+    _write_attn2(model, attn2)

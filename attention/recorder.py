@@ -1,0 +1,85 @@
+"""Record the cross-attention maps of chosen tokens at chosen layers, step by step.
+
+Memory stays bounded: per model evaluation and recorded layer only ``[rows, tokens, H, W]`` is
+kept (heads averaged unless asked otherwise), never the full attention or all text tokens.
+Maps keep their autograd graph when recording for training and are detached when sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .chain import AttentionContext, AttentionFn, AttentionHook
+from .layers import LayerKey
+from .maps import aggregate_maps, maps_to_grid, token_probs
+
+
+@dataclass
+class MapStore:
+    """Maps collected by a recorder: one dict ``layer key -> [rows, T(, heads), H, W]`` per step."""
+
+    token_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    steps: list[dict[LayerKey, torch.Tensor]] = field(default_factory=list)
+    sigmas: list[float | None] = field(default_factory=list)
+
+    def set_tokens(self, token_index: torch.Tensor | Sequence[int]) -> None:
+        """Token positions to record: ``[T]`` for every row, or ``[rows, T]`` per row."""
+        self.token_index = torch.as_tensor(token_index, dtype=torch.long)
+
+    def clear(self) -> None:
+        """Forget every recorded map (the token selection stays)."""
+        self.steps.clear()
+        self.sigmas.clear()
+
+    def add(self, sigma: float | None, key: LayerKey, maps: torch.Tensor) -> None:
+        """Store one layer's maps; a new sigma (or a layer seen twice) starts a new step."""
+        if not self.steps or self.sigmas[-1] != sigma or key in self.steps[-1]:
+            self.steps.append({})
+            self.sigmas.append(sigma)
+        self.steps[-1][key] = maps
+
+    def layer_maps(self, steps: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The recorded per-layer maps of the chosen steps (all steps by default)."""
+        chosen = range(len(self.steps)) if steps is None else steps
+        return [m for i in chosen for m in self.steps[i].values()]
+
+    def aggregate(self, steps: Sequence[int] | None = None,
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mean map per token over heads, layers and steps: ``[rows, T, H, W]``."""
+        maps = self.layer_maps(steps)
+        if not maps:
+            raise RuntimeError("no attention maps were recorded: is the recorder installed on the "
+                               "model that ran, and do its layers and sigma range match?")
+        as_heads = [m if m.ndim == 5 else m.unsqueeze(1) for m in maps]
+        return aggregate_maps(as_heads, size=size)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionRecorder(AttentionHook):
+    """Hook that writes the selected tokens' probability maps into ``store`` and proceeds."""
+
+    store: MapStore = field(default_factory=MapStore)
+    keep_grad: bool = False
+    keep_heads: bool = False
+    rows: str = "cond"
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+              proceed: AttentionFn) -> torch.Tensor:
+        spatial = ctx.spatial
+        if spatial is None or spatial[0] * spatial[1] != q.shape[1]:
+            raise RuntimeError(f"attention layer {ctx.key}: cannot tell the map size of "
+                               f"{q.shape[1]} queries (activations shape {spatial})")
+        rows = ctx.rows(self.rows).to(q.device)
+        token_index = self.store.token_index.to(q.device)
+        if token_index.ndim == 2 and token_index.shape[0] != len(rows):
+            raise ValueError(f"token positions were given for {token_index.shape[0]} rows but "
+                             f"{len(rows)} rows are recorded")
+        with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
+            picked = token_probs(q.index_select(0, rows), k.index_select(0, rows), ctx.heads,
+                                 token_index)
+            maps = maps_to_grid(picked, *spatial)  # [b, h, T, H, W]
+            maps = maps if self.keep_heads else maps.mean(1)
+        self.store.add(ctx.sigma, ctx.key, maps if self.keep_grad else maps.detach())
+        return proceed(q, k, v)

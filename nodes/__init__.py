@@ -1,0 +1,33 @@
+"""ComfyUI nodes of the pack (V3 schema). Thin: the work happens in ``attention/`` and ``training/``."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import ComfyExtension, io
+
+CONCEPTS_FOLDER = "concepts"
+CONCEPT_EXTENSIONS = {".safetensors"}
+
+
+def register_model_folders() -> None:
+    """Register ``models/concepts`` (users may add more paths with ``concepts:`` in extra_model_paths)."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, CONCEPTS_FOLDER)
+    folder_paths.add_model_folder_path(CONCEPTS_FOLDER, default, is_default=True)
+    paths, extensions = folder_paths.folder_names_and_paths[CONCEPTS_FOLDER]
+    folder_paths.folder_names_and_paths[CONCEPTS_FOLDER] = (paths, set(extensions) | CONCEPT_EXTENSIONS)
+
+
+def node_list() -> list[type[io.ComfyNode]]:
+    """Every node class of the pack, in menu order."""
+    from .preview import AttentionMapSampler
+
+    return [AttentionMapSampler]
+
+
+class ConceptAttentionExtension(ComfyExtension):
+    """The pack's V3 extension object."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return node_list()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's test command: set up the environment if needed, then run every test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/unit -k nested`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup_env.sh"
+cd "$ROOT/tests"
+if [ "$#" -eq 0 ]; then set -- unit integration e2e; fi
+exec "$ROOT/.venv/bin/python" -m pytest "$@"

@@ -1,0 +1,56 @@
+"""Library-mode fixtures: ComfyUI imported in-process, tiny random models, stock sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from support.comfy_env import enable_library_mode
+
+enable_library_mode()
+
+from support import tiny_models  # noqa: E402
+
+
+@dataclass
+class Conditioned:
+    """A tiny bundle with encoded positive/negative prompts, ready for ``comfy.sample``."""
+
+    bundle: tiny_models.TinyBundle
+    arch: str
+
+    def encode(self, text: str) -> list[list[Any]]:
+        """CLIPTextEncode, as the stock node does it."""
+        tokens = self.bundle.clip.tokenize(text)
+        return self.bundle.clip.encode_from_tokens_scheduled(tokens)
+
+    def sample(self, model: Any = None, prompt: str = "a photo of a cat and a dog", steps: int = 3,
+               cfg: float = 5.0, seed: int = 0, size: int = 32, denoise: float = 1.0) -> torch.Tensor:
+        """Run ``comfy.sample.sample`` exactly as the stock KSampler does."""
+        import comfy.sample
+
+        latent = torch.zeros(1, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(model or self.bundle.model, noise, steps, cfg, "euler", "normal",
+                                   self.encode(prompt), self.encode(""), latent, denoise=denoise,
+                                   seed=seed, disable_pbar=True)
+
+
+@pytest.fixture(scope="session")
+def sd15() -> Conditioned:
+    """Tiny SD1.5-architecture model, CLIP and VAE."""
+    return Conditioned(tiny_models.build_bundle("sd15", seed=0), "sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl() -> Conditioned:
+    """Tiny SDXL-architecture model, CLIP (clip_l + clip_g) and VAE."""
+    return Conditioned(tiny_models.build_bundle("sdxl", seed=0), "sdxl")
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def tiny(request: pytest.FixtureRequest) -> Conditioned:
+    """Each tiny architecture in turn."""
+    return request.getfixturevalue(request.param)

@@ -1,0 +1,1 @@
+"""Test support: ComfyUI location, tiny models, the real-server harness."""
