@@ -14,16 +14,19 @@ def register_model_folders() -> None:
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, CONCEPTS_FOLDER)
-    folder_paths.add_model_folder_path(CONCEPTS_FOLDER, default, is_default=True)
+    folder_paths.add_model_folder_path(CONCEPTS_FOLDER, default, is_default=False)
     paths, extensions = folder_paths.folder_names_and_paths[CONCEPTS_FOLDER]
     folder_paths.folder_names_and_paths[CONCEPTS_FOLDER] = (paths, set(extensions) | CONCEPT_EXTENSIONS)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
+    from .concepts import (ApplyConcepts, ExportConcepts, LoadConcepts, SaveConcepts,
+                           TrainConcepts)
     from .preview import AttentionMapSampler
 
-    return [AttentionMapSampler]
+    return [TrainConcepts, ApplyConcepts, LoadConcepts, SaveConcepts, ExportConcepts,
+            AttentionMapSampler]
 
 
 class ConceptAttentionExtension(ComfyExtension):

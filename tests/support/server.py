@@ -370,34 +370,51 @@ class ComfyServer:
         result = self._results[prompt_id]
         return any(kind == "executing" and data.get("node") is None for kind, data in result.events)
 
-    def wait(self, prompt_id: str, timeout: float = 120.0) -> PromptResult:
-        """Follow the websocket until the prompt ends (``executing`` with node None)."""
+    def _receive_one(self, prompt_id: str) -> None:
+        """Read and dispatch one websocket message (or return after a 1 s lull)."""
         if self._ws is None:
             raise ComfyServerError("not connected; call start() first")
+        self._ws.settimeout(1.0)
+        try:
+            message = self._ws.recv()
+        except websocket.WebSocketTimeoutException:
+            if not self.is_running():
+                raise ComfyServerError(f"ComfyUI died while running {prompt_id}; "
+                                       f"log tail:\n{self.log_tail()}") from None
+            return
+        except (websocket.WebSocketException, OSError) as exc:
+            raise ComfyServerError(f"websocket failed ({exc!r}) while running {prompt_id}; "
+                                   f"log tail:\n{self.log_tail()}") from exc
+        if isinstance(message, bytes):
+            return  # binary preview images
+        payload = json.loads(message)
+        self._dispatch(payload.get("type", ""), payload.get("data") or {})
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> PromptResult:
+        """Follow the websocket until the prompt ends (``executing`` with node None)."""
         result = self._results.setdefault(prompt_id, PromptResult(prompt_id))
         started = time.monotonic()
         deadline = started + timeout
-        self._ws.settimeout(1.0)
         while not self._finished(prompt_id):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s; "
                                    f"log tail:\n{self.log_tail()}")
-            try:
-                message = self._ws.recv()
-            except websocket.WebSocketTimeoutException:
-                if not self.is_running():
-                    raise ComfyServerError(f"ComfyUI died while running {prompt_id}; "
-                                           f"log tail:\n{self.log_tail()}") from None
-                continue
-            except (websocket.WebSocketException, OSError) as exc:
-                raise ComfyServerError(f"websocket failed ({exc!r}) while running {prompt_id}; "
-                                       f"log tail:\n{self.log_tail()}") from exc
-            if isinstance(message, bytes):
-                continue  # binary preview images
-            payload = json.loads(message)
-            self._dispatch(payload.get("type", ""), payload.get("data") or {})
+            self._receive_one(prompt_id)
         result.elapsed_s = time.monotonic() - started
         return result
+
+    def wait_for_progress(self, prompt_id: str, min_value: int = 1, timeout: float = 120.0) -> None:
+        """Follow the websocket until the prompt reports progress >= ``min_value`` (to act mid-run)."""
+        result = self._results.setdefault(prompt_id, PromptResult(prompt_id))
+        deadline = time.monotonic() + timeout
+        while not any((p["value"] or 0) >= min_value for p in result.progress):
+            if self._finished(prompt_id):
+                raise ComfyServerError(f"prompt {prompt_id} ended before progress {min_value}: "
+                                       f"{result.describe()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} reported no progress {min_value} within "
+                                   f"{timeout:.0f}s; log tail:\n{self.log_tail()}")
+            self._receive_one(prompt_id)
 
     def run(self, prompt: dict[str, Any], timeout: float = 120.0) -> PromptResult:
         """Queue a prompt, wait for it, attach its /history entry."""

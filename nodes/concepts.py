@@ -1,0 +1,243 @@
+"""Nodes that learn, store, apply and export concepts (DisenDiff)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.calibration import CalibrationSettings
+from ..attention.visualize import colorize, upscale_maps
+from ..training.apply import apply_concepts
+from ..training.concept_file import load_concepts, save_concepts
+from ..training.data import parse_concept_specs
+from ..training.export import check_file_stem, save_embeddings, save_lora
+from ..training.loop import TrainSettings, train_concepts
+from ..training.plots import loss_curve_image
+from .common import CATEGORY, NODE_PREFIX
+
+log = logging.getLogger(__name__)
+
+Concepts = io.Custom("CONCEPTS")
+CONCEPTS_FOLDER = "concepts"
+
+
+def concept_path(name: str) -> str:
+    """Where Save/Train write ``name`` in the first concepts folder (refusing path tricks)."""
+    import folder_paths
+
+    stem = check_file_stem(name.removesuffix(".safetensors"))
+    return os.path.join(folder_paths.get_folder_paths(CONCEPTS_FOLDER)[0], f"{stem}.safetensors")
+
+
+class TrainConcepts(io.ComfyNode):
+    """Learns one new token per concept (plus shared K/V deltas) from one picture."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}TrainConcepts",
+            display_name="Train Concepts from One Image (DisenDiff)",
+            category=CATEGORY,
+            description="Learns a trigger word per object of one picture, bound to its class word, "
+                        "with DisenDiff's attention calibration.",
+            inputs=[
+                io.Model.Input("model", tooltip="Base model (SD1.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="Its text encoder."),
+                io.Vae.Input("vae", tooltip="Its VAE, to encode the picture."),
+                io.Image.Input("image", tooltip="ONE picture containing all the concepts."),
+                io.String.Input("concepts", multiline=True, default="V1: cat\nV2: dog",
+                                tooltip="One concept per line: 'TRIGGER: class word(s)'."),
+                io.Int.Input("steps", default=250, min=1, max=100000,
+                             tooltip="Optimizer steps (DisenDiff: 250)."),
+                io.Float.Input("learning_rate", default=8e-5, min=1e-7, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate (DisenDiff: 8e-5)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                             tooltip="Training resolution in pixels (512 for SD1.x, 1024 for SDXL)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Seed of augmentation, timesteps and noise."),
+                io.Boolean.Input("calibration", default=True,
+                                 tooltip="DisenDiff's attention losses; off = Custom Diffusion."),
+                io.Float.Input("attention_weight", default=0.01, min=0.0, max=10.0, step=0.001,
+                               tooltip="Weight of the attention losses (official code: 0.01)."),
+                io.String.Input("save_name", default="",
+                                tooltip="If set, save to models/concepts/<name>.safetensors (also a "
+                                        "partial file when interrupted)."),
+                io.Int.Input("micro_batch", default=2, min=1, max=64, optional=True,
+                             tooltip="Images per forward pass."),
+                io.Int.Input("grad_accumulation", default=4, min=1, max=64, optional=True,
+                             tooltip="Forward passes per step (effective batch = both multiplied)."),
+                io.Combo.Input("precision", options=["fp32", "bf16", "fp16"], optional=True,
+                               tooltip="Autocast precision of the UNet during training."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Save memory by recomputing activations (slower)."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="One mask per concept, in order: supervises its maps and "
+                                      "limits reconstruction to the objects."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="Model with the learned K/V deltas."),
+                io.Clip.Output(display_name="CLIP", tooltip="CLIP that understands the triggers."),
+                Concepts.Output(display_name="CONCEPTS", tooltip="The learned concepts."),
+                io.Image.Output(display_name="attention_maps",
+                                tooltip="Last calibrated maps: each trigger, then each class word."),
+                io.Image.Output(display_name="loss_curve", tooltip="Loss terms over the steps."),
+            ],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, concepts: str, steps: int, learning_rate: float,
+                resolution: int, seed: int, calibration: bool, attention_weight: float,
+                save_name: str, micro_batch: int = 2, grad_accumulation: int = 4,
+                precision: str = "fp32", gradient_checkpointing: bool = False,
+                masks=None) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        specs = parse_concept_specs(concepts)
+        path = concept_path(save_name) if save_name.strip() else None
+        settings = TrainSettings(
+            steps=steps, learning_rate=learning_rate, resolution=resolution, seed=seed,
+            micro_batch=micro_batch, grad_accumulation=grad_accumulation,
+            calibration=CalibrationSettings(weight=attention_weight, use_bind=calibration,
+                                            use_separation=calibration),
+            autocast={"fp32": "none"}.get(precision, precision),
+            gradient_checkpointing=gradient_checkpointing)
+        bar = comfy.utils.ProgressBar(steps)
+
+        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+            bar.update_absolute(step, total)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        def keep_partial(partial) -> None:
+            if path is not None:
+                save_concepts(path, partial)
+                log.info("training interrupted: partial concepts saved to %s", path)
+
+        result = train_concepts(model, clip, vae, image, specs, settings, masks=masks,
+                                progress=progress, on_checkpoint=keep_partial)
+        if path is not None:
+            save_concepts(path, result.concepts)
+        new_model, new_clip = apply_concepts(model, clip, result.concepts)
+        maps = cls._maps_image(result.maps, resolution)
+        return io.NodeOutput(new_model, new_clip, result.concepts, maps,
+                             loss_curve_image(result.history))
+
+    @staticmethod
+    def _maps_image(maps, size: int) -> torch.Tensor:
+        if maps is None:
+            return torch.zeros(1, 64, 64, 3)
+        return colorize(upscale_maps(maps, size // 4, size // 4))
+
+
+class ApplyConcepts(io.ComfyNode):
+    """Adds learned concepts to a MODEL and CLIP."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}ApplyConcepts",
+            display_name="Apply Concepts",
+            category=CATEGORY,
+            description="Patches K/V weights (stacks with LoRA) and teaches the CLIP the trigger "
+                        "words, for use in an ordinary CLIPTextEncode.",
+            inputs=[
+                io.Model.Input("model", tooltip="Model of the architecture the concepts came from."),
+                io.Clip.Input("clip", tooltip="Its text encoder."),
+                Concepts.Input("concepts", tooltip="From Train Concepts or Load Concepts."),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.01,
+                               tooltip="Scale of the K/V deltas (triggers are always added)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, strength: float) -> io.NodeOutput:
+        return io.NodeOutput(*apply_concepts(model, clip, concepts, strength))
+
+
+class LoadConcepts(io.ComfyNode):
+    """Loads a concept file from models/concepts."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}LoadConcepts",
+            display_name="Load Concepts",
+            category=CATEGORY,
+            inputs=[io.Combo.Input("concept_name",
+                                   options=folder_paths.get_filename_list(CONCEPTS_FOLDER),
+                                   tooltip="A .safetensors file in models/concepts.")],
+            outputs=[Concepts.Output(display_name="CONCEPTS")],
+        )
+
+    @classmethod
+    def execute(cls, concept_name: str) -> io.NodeOutput:
+        import folder_paths
+
+        return io.NodeOutput(load_concepts(folder_paths.get_full_path_or_raise(CONCEPTS_FOLDER,
+                                                                               concept_name)))
+
+
+class SaveConcepts(io.ComfyNode):
+    """Writes concepts to models/concepts/<name>.safetensors."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}SaveConcepts",
+            display_name="Save Concepts",
+            category=CATEGORY,
+            inputs=[Concepts.Input("concepts", tooltip="Concepts to save."),
+                    io.String.Input("name", default="my_concepts",
+                                    tooltip="File name without extension.")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file went.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, concepts, name: str) -> io.NodeOutput:
+        path = concept_path(name)
+        save_concepts(path, concepts)
+        return io.NodeOutput(path)
+
+
+class ExportConcepts(io.ComfyNode):
+    """Exports K/V deltas as a LoRA and each trigger as an embedding, for use without this pack."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}ExportConcepts",
+            display_name="Export Concepts (LoRA + embeddings)",
+            category=CATEGORY,
+            inputs=[Concepts.Input("concepts", tooltip="Concepts to export."),
+                    io.String.Input("name", default="my_concepts",
+                                    tooltip="LoRA file name (models/loras/<name>.safetensors)."),
+                    io.Int.Input("rank", default=0, min=0, max=4096,
+                                 tooltip="0 = exact (full) deltas; otherwise a low-rank SVD LoRA.")],
+            outputs=[io.String.Output(display_name="report",
+                                      tooltip="Files written and the low-rank error.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, concepts, name: str, rank: int) -> io.NodeOutput:
+        import comfy.model_management
+        import folder_paths
+
+        stem = check_file_stem(name)
+        lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{stem}.safetensors")
+        errors = save_lora(lora_path, concepts, rank or None,
+                           device=comfy.model_management.get_torch_device())
+        written = save_embeddings(folder_paths.get_folder_paths("embeddings")[0], concepts)
+        worst = max(errors.values()) if errors else 0.0
+        report = (f"LoRA: {lora_path} (rank {'full' if not rank else rank}, worst relative error "
+                  f"{worst:.4f}); embeddings: {', '.join(str(p) for p in written)}; prompt with "
+                  + ", ".join(f"'embedding:{c.trigger} {c.class_phrase}'" for c in concepts.concepts))
+        log.info(report)
+        return io.NodeOutput(report)

@@ -1,0 +1,112 @@
+"""Train, save, load, apply, export and interrupt through the real ComfyUI server."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support.workflows import TINY_LOADER, link, node
+
+TRAIN_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def scene(comfy_server) -> str:
+    """A 128 px picture of a red square and a blue circle on grey, in the server's input folder."""
+    pixels = np.full((128, 128, 3), 128, dtype=np.uint8)
+    pixels[20:60, 16:56] = (220, 30, 30)
+    yy, xx = np.mgrid[:128, :128]
+    pixels[(yy - 84) ** 2 + (xx - 88) ** 2 < 22 ** 2] = (30, 60, 220)
+    comfy_server.input_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(comfy_server.input_dir / "scene.png")
+    return "scene.png"
+
+
+def train_prompt(scene: str, save_name: str, steps: int = TRAIN_STEPS) -> dict:
+    return {
+        "loader": node(TINY_LOADER, architecture="sd15", seed=0),
+        "image": node("LoadImage", image=scene),
+        "train": node("ConceptAttention_TrainConcepts", model=link("loader", 0), clip=link("loader", 1),
+                      vae=link("loader", 2), image=link("image", 0), concepts="V1: square\nV2: circle",
+                      steps=steps, learning_rate=1e-3, resolution=128, seed=0, calibration=True,
+                      attention_weight=0.01, save_name=save_name, micro_batch=1, grad_accumulation=1),
+        "maps": node("SaveImage", images=link("train", 3), filename_prefix="maps"),
+        "curve": node("SaveImage", images=link("train", 4), filename_prefix="curve"),
+    }
+
+
+def sample_prompt(concept_file: str, prompt: str, lora: str | None = None) -> dict:
+    graph = {
+        "loader": node(TINY_LOADER, architecture="sd15", seed=0),
+        "concepts": node("ConceptAttention_LoadConcepts", concept_name=concept_file),
+        "apply": node("ConceptAttention_ApplyConcepts", model=link("loader", 0), clip=link("loader", 1),
+                      concepts=link("concepts"), strength=1.0),
+        "positive": node("CLIPTextEncode", text=prompt, clip=link("apply", 1)),
+        "negative": node("CLIPTextEncode", text="", clip=link("apply", 1)),
+        "latent": node("EmptyLatentImage", width=128, height=128, batch_size=1),
+        "sampler": node("KSampler", model=link("apply", 0), positive=link("positive"),
+                        negative=link("negative"), latent_image=link("latent"), seed=1, steps=3,
+                        cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0),
+        "decode": node("VAEDecode", samples=link("sampler"), vae=link("loader", 2)),
+        "save": node("SaveImage", images=link("decode"), filename_prefix="concept"),
+    }
+    if lora is not None:
+        graph["lora"] = node("LoraLoader", model=link("apply", 0), clip=link("apply", 1),
+                             lora_name=lora, strength_model=0.8, strength_clip=0.8)
+        graph["sampler"]["inputs"]["model"] = link("lora", 0)
+        graph["positive"]["inputs"]["clip"] = link("lora", 1)
+        graph["negative"]["inputs"]["clip"] = link("lora", 1)
+    return graph
+
+
+def test_train_save_load_sample_and_stack_lora(comfy_server, scene):
+    trained = comfy_server.run(train_prompt(scene, "e2e_pair"), timeout=600)
+    assert trained.ok, trained.describe()
+    concept_file = comfy_server.concepts_dir / "e2e_pair.safetensors"
+    assert concept_file.is_file()
+    images = comfy_server.output_images(trained)
+    maps = [p for p in images if p.name.startswith("maps")]
+    assert len(maps) == 4 and len(images) == 5  # trigger and class map per concept, loss curve
+    with Image.open(maps[0]) as first:
+        assert first.size == (32, 32)  # 128 px / 4
+
+    sampled = comfy_server.run(sample_prompt("e2e_pair.safetensors", "a photo of V1 square"), timeout=300)
+    assert sampled.ok, sampled.describe()
+    (picture,) = comfy_server.output_images(sampled)
+    with Image.open(picture) as image:
+        assert image.size == (128, 128)
+
+    export = comfy_server.run({
+        "concepts": node("ConceptAttention_LoadConcepts", concept_name="e2e_pair.safetensors"),
+        "export": node("ConceptAttention_ExportConcepts", concepts=link("concepts"), name="e2e_pair",
+                       rank=4),
+    }, timeout=120)
+    assert export.ok, export.describe()
+    # Export writes into the first folder ComfyUI knows (models/ under the base directory).
+    models = comfy_server.base_dir / "models"
+    assert (models / "loras" / "e2e_pair.safetensors").is_file()
+    assert (models / "embeddings" / "V1.safetensors").is_file()
+
+    stacked = comfy_server.run(sample_prompt("e2e_pair.safetensors", "a photo of V2 circle",
+                                             lora="e2e_pair.safetensors"), timeout=300)
+    assert stacked.ok, stacked.describe()
+
+
+def test_interrupt_leaves_loadable_partial_concepts(comfy_server, scene):
+    prompt_id = comfy_server.queue(train_prompt(scene, "e2e_partial", steps=400))
+    comfy_server.wait_for_progress(prompt_id, min_value=2, timeout=300)
+    comfy_server.interrupt()
+    result = comfy_server.wait(prompt_id, timeout=300)
+    assert result.status in ("interrupted", "error"), result.describe()
+    partial = comfy_server.concepts_dir / "e2e_partial.safetensors"
+    assert partial.is_file(), result.describe()
+    loaded = comfy_server.run(sample_prompt("e2e_partial.safetensors", "a photo of V1 square"),
+                              timeout=300)
+    assert loaded.ok, loaded.describe()
+
+
+def test_bad_concept_file_is_refused_and_server_keeps_serving(comfy_server):
+    (comfy_server.concepts_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
+    broken = comfy_server.run(sample_prompt("broken.safetensors", "a photo of V1 square"), timeout=120)
+    assert not broken.ok
+    assert "broken.safetensors" in (broken.error_message or "")

@@ -1,0 +1,350 @@
+"""The concept file format: round trip, atomic writes, and refusal of every kind of bad file."""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import safetensors.torch
+import torch
+
+from concept_attention.training import concept_file as cf
+from concept_attention.training.concept_file import (ConceptFileError, concept_file_contents,
+                                                     concept_file_info, kv_digest, load_concepts,
+                                                     save_concepts)
+from concept_attention.training.concepts import FORMAT_VERSION, Concept, ConceptSet
+
+LAYERS = ["input_blocks.1.1.transformer_blocks.0.attn2", "middle_block.1.transformer_blocks.0.attn2",
+          "output_blocks.3.1.transformer_blocks.0.attn2"]
+
+
+def make_set(seed: int = 0, sdxl: bool = True, n_tokens: int = 2) -> ConceptSet:
+    """Three layers of K/V deltas and two concepts with CLIP-L (+ CLIP-G) vectors."""
+    g = torch.Generator().manual_seed(seed)
+    encoders = {"clip_l": 32, "clip_g": 48} if sdxl else {"clip_l": 32}
+    shapes = {}
+    for i, layer in enumerate(LAYERS):
+        inner = 16 * (i + 1)
+        for proj in ("to_k", "to_v"):
+            shapes[f"diffusion_model.{layer}.{proj}.weight"] = (inner, sum(encoders.values()))
+    kv = {key: torch.randn(shape, generator=g) for key, shape in shapes.items()}
+    concepts = [
+        Concept(trigger, cls, {enc: torch.randn(n_tokens, width, generator=g)
+                               for enc, width in encoders.items()})
+        for trigger, cls in (("V2", "dog"), ("V1", "cat"))  # not alphabetical: order must survive
+    ]
+    architecture = {"model": "SDXL" if sdxl else "SD15", "kv_layers": len(LAYERS),
+                    "kv_digest": kv_digest(shapes), "encoders": encoders}
+    metadata = {"steps": 400, "complete": True, "image_sha256": "ab" * 32,
+                "settings": {"lr": 1e-5, "layers": "all", "seed": 7}, "note": "ünïcode ✓"}
+    return ConceptSet(concepts, kv, architecture, metadata)
+
+
+def assert_same(a: ConceptSet, b: ConceptSet) -> None:
+    assert a.triggers == b.triggers
+    assert [c.class_phrase for c in a.concepts] == [c.class_phrase for c in b.concepts]
+    assert a.architecture == b.architecture
+    assert a.metadata == b.metadata
+    assert a.kv_deltas.keys() == b.kv_deltas.keys()
+    for key in a.kv_deltas:
+        assert torch.equal(a.kv_deltas[key], b.kv_deltas[key]), key
+    for ca, cb in zip(a.concepts, b.concepts):
+        assert ca.embeddings.keys() == cb.embeddings.keys()
+        for enc in ca.embeddings:
+            assert torch.equal(ca.embeddings[enc], cb.embeddings[enc]), (ca.trigger, enc)
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_round_trip_is_exact(tmp_path: Path, sdxl: bool) -> None:
+    original = make_set(sdxl=sdxl)
+    path = tmp_path / "pets.safetensors"
+    save_concepts(path, original)
+    loaded = load_concepts(path)
+    assert_same(original, loaded)
+    assert loaded.triggers == ["V2", "V1"]
+    assert all(t.dtype == torch.float32 for t in loaded.kv_deltas.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["pets.safetensors"]  # no temp file left
+
+
+def test_file_layout_matches_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "pets.safetensors"
+    save_concepts(path, make_set())
+    with safetensors.safe_open(str(path), "pt") as handle:
+        keys, meta = set(handle.keys()), handle.metadata()
+    assert "kv.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight" in keys
+    assert {"emb.0.clip_l", "emb.0.clip_g", "emb.1.clip_l", "emb.1.clip_g"} < keys
+    assert len(keys) == 2 * len(LAYERS) + 4
+    assert meta["format"] == "concept-attention" and meta["format_version"] == str(FORMAT_VERSION)
+    assert json.loads(meta["concepts"]) == [
+        {"trigger": "V2", "class_phrase": "dog", "index": 0, "n_tokens": 2},
+        {"trigger": "V1", "class_phrase": "cat", "index": 1, "n_tokens": 2}]
+    assert json.loads(meta["architecture"])["encoders"] == {"clip_l": 32, "clip_g": 48}
+    assert json.loads(meta["metadata"])["steps"] == 400
+
+
+def test_float16_halves_tensor_bytes(tmp_path: Path) -> None:
+    original = make_set()
+    save_concepts(tmp_path / "full.safetensors", original)
+    save_concepts(tmp_path / "half.safetensors", original, dtype=torch.float16)
+    full = load_concepts(tmp_path / "full.safetensors", dtype=None)
+    half = load_concepts(tmp_path / "half.safetensors", dtype=None)
+
+    def tensor_bytes(s: ConceptSet) -> int:
+        tensors = list(s.kv_deltas.values()) + [t for c in s.concepts for t in c.embeddings.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    assert all(t.dtype == torch.float16 for t in half.kv_deltas.values())
+    assert tensor_bytes(half) * 2 == tensor_bytes(full) == 4 * sum(
+        t.numel() for t in list(original.kv_deltas.values())
+        + [t for c in original.concepts for t in c.embeddings.values()])
+    info_full = concept_file_info(tmp_path / "full.safetensors")
+    info_half = concept_file_info(tmp_path / "half.safetensors")
+    assert info_half["dtypes"] == ["F16"] and info_full["dtypes"] == ["F32"]
+
+    def data_bytes(path: Path) -> int:  # file size minus the 8-byte length and the header
+        (header,) = struct.unpack("<Q", path.read_bytes()[:8])
+        return path.stat().st_size - 8 - header
+
+    assert data_bytes(tmp_path / "half.safetensors") * 2 == data_bytes(tmp_path / "full.safetensors")
+    assert data_bytes(tmp_path / "half.safetensors") == tensor_bytes(half)
+    assert info_half["file_bytes"] < 0.55 * info_full["file_bytes"]
+    # Loaded back as float32 by default, equal to the float16-rounded values.
+    upcast = load_concepts(tmp_path / "half.safetensors")
+    key = next(iter(original.kv_deltas))
+    assert upcast.kv_deltas[key].dtype == torch.float32
+    assert torch.equal(upcast.kv_deltas[key], original.kv_deltas[key].half().float())
+
+
+def test_views_and_noncontiguous_tensors_are_saved(tmp_path: Path) -> None:
+    original = make_set()
+    big = torch.randn(10, 32)
+    original.concepts[0].embeddings["clip_l"] = big[3:5]  # a view into a larger tensor
+    key = next(iter(original.kv_deltas))
+    original.kv_deltas[key] = original.kv_deltas[key].t().contiguous().t()  # non-contiguous
+    save_concepts(tmp_path / "v.safetensors", original)
+    assert_same(original, load_concepts(tmp_path / "v.safetensors"))
+
+
+def test_info_reads_the_header_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "pets.safetensors"
+    save_concepts(path, make_set())
+    monkeypatch.setattr(safetensors, "safe_open", None)  # no tensor data may be read
+    info = concept_file_info(path)
+    assert info["triggers"] == ["V2", "V1"]
+    assert info["concepts"][1] == {"trigger": "V1", "class_phrase": "cat", "index": 1, "n_tokens": 2}
+    assert info["architecture"]["model"] == "SDXL" and info["kv_deltas"] == 6
+    assert info["metadata"]["complete"] is True and info["format_version"] == FORMAT_VERSION
+    assert info["file_bytes"] == path.stat().st_size
+
+
+def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "pets.safetensors"
+    save_concepts(path, make_set(seed=0))
+    before = path.read_bytes()
+    temps: list[Path] = []
+
+    def broken_save(tensors: dict[str, Any], filename: str, metadata: Any = None) -> None:
+        temps.append(Path(filename))
+        assert Path(filename).exists() and Path(filename).parent == tmp_path
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_concepts(path, make_set(seed=1))
+    assert temps and not temps[0].exists()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pets.safetensors"]
+    monkeypatch.undo()
+    assert_same(make_set(seed=0), load_concepts(path))
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    bad = make_set()
+    bad.kv_deltas[next(iter(bad.kv_deltas))][0, 0] = float("nan")
+    with pytest.raises(ConceptFileError, match=r"bad\.safetensors.*NaN"):
+        save_concepts(path, bad)
+    unserializable = make_set()
+    unserializable.metadata["when"] = object()
+    with pytest.raises(ConceptFileError, match="metadata cannot be written as JSON"):
+        save_concepts(path, unserializable)
+    wrong_width = make_set()
+    wrong_width.concepts[0].embeddings["clip_g"] = torch.zeros(2, 40)
+    with pytest.raises(ConceptFileError, match=r"expected \[n_tokens, width\] = \[2, 48\]"):
+        save_concepts(path, wrong_width)
+    overflow = make_set()
+    overflow.concepts[1].embeddings["clip_l"][0, 0] = 1e6  # beyond float16's range
+    with pytest.raises(ConceptFileError, match="NaN or infinite"):
+        save_concepts(path, overflow, dtype=torch.float16)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Every invalid file is refused with the file's name and advice
+
+
+def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def valid_parts() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, metadata = concept_file_contents(make_set())
+    return {k: v.clone() for k, v in tensors.items()}, dict(metadata)
+
+
+def mutate(change: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        tensors, metadata = valid_parts()
+        change(tensors, metadata)
+        write_raw(path, tensors, metadata)
+    return build
+
+
+def valid_bytes() -> bytes:
+    tensors, metadata = valid_parts()
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def set_meta(name: str, value: str) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+    return lambda tensors, metadata: metadata.__setitem__(name, value)
+
+
+def edit_json(name: str, edit: Callable[[Any], Any]) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+    def change(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        metadata[name] = json.dumps(edit(json.loads(metadata[name])))
+    return change
+
+
+KV0 = "kv.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _nan(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors["emb.1.clip_l"][1, 3] = float("nan")
+
+
+def _inf(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors[KV0][0, 0] = float("inf")
+
+
+def _drop_layer(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    del tensors[KV0], tensors[KV0.replace("to_k", "to_v")]
+
+
+def _torch_zip(path: Path) -> None:
+    torch.save({"emb_params": torch.zeros(2, 4)}, path)
+
+
+INVALID: list[tuple[str, Callable[[Path], None], str, str]] = [
+    # (case, how to build the file, what the message must say, the advice it must give)
+    ("missing", lambda p: None, "no such file", "Check the name"),
+    ("directory", lambda p: p.mkdir(), "not a regular file", "Choose a .safetensors"),
+    ("empty", lambda p: p.write_bytes(b""), "too short", "damaged or incomplete"),
+    ("truncated", lambda p: p.write_bytes(valid_bytes()[:-100]), "truncated", "damaged or incomplete"),
+    ("truncated header", lambda p: p.write_bytes(valid_bytes()[:300]), "header length",
+     "damaged or incomplete"),
+    ("extra bytes", lambda p: p.write_bytes(valid_bytes() + b"\0" * 16), "extra data",
+     "damaged or incomplete"),
+    ("random bytes", lambda p: p.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8).numpy().tobytes()),
+     "not a safetensors file", "damaged or incomplete"),
+    ("header not json", lambda p: p.write_bytes(struct.pack("<Q", 8) + b"not json" + b"\0" * 8),
+     "header is not JSON", "damaged or incomplete"),
+    ("lying header", lambda p: p.write_bytes(valid_bytes().replace(b'"F32"', b'"F16"', 1)),
+     "its header is inconsistent", "damaged or incomplete"),
+    ("pickle", lambda p: p.write_bytes(pickle.dumps({"a": 1})), "pickle", "not a Concept Attention"),
+    ("torch zip", _torch_zip, "pickle / zip", "not a Concept Attention"),
+    ("plain safetensors", lambda p: write_raw(p, {"emb_params": torch.zeros(2, 32)}, None),
+     "no Concept Attention header metadata", "models/embeddings"),
+    ("other format", mutate(set_meta("format", "pt")), "format 'pt'", "not a Concept Attention"),
+    ("no format", mutate(lambda t, m: m.pop("format")), "no 'format' entry", "not a Concept Attention"),
+    ("newer version", mutate(set_meta("format_version", str(FORMAT_VERSION + 1))),
+     f"format version {FORMAT_VERSION + 1}", "Update the Concept Attention node pack"),
+    ("bad version", mutate(set_meta("format_version", "one")), "not a positive whole number",
+     "save the concepts again"),
+    ("metadata not json", mutate(set_meta("metadata", "{steps: 3")), "'metadata' is not valid JSON",
+     "save the concepts again"),
+    ("concepts not a list", mutate(set_meta("concepts", "{}")), "expected a list",
+     "save the concepts again"),
+    ("no architecture", mutate(lambda t, m: m.pop("architecture")), "no 'architecture' entry",
+     "save the concepts again"),
+    ("oversized metadata", mutate(set_meta("notes", "x" * (cf.MAX_METADATA_BYTES + 1))),
+     "byte limit", "save the concepts again"),
+    ("unknown key", mutate(lambda t, m: t.__setitem__("lora_unet_x.alpha", torch.ones(()))),
+     "'lora_unet_x.alpha' does not match the schema", "save the concepts again"),
+    ("self-attention key", mutate(lambda t, m: t.__setitem__(KV0.replace("attn2", "attn1"), t.pop(KV0))),
+     "does not match the schema", "save the concepts again"),
+    ("undeclared concept", mutate(lambda t, m: t.__setitem__("emb.2.clip_l", torch.zeros(2, 32))),
+     "belongs to no declared concept", "save the concepts again"),
+    ("missing embedding", mutate(lambda t, m: t.pop("emb.1.clip_g")),
+     "'emb.1.clip_g' of concept 'V1' is missing", "save the concepts again"),
+    ("wrong width", mutate(lambda t, m: t.__setitem__("emb.0.clip_l", torch.zeros(2, 33))),
+     r"expected [n_tokens, width] = [2, 32]", "save the concepts again"),
+    ("wrong token count", mutate(lambda t, m: t.__setitem__("emb.0.clip_g", torch.zeros(3, 48))),
+     r"expected [n_tokens, width] = [2, 48]", "save the concepts again"),
+    ("width vs architecture", mutate(edit_json("architecture", lambda a: {**a, "encoders": {"clip_l": 768, "clip_g": 48}})),
+     "expected [n_tokens, width] = [2, 768] (the width of clip_l is 768)", "save the concepts again"),
+    ("kv count", mutate(_drop_layer), "has 4 K/V deltas but its architecture has 3",
+     "save the concepts again"),
+    ("kv digest", mutate(lambda t, m: t.__setitem__(KV0, torch.zeros(16, 81))),
+     "do not match its architecture digest", "save the concepts again"),
+    ("kv rank", mutate(lambda t, m: t.__setitem__(KV0, torch.zeros(16, 80, 1))),
+     "expected a non-empty [out, in] matrix", "save the concepts again"),
+    ("int dtype", mutate(lambda t, m: t.__setitem__("emb.0.clip_l", torch.zeros(2, 32, dtype=torch.int32))),
+     "has dtype I32; only floating-point", "save the concepts again"),
+    ("duplicate trigger", mutate(edit_json("concepts", lambda c: [c[0], {**c[1], "trigger": "V2"}])),
+     "declared twice", "save the concepts again"),
+    ("bad index", mutate(edit_json("concepts", lambda c: [{**c[0], "index": 1}, {**c[1], "index": 0}])),
+     "indices must be 0, 1, 2", "save the concepts again"),
+    ("NaN", mutate(_nan), "'emb.1.clip_l' contains 1 NaN or infinite", "lower learning rate"),
+    ("inf", mutate(_inf), "contains 1 NaN or infinite", "lower learning rate"),
+]
+
+
+@pytest.mark.parametrize("case,build,message,advice", INVALID, ids=[case[0] for case in INVALID])
+def test_invalid_files_are_refused_helpfully(tmp_path: Path, case: str, build: Callable[[Path], None],
+                                             message: str, advice: str) -> None:
+    path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+    build(path)
+    with pytest.raises(ConceptFileError) as caught:
+        load_concepts(path)
+    text = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert path.name in text and str(path) in text
+    assert message in text, text
+    assert advice in text, text
+    # The header-only reader refuses the same files, except for problems inside tensor data.
+    if case not in ("NaN", "inf"):
+        with pytest.raises(ConceptFileError, match="Concept file"):
+            concept_file_info(path)
+
+
+def test_oversized_header_is_refused_before_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", cf.MAX_HEADER_BYTES + 1) + b"{" + b" " * 64)
+    with pytest.raises(ConceptFileError, match="header length"):
+        load_concepts(path)
+
+
+def test_concepts_without_any_tokens_need_no_encoders(tmp_path: Path) -> None:
+    only_kv = make_set()
+    only_kv.concepts = []
+    save_concepts(tmp_path / "kv.safetensors", only_kv)
+    assert load_concepts(tmp_path / "kv.safetensors").triggers == []
+
+
+def test_safetensors_errors_become_concept_file_errors(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "pets.safetensors"
+    save_concepts(path, make_set())
+
+    def failing_open(*args: Any, **kwargs: Any) -> None:
+        raise safetensors.SafetensorError("Error while deserializing header: InvalidOffset")
+
+    monkeypatch.setattr(safetensors, "safe_open", failing_open)
+    with pytest.raises(ConceptFileError, match=r"'pets\.safetensors'.*safetensors cannot read it "
+                                               r"\(SafetensorError: .*InvalidOffset\).*damaged"):
+        load_concepts(path)

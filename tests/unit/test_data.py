@@ -1,0 +1,95 @@
+"""Training data: concept specs, image checks and Custom-Diffusion augmentation."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from concept_attention.training.data import (ConceptSpec, augment, default_caption,
+                                             parse_concept_specs, prepare_image, prepare_masks)
+
+
+def test_parse_specs_lines_and_semicolons():
+    assert parse_concept_specs("V1: cat\nV2:  small   dog") == [ConceptSpec("V1", "cat"),
+                                                                ConceptSpec("V2", "small dog")]
+    assert parse_concept_specs("a1: cat; b2: dog")[1] == ConceptSpec("b2", "dog")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no concepts"),
+    ("V1 cat", "TRIGGER: class"),
+    ("1V: cat", "must be one word"),
+    ("V1:", "no class word"),
+    ("cat: cat", "must differ"),
+    ("V1: cat\nv1: dog", "used twice"),
+])
+def test_parse_specs_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_concept_specs(text)
+
+
+def test_default_caption_puts_trigger_before_class():
+    specs = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]
+    assert default_caption(specs) == "photo of a V1 cat and V2 dog"
+
+
+def test_prepare_image_checks_and_converts():
+    rgba = torch.rand(1, 80, 96, 4)
+    assert prepare_image(rgba).shape == (80, 96, 3)
+    assert prepare_image(torch.rand(1, 80, 80, 1)).shape == (80, 80, 3)
+    with pytest.raises(ValueError, match="ONE picture"):
+        prepare_image(torch.rand(2, 80, 80, 3))
+    with pytest.raises(ValueError, match="at least 64"):
+        prepare_image(torch.rand(1, 32, 80, 3))
+    bad = torch.rand(1, 80, 80, 3)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_image(bad)
+
+
+def test_prepare_masks_checks_count_size_and_emptiness():
+    picture = torch.rand(80, 96, 3)
+    masks = torch.zeros(2, 80, 96)
+    masks[0, :10] = 1
+    masks[1, 10:] = 1
+    assert prepare_masks(masks, picture, 2).shape == (2, 80, 96)
+    with pytest.raises(ValueError, match="3 masks were given for 2 concepts"):
+        prepare_masks(torch.ones(3, 80, 96), picture, 2)
+    with pytest.raises(ValueError, match="same size"):
+        prepare_masks(torch.ones(2, 40, 96), picture, 2)
+    with pytest.raises(ValueError, match="mask 2 is empty"):
+        prepare_masks(torch.stack([masks[0], torch.zeros(80, 96)]), picture, 2)
+
+
+def test_augment_modes_follow_the_prompt_prefixes_and_masks():
+    picture = torch.rand(100, 120, 3)
+    masks = torch.zeros(1, 100, 120)
+    masks[0, 40:60, 50:70] = 1
+    seen = set()
+    rng = random.Random(0)
+    for _ in range(200):
+        sample = augment(picture, masks, "photo of a V1 cat", 128, rng)
+        assert sample.pixels.shape == (128, 128, 3)
+        assert sample.loss_mask.shape == (16, 16)
+        assert sample.concept_masks.shape == (1, 128, 128)
+        if sample.prompt.startswith(("a far away", "very small")):
+            seen.add("small")
+            assert 0 < float(sample.loss_mask.mean()) < 1  # only the pasted box is reconstructed
+            grey = (sample.pixels - 0.5).abs().sum(-1) == 0
+            assert float(grey.float().mean()) > 0.3  # the rest is the mid-grey canvas
+        elif sample.prompt.startswith(("zoomed in", "close up")):
+            seen.add("zoom")
+            assert float(sample.loss_mask.min()) == 1
+        else:
+            assert sample.prompt == "photo of a V1 cat"
+            seen.add("plain")
+    assert seen == {"small", "zoom", "plain"}
+
+
+def test_augment_disabled_is_a_plain_resize_and_deterministic():
+    picture = torch.rand(64, 64, 3)
+    a = augment(picture, None, "x", 64, random.Random(3), enabled=False, flip=False)
+    b = augment(picture, None, "x", 64, random.Random(3), enabled=False, flip=False)
+    assert torch.equal(a.pixels, b.pixels) and a.prompt == "x"
+    torch.testing.assert_close(a.pixels, picture, atol=1e-5, rtol=0)

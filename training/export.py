@@ -1,0 +1,197 @@
+"""Export learned concepts for use without this pack: a stock LoRA and textual-inversion files.
+
+* The K/V deltas become a LoRA that ComfyUI's stock ``LoraLoader`` / ``LoraLoaderModelOnly``
+  apply (ComfyUI 0.3.75, ``comfy/lora.py``):
+
+  - full rank: ``<module>.diff`` holding the delta itself, applied as ``w + strength * delta``
+    (``load_lora`` turns it into a ``("diff", (delta,))`` patch);
+  - rank ``r``: ``<module>.lora_up.weight`` [out, r], ``<module>.lora_down.weight`` [r, in] and
+    ``<module>.alpha`` = r, applied as ``w + strength * (alpha / r) * up @ down`` (``LoRAAdapter``
+    in ``comfy/weight_adapter/lora.py``), i.e. scale 1.
+
+  ``<module>`` is the weight key without ``.weight`` (``diffusion_model.input_blocks.7.1.
+  transformer_blocks.0.attn2.to_k``), which ``model_lora_keys_unet`` maps to the weight itself
+  ("generic lora format").
+* Each concept's token vectors become ``<trigger>.safetensors`` for ``models/embeddings``, used in
+  a stock CLIPTextEncode as ``embedding:<trigger>`` (``comfy/sd1_clip.py`` ``load_embed``):
+  ``{"emb_params": [n, 768]}`` for SD1.x (A1111's layout; ComfyUI takes the only tensor) and
+  ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` for SDXL (each tokenizer picks its own key).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .concepts import Concept, ConceptSet
+from .io_utils import atomic_write_safetensors
+
+WEIGHT_SUFFIX = ".weight"
+# Characters that break file names on some system or the prompt syntax around `embedding:NAME`.
+_UNSAFE_CHARS = re.compile(r"[\\/:*?\"<>|(),\x00-\x1f\x7f]|\s")
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+
+def _module_name(weight_key: str) -> str:
+    if not weight_key.endswith(WEIGHT_SUFFIX):
+        raise ValueError(f"K/V delta key {weight_key!r} is not a weight key (no '.weight' suffix)")
+    return weight_key[: -len(WEIGHT_SUFFIX)]
+
+
+def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (Eckart-Young) of ``delta``, the singular values split evenly.
+
+    The top singular subspace comes from the eigenvectors of the small Gram matrix (float64),
+    three to four times faster than a full SVD on a CPU and as exact for the leading components;
+    ``up @ down`` is the projection of ``delta`` onto that subspace.
+    """
+    d = delta.to(torch.float64)
+    wide = d.shape[0] <= d.shape[1]
+    m = d if wide else d.T  # [small, big]
+    _, vectors = torch.linalg.eigh(m @ m.T)  # eigenvalues ascending
+    basis = vectors.flip(1)[:, :rank]  # [small, r], orthonormal
+    coefficients = basis.T @ m  # [r, big]; row i has norm sigma_i
+    root = torch.linalg.vector_norm(coefficients, dim=1).sqrt()
+    safe = torch.where(root > 0, root, torch.ones_like(root))
+    small_side = basis * root  # [small, r]
+    big_side = coefficients / safe[:, None]  # [r, big]
+    if wide:
+        return small_side, big_side  # up [out, r], down [r, in]
+    return big_side.T, small_side.T
+
+
+def _relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
+    reference = delta.to(torch.float64)
+    norm = torch.linalg.matrix_norm(reference)
+    if norm == 0:
+        return 0.0 if torch.count_nonzero(approx) == 0 else float("inf")
+    return float(torch.linalg.matrix_norm(reference - approx.to(torch.float64)) / norm)
+
+
+def kv_lora_state_dict(concepts: ConceptSet, rank: int | None = None,
+                       dtype: torch.dtype | None = None, device: torch.device | str | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The K/V deltas as a stock-ComfyUI LoRA state dict, and each module's relative error.
+
+    ``rank=None``: full rank, ``<module>.diff`` keys, error 0. ``rank=r``: a truncated SVD per
+    module (``r`` is capped at the matrix's smaller side); the error is
+    ``||delta - up @ down||_F / ||delta||_F`` of the tensors as stored. ``dtype`` stores the
+    tensors in another dtype (default: the deltas' own dtype). ``device`` is where the low-rank
+    factorisation runs (default: where each delta is; a GPU is much faster than the CPU for SDXL).
+    The returned tensors are on the CPU.
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive whole number or None for full rank, not {rank!r}")
+    state: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    for key, delta in concepts.kv_deltas.items():
+        module = _module_name(key)
+        delta = delta.detach().to("cpu")
+        if delta.ndim != 2:
+            raise ValueError(f"K/V delta {key!r} has shape {list(delta.shape)}; expected [out, in]")
+        out_dtype = dtype or delta.dtype
+        if rank is None:
+            stored = delta.to(out_dtype).contiguous()
+            state[f"{module}.diff"] = stored
+            errors[module] = _relative_error(delta, stored)
+            continue
+        r = min(rank, *delta.shape)
+        work = concepts.kv_deltas[key].detach()
+        up, down = _low_rank(work.to(device) if device is not None else work, r)
+        up, down = up.to("cpu", out_dtype).contiguous(), down.to("cpu", out_dtype).contiguous()
+        state[f"{module}.lora_up.weight"] = up
+        state[f"{module}.lora_down.weight"] = down
+        state[f"{module}.alpha"] = torch.tensor(float(r))  # ComfyUI scales by alpha / rank = 1
+        errors[module] = _relative_error(delta, up.to(torch.float64) @ down.to(torch.float64))
+    return state, errors
+
+
+def save_lora(path: str | os.PathLike[str], concepts: ConceptSet, rank: int | None = None,
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None
+              ) -> dict[str, float]:
+    """Write the K/V deltas as a LoRA file (atomically); returns the per-module relative errors."""
+    state, errors = kv_lora_state_dict(concepts, rank, dtype, device)
+    metadata = {
+        "format": "concept-attention-kv-lora",
+        "rank": "full" if rank is None else str(rank),
+        "triggers": json.dumps(concepts.triggers, ensure_ascii=False),
+        "class_phrases": json.dumps([c.class_phrase for c in concepts.concepts], ensure_ascii=False),
+        "architecture": json.dumps(concepts.architecture, ensure_ascii=False),
+        "max_relative_error": repr(max(errors.values(), default=0.0)),
+    }
+    atomic_write_safetensors(path, state, metadata)
+    return errors
+
+
+def embedding_state_dict(concept: Concept) -> dict[str, torch.Tensor]:
+    """A concept's token vectors in the textual-inversion layout ComfyUI's ``load_embed`` reads.
+
+    SD1.x (CLIP-L only): ``{"emb_params": [n, width]}``; SDXL: ``{"clip_l": ..., "clip_g": ...}``.
+    """
+    keys = set(concept.embeddings)
+    for key, tensor in concept.embeddings.items():
+        if tensor.ndim != 2:
+            raise ValueError(f"embedding {key!r} of {concept.trigger!r} has shape "
+                             f"{list(tensor.shape)}; expected [n_tokens, width]")
+
+    def prepared(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to("cpu").contiguous()
+
+    if keys == {"clip_l"}:
+        return {"emb_params": prepared(concept.embeddings["clip_l"])}
+    if keys == {"clip_l", "clip_g"}:
+        return {"clip_l": prepared(concept.embeddings["clip_l"]),
+                "clip_g": prepared(concept.embeddings["clip_g"])}
+    raise ValueError(f"concept {concept.trigger!r} has embeddings for {sorted(keys)}; only SD1.x "
+                     "(clip_l) and SDXL (clip_l + clip_g) concepts can be exported as embeddings")
+
+
+def check_file_stem(name: str) -> str:
+    """Refuse names that are not a safe file name usable as ``embedding:NAME``; returns it."""
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif name.startswith("."):
+        problem = "it starts with a dot"
+    elif ".." in name:
+        problem = "it contains '..'"
+    elif _UNSAFE_CHARS.search(name):
+        problem = ("it contains a path separator, a space or one of : * ? \" < > | ( ) , "
+                   "or a control character")
+    elif name.endswith((".", " ")):
+        problem = "it ends with a dot"
+    elif name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        problem = "it is a reserved device name on Windows"
+    elif len(name.encode("utf-8")) > 200:
+        problem = "it is longer than 200 bytes"
+    if problem is not None:
+        raise ValueError(f"{name!r} cannot be used as an embedding file name: {problem}. Rename "
+                         "the trigger (letters, digits, '_', '-' and single dots are safe)")
+    return name
+
+
+def save_embeddings(folder: str | os.PathLike[str], concepts: ConceptSet,
+                    prefix: str = "") -> list[Path]:
+    """Write one ``<prefix><trigger>.safetensors`` per concept into ``folder`` (atomically each).
+
+    All names are checked before anything is written. Returns the paths in concept order.
+    """
+    folder = Path(folder)
+    plans = []
+    for concept in concepts.concepts:
+        stem = check_file_stem(f"{prefix}{concept.trigger}")
+        plans.append((folder / f"{stem}.safetensors", embedding_state_dict(concept), concept))
+    stems = [path.name.lower() for path, _, _ in plans]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two concepts would write the same embedding file: {stems}")
+    written = []
+    for path, state, concept in plans:
+        metadata = {"format": "concept-attention-embedding", "trigger": concept.trigger,
+                    "class_phrase": concept.class_phrase,
+                    "model": str(concepts.architecture.get("model", ""))}
+        written.append(atomic_write_safetensors(path, state, metadata))
+    return written
