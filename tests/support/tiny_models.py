@@ -56,18 +56,23 @@ class TinyBundle:
     vae: Any
 
 
-def seeded_init_(module: torch.nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
-    """Initialise every parameter deterministically (ComfyUI's ops skip init, leaving garbage)."""
+def seeded_init_(module: torch.nn.Module, generator: torch.Generator, gain: float = 1.0) -> None:
+    """Initialise every parameter deterministically (ComfyUI's ops skip init, leaving garbage).
+
+    Norm layers get weight 1 and bias 0, other biases 0, weights N(0, gain^2 / fan_in) so that
+    activations keep unit scale through the network and the text really steers the output.
+    """
     with torch.no_grad():
-        for name, param in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            is_norm = any(tag in name for tag in ("norm", "ln_", "layer_norm")) and param.ndim == 1
-            if is_norm and leaf == "weight":
-                param.fill_(1.0)
-            elif leaf == "bias" or param.ndim == 1:
-                param.zero_()
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        for sub in module.modules():
+            is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, param in sub.named_parameters(recurse=False):
+                if is_norm:
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                elif param.ndim >= 2:
+                    fan_in = param[0].numel()
+                    param.copy_(torch.randn(param.shape, generator=generator) * gain / fan_in ** 0.5)
+                else:
+                    param.zero_()
 
 
 def _unet_config(arch: str) -> tuple[Any, dict[str, Any]]:
@@ -124,7 +129,7 @@ def build_vae(seed: int = 0) -> Any:
     import comfy.taesd.taesd
 
     taesd = comfy.taesd.taesd.TAESD()
-    seeded_init_(taesd, torch.Generator().manual_seed(seed + 2), std=0.1)
+    seeded_init_(taesd, torch.Generator().manual_seed(seed + 2))
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 
