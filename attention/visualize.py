@@ -19,7 +19,8 @@ def upscale_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def colorize(maps: torch.Tensor) -> torch.Tensor:
     """``[N, H, W]`` maps -> ``[N, H, W, 3]`` images in [0, 1], each map min-max normalised."""
-    x = minmax_normalize(maps.float()).clamp(0, 1) * (len(_RAMP) - 1)
+    finite = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    x = minmax_normalize(finite).clamp(0, 1) * (len(_RAMP) - 1)
     low = x.floor().long().clamp(max=len(_RAMP) - 2)
     frac = (x - low)[..., None]
     ramp = _RAMP.to(maps.device)

@@ -15,6 +15,7 @@ from ..training.data import parse_concept_specs
 from ..training.export import check_file_stem, save_embeddings, save_lora
 from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
+from ..training.prior import captions_for, generate_prior_images
 from .common import CATEGORY, NODE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,16 @@ def concept_path(name: str) -> str:
 
     stem = check_file_stem(name.removesuffix(".safetensors"))
     return os.path.join(folder_paths.get_folder_paths(CONCEPTS_FOLDER)[0], f"{stem}.safetensors")
+
+
+def report_progress_text(node_id: str, text: str) -> None:
+    """Show a line of text under a running node in the ComfyUI front end (no-op headless)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
 
 
 class TrainConcepts(io.ComfyNode):
@@ -75,6 +86,15 @@ class TrainConcepts(io.ComfyNode):
                 io.Mask.Input("masks", optional=True,
                               tooltip="One mask per concept, in order: supervises its maps and "
                                       "limits reconstruction to the objects."),
+                io.Image.Input("prior_images", optional=True,
+                               tooltip="Regularisation images of the classes (about half of the "
+                                       "training batches use them)."),
+                io.String.Input("prior_captions", multiline=True, default="", optional=True,
+                                tooltip="Captions of the prior images: one per line, or one line "
+                                        "for all."),
+                io.Int.Input("generated_priors", default=0, min=0, max=1000, optional=True,
+                             tooltip="Generate this many prior images with the base model from "
+                                     "the class prompt (e.g. 'a photo of a cat and a dog')."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Model with the learned K/V deltas."),
@@ -84,6 +104,7 @@ class TrainConcepts(io.ComfyNode):
                                 tooltip="Last calibrated maps: each trigger, then each class word."),
                 io.Image.Output(display_name="loss_curve", tooltip="Loss terms over the steps."),
             ],
+            hidden=[io.Hidden.unique_id],
             not_idempotent=True,
         )
 
@@ -92,7 +113,8 @@ class TrainConcepts(io.ComfyNode):
                 resolution: int, seed: int, calibration: bool, attention_weight: float,
                 save_name: str, micro_batch: int = 2, grad_accumulation: int = 4,
                 precision: str = "fp32", gradient_checkpointing: bool = False,
-                masks=None) -> io.NodeOutput:
+                masks=None, prior_images=None, prior_captions: str = "",
+                generated_priors: int = 0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
@@ -105,10 +127,18 @@ class TrainConcepts(io.ComfyNode):
                                             use_separation=calibration),
             autocast={"fp32": "none"}.get(precision, precision),
             gradient_checkpointing=gradient_checkpointing)
+        prior = captions_for(prior_images, prior_captions) if prior_images is not None else []
+        if generated_priors:
+            class_prompt = "a photo of " + " and ".join(f"a {s.class_phrase}" for s in specs)
+            prior += generate_prior_images(model, clip, vae, class_prompt, generated_priors,
+                                           resolution, seed)
         bar = comfy.utils.ProgressBar(steps)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
 
         def progress(step: int, total: int, losses: dict[str, float]) -> None:
             bar.update_absolute(step, total)
+            if node_id is not None:
+                report_progress_text(node_id, f"step {step}/{total}  loss {losses['loss']:.4f}")
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         def keep_partial(partial) -> None:
@@ -117,7 +147,7 @@ class TrainConcepts(io.ComfyNode):
                 log.info("training interrupted: partial concepts saved to %s", path)
 
         result = train_concepts(model, clip, vae, image, specs, settings, masks=masks,
-                                progress=progress, on_checkpoint=keep_partial)
+                                prior=prior, progress=progress, on_checkpoint=keep_partial)
         if path is not None:
             save_concepts(path, result.concepts)
         new_model, new_clip = apply_concepts(model, clip, result.concepts)

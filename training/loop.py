@@ -153,7 +153,8 @@ class ConceptTrainer:
         self.embeddings: list[dict[str, torch.Tensor]] = []
         self.store = MapStore()
         self.history: list[dict[str, float]] = []
-        self.last_maps: torch.Tensor | None = None
+        self.last_maps: torch.Tensor | None = None  # maps of the last step with a finite loss
+        self._step_maps: torch.Tensor | None = None
         self._check_caption()
 
     # ----- set-up -------------------------------------------------------------------------
@@ -161,7 +162,7 @@ class ConceptTrainer:
         for spec in self.specs:
             # Whole words only: "V1 cats" contains the text "V1 cat" but not the token "cat".
             pair = re.escape(f"{spec.trigger} {spec.class_phrase}")
-            if not re.search(rf"(?<![\w:]){pair}(?!\w)", self.caption):
+            if not re.search(rf"(?<!\w){pair}(?!\w)", self.caption):
                 raise ValueError(f"the caption {self.caption!r} must contain "
                                  f"'{spec.trigger} {spec.class_phrase}' (trigger right before its class)")
             if not phrase_ids(self.clip, spec.class_phrase):
@@ -212,6 +213,9 @@ class ConceptTrainer:
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             latent = self.vae.encode(pixels[None])
+        if not torch.isfinite(latent).all():
+            raise ValueError("the VAE turned the training picture into non-finite latents: check "
+                             "that the VAE matches the model and try fp32")
         return self.model.model.process_latent_in(latent.float()).detach().clone()
 
     def _build_pool(self) -> list[tuple[TrainingSample, torch.Tensor]]:
@@ -307,7 +311,7 @@ class ConceptTrainer:
         maps = average_token_maps(raw, [list(range(o, o + n)) for o, n in zip(offsets, lengths)])
         modifier, klass = maps[:, 0::2], maps[:, 1::2]
         out = calibration_loss(modifier, klass, settings)
-        self.last_maps = torch.cat([prepare_maps(modifier, settings, is_class=False)[0],
+        self._step_maps = torch.cat([prepare_maps(modifier, settings, is_class=False)[0],
                                     prepare_maps(klass, settings, is_class=True)[0]]).detach()
         masks = [sample.concept_masks for sample, _ in batch]
         if all(m is not None for m in masks) and self.settings.mask_map_weight > 0:
@@ -345,45 +349,52 @@ class ConceptTrainer:
         optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate)
         snapshot = [p.detach().clone() for p in params]
         stopped = "complete"
-        with _clip_layers_out_of_place(self.clip.cond_stage_model), self._checkpointing():
-            for step in range(self.settings.steps):
-                totals: dict[str, float] = {}
-                optimizer.zero_grad(set_to_none=True)
-                for micro in range(self.settings.grad_accumulation):
-                    use_prior = bool(prior_pool) and self.rng.random() < 0.5
-                    pool = prior_pool if use_prior else target_pool
-                    batch = [pool[self.rng.randrange(len(pool))] for _ in range(self.settings.micro_batch)]
-                    losses = self._loss(batch, with_maps=not use_prior)
-                    loss = losses["reconstruction"] + losses.get("calibration", 0) + losses.get("mask", 0)
-                    if not torch.isfinite(loss):
+        try:
+            with _clip_layers_out_of_place(self.clip.cond_stage_model), self._checkpointing():
+                for step in range(self.settings.steps):
+                    totals = self._step(optimizer, params, target_pool, prior_pool)
+                    if totals is None:
                         stopped = "non-finite loss"
+                        log.warning("training stopped at step %d: the loss or its gradient is not "
+                                    "finite; keeping the last good state", step)
+                        with torch.no_grad():
+                            for p, good in zip(params, snapshot):
+                                p.copy_(good)
                         break
-                    (loss / self.settings.grad_accumulation).backward()
-                    for name, value in losses.items():
-                        totals[name] = (totals.get(name, 0.0)
-                                        + float(value.detach()) / self.settings.grad_accumulation)
-                    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / self.settings.grad_accumulation
-                grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-                if stopped != "complete" or not grads_ok:
-                    stopped = "non-finite loss"
-                    log.warning("training stopped at step %d: the loss or its gradient is not finite; "
-                                "keeping the last good state", step)
-                    with torch.no_grad():
-                        for p, good in zip(params, snapshot):
-                            p.copy_(good)
-                    break
-                optimizer.step()
-                snapshot = [p.detach().clone() for p in params]
-                totals["step"] = step + 1
-                self.history.append(totals)
-                if progress is not None:
-                    try:
+                    snapshot = [p.detach().clone() for p in params]
+                    self.last_maps = self._step_maps
+                    totals["step"] = step + 1
+                    self.history.append(totals)
+                    if progress is not None:
                         progress(step + 1, self.settings.steps, totals)
-                    except Exception:
-                        if on_checkpoint is not None:
-                            on_checkpoint(self.result("interrupted").concepts)
-                        raise
+        except BaseException:
+            # Interrupted (or failed) anywhere in the loop: hand over what was learned so far.
+            if on_checkpoint is not None:
+                on_checkpoint(self.result("interrupted").concepts)
+            raise
         return self.result(stopped)
+
+    def _step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], target_pool: list,
+              prior_pool: list) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accumulation`` micro-batches; None if not finite."""
+        accumulation = self.settings.grad_accumulation
+        totals: dict[str, float] = {}
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(accumulation):
+            use_prior = bool(prior_pool) and self.rng.random() < 0.5
+            pool = prior_pool if use_prior else target_pool
+            batch = [pool[self.rng.randrange(len(pool))] for _ in range(self.settings.micro_batch)]
+            losses = self._loss(batch, with_maps=not use_prior)
+            loss = losses["reconstruction"] + losses.get("calibration", 0) + losses.get("mask", 0)
+            if not torch.isfinite(loss):
+                return None
+            (loss / accumulation).backward()
+            for name, value in {**losses, "loss": loss}.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+            return None
+        optimizer.step()
+        return totals
 
     def _checkpointing(self):
         if not self.settings.gradient_checkpointing:

@@ -110,3 +110,24 @@ def test_bad_concept_file_is_refused_and_server_keeps_serving(comfy_server):
     broken = comfy_server.run(sample_prompt("broken.safetensors", "a photo of V1 square"), timeout=120)
     assert not broken.ok
     assert "broken.safetensors" in (broken.error_message or "")
+
+
+def test_concepts_for_another_architecture_are_refused(comfy_server, scene):
+    if not (comfy_server.concepts_dir / "e2e_pair.safetensors").is_file():
+        assert comfy_server.run(train_prompt(scene, "e2e_pair"), timeout=600).ok
+    graph = sample_prompt("e2e_pair.safetensors", "a photo of V1 square")
+    graph["loader"]["inputs"]["architecture"] = "sdxl"
+    refused = comfy_server.run(graph, timeout=120)
+    assert not refused.ok
+    assert "trained for a SD15 model" in refused.error_message
+    assert "MODEL given is SDXL" in refused.error_message
+
+
+def test_training_with_prior_images(comfy_server, scene):
+    graph = train_prompt(scene, "")
+    graph["prior"] = node("LoadImage", image=scene)
+    graph["train"]["inputs"].update(prior_images=link("prior", 0),
+                                    prior_captions="a photo of a square and a circle",
+                                    generated_priors=1)
+    result = comfy_server.run(graph, timeout=600)
+    assert result.ok, result.describe()

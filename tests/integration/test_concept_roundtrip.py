@@ -19,8 +19,10 @@ def quick_train(tiny):
                              pool_size=2, learning_rate=5e-3)
     picture = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # as inside a ComfyUI node
-        return train_concepts(tiny.bundle.model, tiny.bundle.clip, tiny.bundle.vae, picture, SPECS,
-                              settings)
+        result = train_concepts(tiny.bundle.model, tiny.bundle.clip, tiny.bundle.vae, picture, SPECS,
+                                settings)
+    assert result.stopped == "complete" and len(result.history) == 2
+    return result
 
 
 def patched_kv(model, keys):

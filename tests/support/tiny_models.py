@@ -130,6 +130,9 @@ def build_vae(seed: int = 0) -> Any:
 
     taesd = comfy.taesd.taesd.TAESD()
     seeded_init_(taesd, torch.Generator().manual_seed(seed + 2))
+    with torch.no_grad():  # 0-d latent scale/shift are not weights: encode divides by vae_scale
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 

@@ -93,3 +93,15 @@ def test_augment_disabled_is_a_plain_resize_and_deterministic():
     b = augment(picture, None, "x", 64, random.Random(3), enabled=False, flip=False)
     assert torch.equal(a.pixels, b.pixels) and a.prompt == "x"
     torch.testing.assert_close(a.pixels, picture, atol=1e-5, rtol=0)
+
+
+def test_prior_captions_pairing():
+    from concept_attention.training.prior import captions_for
+
+    images = torch.rand(3, 8, 8, 3)
+    assert [c for _, c in captions_for(images, "a cat")] == ["a cat"] * 3
+    assert [c for _, c in captions_for(images, "a\nb\nc")] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="3 prior images but 2 caption lines"):
+        captions_for(images, "a\nb")
+    with pytest.raises(ValueError, match="need captions"):
+        captions_for(images, "  ")
