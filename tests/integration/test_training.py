@@ -656,3 +656,24 @@ def test_interrupt_propagates_after_checkpoint(bundles):
     assert concepts.metadata["stopped"] == "interrupted"
     assert concepts.triggers == ["V1", "V2"]
     _assert_states_equal(_state(loop.TrainResult(concepts, [], None, "interrupted")), _state(reference))
+
+
+def test_gradient_checkpointing_gives_the_same_training(bundles):
+    bundle = _bundle(bundles, "sd15")
+    plain = _train(bundle, _settings(steps=2))
+    checkpointed = _train(bundle, _settings(steps=2, gradient_checkpointing=True))
+    assert checkpointed.stopped == "complete"
+    for key, delta in plain.concepts.kv_deltas.items():
+        torch.testing.assert_close(checkpointed.concepts.kv_deltas[key], delta, rtol=1e-4, atol=1e-6)
+    # the UNet blocks got their own forward back
+    unet = bundle.model.model.diffusion_model
+    assert all("forward" not in vars(block) for block in unet.input_blocks)
+
+
+def test_bf16_autocast_trains_with_finite_losses(bundles):
+    result = _train(_bundle(bundles, "sd15"), _settings(steps=2, autocast="bf16"))
+    assert result.stopped == "complete"
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    plain = _train(_bundle(bundles, "sd15"), _settings(steps=2))
+    key = next(iter(plain.concepts.kv_deltas))
+    assert not torch.equal(result.concepts.kv_deltas[key], plain.concepts.kv_deltas[key])
