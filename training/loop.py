@@ -157,6 +157,14 @@ class ConceptTrainer:
         self._step_maps: torch.Tensor | None = None
         self._check_caption()
 
+    @property
+    def uses_maps(self) -> bool:
+        """Whether any loss needs attention maps (if not, nothing is recorded: Custom Diffusion)."""
+        calibration = self.settings.calibration
+        calibrated = calibration.use_bind or calibration.use_separation
+        supervised = self.masks is not None and self.settings.mask_map_weight > 0
+        return calibrated or supervised
+
     # ----- set-up -------------------------------------------------------------------------
     def _check_caption(self) -> None:
         for spec in self.specs:
@@ -199,8 +207,9 @@ class ConceptTrainer:
             spec.trigger: vectors for spec, vectors in zip(self.specs, self.embeddings)})
         if self.settings.detach_start_token:
             install_hook(self.model, DetachStartToken(), "all")
-        install_hook(self.model, AttentionRecorder(store=self.store, keep_grad=True, rows="all"),
-                     self.settings.map_layers)
+        if self.uses_maps:
+            install_hook(self.model, AttentionRecorder(store=self.store, keep_grad=True, rows="all"),
+                         self.settings.map_layers)
 
     def _parameters(self) -> list[torch.Tensor]:
         params = [d for d in self.kv_deltas.values() if d.requires_grad]
@@ -301,6 +310,9 @@ class ConceptTrainer:
         losses = {"reconstruction": err.mean()}
         if with_maps:
             losses.update(self._map_losses(batch, groups[0]))
+        else:
+            zero = err.new_zeros(())
+            losses.update(bind=zero, separation=zero, calibration=zero)
         return losses
 
     def _map_losses(self, batch, groups: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -384,7 +396,7 @@ class ConceptTrainer:
             use_prior = bool(prior_pool) and self.rng.random() < 0.5
             pool = prior_pool if use_prior else target_pool
             batch = [pool[self.rng.randrange(len(pool))] for _ in range(self.settings.micro_batch)]
-            losses = self._loss(batch, with_maps=not use_prior)
+            losses = self._loss(batch, with_maps=self.uses_maps and not use_prior)
             loss = losses["reconstruction"] + losses.get("calibration", 0) + losses.get("mask", 0)
             if not torch.isfinite(loss):
                 return None

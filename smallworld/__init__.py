@@ -1,0 +1,1 @@
+"""Small world: procedural scenes with ground truth, and an evaluator that reads them back."""
