@@ -1,0 +1,420 @@
+"""Shared pieces of the benchmarks: ComfyUI in library mode, models, conditioning, timing, tables.
+
+Every benchmark measures the pack against the stock ComfyUI path in ONE process, interleaving the
+variants round by round (machines are noisy, other work shares them) and reporting the median per
+variant and its ratio to the baseline. Nothing is downloaded: models have seeded random weights.
+
+Usage from a benchmark script::
+
+    from _common import setup_comfy
+    device = setup_comfy("auto")      # before anything imports comfy.model_management
+    from _common import build_full_sd15, run_interleaved, format_table, ...
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
+
+# ComfyUI's SD1.5 UNet config (comfy/model_detection.py, "SD15"): 320 channels, mult 1-2-4-4,
+# 2 res blocks per level, one transformer per attention block on the first three levels.
+SD15_FULL_UNET: dict[str, Any] = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320,
+    num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1, context_dim=768, use_spatial_transformer=True, legacy=False,
+    use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+    use_temporal_resblock=False, num_heads=8, num_head_channels=-1, use_checkpoint=False,
+)
+SD15_CONTEXT = (77, 768)  # one CLIP-L chunk
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- environment
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` is ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    return name
+
+
+ATTENTION_FLAGS = {"pytorch": "use_pytorch_cross_attention", "sub-quad": "use_quad_cross_attention",
+                   "split": "use_split_cross_attention"}
+
+
+def setup_comfy(device: str = "auto", attention: str = "auto") -> str:
+    """Import paths for ComfyUI (library mode) and the pack alias ``concept_attention``.
+
+    Must run before ``comfy.model_management`` is imported: on ``"cpu"`` it forces ComfyUI's CPU
+    mode, as the tests do. ``attention`` picks ComfyUI's attention function like its command-line
+    flags (``"auto"`` keeps ComfyUI's choice: sub-quadratic on CPU, PyTorch SDPA on CUDA).
+    Returns the resolved device name.
+    """
+    device = resolve_device(device)
+    if str(TESTS_DIR) not in sys.path:
+        sys.path.insert(0, str(TESTS_DIR))
+    from pack_alias import install_alias
+    from support.comfy_env import comfy_root
+
+    install_alias()
+    root = str(comfy_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if "comfy.model_management" not in sys.modules:
+        from comfy.cli_args import args
+
+        args.cpu = device == "cpu"
+        if attention != "auto":
+            setattr(args, ATTENTION_FLAGS[attention], True)
+    return device
+
+
+def attention_name() -> str:
+    """Name of the attention function ComfyUI ended up using."""
+    from comfy.ldm.modules import attention
+
+    return attention.optimized_attention.__name__
+
+
+def machine_info(device: str) -> str:
+    """One line naming the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    info = (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}")
+    if device == "cuda":
+        info += f", GPU {torch.cuda.get_device_name(0)}"
+    return info
+
+
+# --------------------------------------------------------------------------- models
+
+def build_full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A ModelPatcher around a FULL-size SD1.5 UNet (860M parameters) with seeded random weights.
+
+    Built on the CPU from ``comfy.supported_models.SD15`` and the real SD1.5 UNet config, so every
+    layer, shape and patch point is the real one; only the weights are random (~3.4 GB in fp32).
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    from support.tiny_models import seeded_init_
+
+    config = comfy.supported_models.SD15(dict(SD15_FULL_UNET))
+    config.set_inference_dtype(dtype, None)
+    base = config.get_model({})
+    seeded_init_(base.diffusion_model, torch.Generator().manual_seed(seed))
+    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def build_tiny(arch: str = "sd15", seed: int = 0) -> tuple[Any, Any]:
+    """The tiny test fixture's (MODEL, CLIP) of ``arch`` (``"sd15"`` or ``"sdxl"``)."""
+    from support import tiny_models
+
+    return tiny_models.build_model(arch, seed), tiny_models.build_clip(arch, seed)
+
+
+def encode(clip: Any, text: str) -> list[list[Any]]:
+    """CLIPTextEncode, as the stock node does it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def random_conds(seed: int, shape: Sequence[int] = (1, *SD15_CONTEXT)) -> list[list[Any]]:
+    """Conditioning in ComfyUI's format ``[[tensor, {}]]`` from a seeded random tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(tuple(shape), generator=generator), {}]]
+
+
+def sample(model: Any, positive: Any, negative: Any, latent_size: int, steps: int,
+           cfg: float = 7.0, seed: int = 0, sampler: str = "euler",
+           scheduler: str = "normal") -> torch.Tensor:
+    """``comfy.sample.sample`` exactly as the stock KSampler runs it (square latent, batch 1)."""
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, latent_size, latent_size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative,
+                               latent, denoise=1.0, seed=seed, disable_pbar=True)
+
+
+# --------------------------------------------------------------------------- timing
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock time covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Variant:
+    """One thing to time: ``run()`` does the work; ``before()`` (untimed) resets state."""
+
+    name: str
+    run: Callable[[], Any]
+    before: Callable[[], None] = lambda: None
+    times: list[float] = field(default_factory=list)  # wall-clock seconds per timed run
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds (all threads)
+    peak_mib: float | None = None
+    last_output: Any = None  # what the latest run() returned
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times)
+
+
+def time_once(variant: Variant, device: str) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one ``run()`` (collected and synced before/after)."""
+    variant.before()
+    gc.collect()
+    synchronize(device)
+    cpu, start = time.process_time(), time.perf_counter()
+    variant.last_output = variant.run()
+    synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, to judge how busy the machine was."""
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average n/a"
+
+
+def run_interleaved(variants: Sequence[Variant], rounds: int, device: str,
+                    log: Callable[[str], None] = print) -> list[float]:
+    """Time every variant once per round, rotating the order each round; fills the times.
+
+    Rotation puts each variant in each position equally often, so slow drifts of the machine
+    (other processes, thermal state) spread over all variants instead of biasing one. Returns
+    the 1-minute load average seen after each round.
+    """
+    n = len(variants)
+    loads = []
+    for r in range(rounds):
+        order = [variants[(r + i) % n] for i in range(n)]
+        parts = []
+        for variant in order:
+            wall, cpu = time_once(variant, device)
+            variant.times.append(wall)
+            variant.cpu_times.append(cpu)
+            parts.append(f"{variant.name} {wall:.3f}s")
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(parts) + f"  ({load_average()})")
+        try:
+            loads.append(os.getloadavg()[0])
+        except OSError:
+            pass
+    return loads
+
+
+def contention_warning(loads: Sequence[float], device: str) -> str | None:
+    """A warning when other processes competed for the CPU cores during the timed rounds.
+
+    The load average counts this process too (about one per torch thread while it computes);
+    above the core count, some thread waited for a core, and with several torch threads every
+    parallel op then waits for its slowest thread: whole runs can slow down severalfold.
+    """
+    cores = os.cpu_count() or 1
+    if device != "cpu" or not loads or max(loads) <= cores:
+        return None
+    return (f"warning: 1-minute load average reached {max(loads):.2f} on {cores} cores while "
+            "timing: other processes competed for the CPU, so whole-run ratios are noisy. Trust "
+            "the CPU-time and per-call columns more, rerun when the machine is idle, or use "
+            "--threads 1.")
+
+
+def paired_overhead(base: Callable[[], Any], other: Callable[[], Any], reps: int, device: str,
+                    before: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Extra seconds ``other()`` takes over ``base()``: median of back-to-back pair differences.
+
+    Pairs alternate which call goes first. Returns ``(median difference, median base time)``.
+    Meant for short calls (one attention layer), where a paired difference is far less noisy
+    than the difference of two whole sampling runs.
+    """
+    diffs, bases = [], []
+    for i in range(reps):
+        before()
+        timings = {}
+        for name, fn in ((("base", base), ("other", other)) if i % 2 == 0
+                         else (("other", other), ("base", base))):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            timings[name] = time.perf_counter() - start
+        diffs.append(timings["other"] - timings["base"])
+        bases.append(timings["base"])
+    return statistics.median(diffs), statistics.median(bases)
+
+
+class _RssSampler:
+    """Polls this process's resident set size in a thread and keeps the maximum."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.start_rss = self.process.memory_info().rss
+        self.peak = self.start_rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def run_measuring_peak(variant: Variant, device: str) -> tuple[Any, float | None]:
+    """One untimed ``run()``; returns its result and the peak memory increase in MiB: the CUDA
+    allocator's peak on a GPU, else the resident set size polled every 2 ms (None without
+    psutil)."""
+    variant.before()
+    gc.collect()
+    if device == "cuda":
+        synchronize(device)
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = variant.run()
+        synchronize(device)
+        return result, (torch.cuda.max_memory_allocated() - start) / 2**20
+    try:
+        sampler = _RssSampler()
+    except ImportError:
+        return variant.run(), None
+    with sampler:
+        result = variant.run()
+    return result, (sampler.peak - sampler.start_rss) / 2**20
+
+
+# --------------------------------------------------------------------------- per-call timing
+
+def capture_attn2_inputs(model: Any, sample_once: Callable[[Any], Any], install_hook: Callable,
+                         hook_base: type) -> dict[Any, tuple]:
+    """``{layer key: (q, k, v, extra_options)}`` of every cross-attention layer of ``model``, as
+    ComfyUI passes them to an attn2 replace in the first model evaluation of ``sample_once``.
+
+    ``install_hook`` and ``hook_base`` are the pack's ``patching.install_hook`` and
+    ``chain.AttentionHook`` (passed in so that this module imports nothing of the pack).
+    """
+
+    @dataclass(frozen=True, eq=False)
+    class Capture(hook_base):  # type: ignore[misc, valid-type]
+        calls: dict = field(default_factory=dict)
+
+        def apply(self, q, k, v, ctx, proceed):
+            if ctx.key not in self.calls:
+                self.calls[ctx.key] = (q.detach().clone(), k.detach().clone(), v.detach().clone(),
+                                       dict(ctx.options))
+            return proceed(q, k, v)
+
+    capture = Capture()
+    patched = model.clone()
+    install_hook(patched, capture, "all")
+    sample_once(patched)
+    return capture.calls
+
+
+def attn2_call_overheads(models: dict[str, tuple[Any, Callable[[], None]]],
+                         calls: dict[Any, tuple], reps: int,
+                         device: str) -> dict[str, dict[Any, tuple[float, float]]]:
+    """Per patched model and hooked layer: ``(median extra seconds, median stock seconds)`` of
+    its attn2 replace against ComfyUI's own ``optimized_attention`` on the captured inputs.
+
+    ``models`` maps a name to ``(ModelPatcher, before)``; ``before()`` runs untimed before each
+    pair (e.g. a map store's ``clear``). Layers without a replace are left out.
+    """
+    from comfy.ldm.modules import attention as comfy_attention
+
+    results: dict[str, dict[Any, tuple[float, float]]] = {}
+    for name, (patched, before) in models.items():
+        attn2 = (patched.model_options.get("transformer_options", {})
+                 .get("patches_replace", {}).get("attn2", {}))
+        per_key = {}
+        for key, (q, k, v, options) in calls.items():
+            replace = attn2.get(key)
+            if replace is None:
+                continue
+
+            def stock(q=q, k=k, v=v, options=options):
+                return comfy_attention.optimized_attention(
+                    q, k, v, options["n_heads"], attn_precision=options.get("attn_precision"),
+                    transformer_options=options)
+
+            def hooked(q=q, k=k, v=v, options=options, replace=replace):
+                return replace(q, k, v, options)
+
+            with torch.inference_mode():
+                per_key[key] = paired_overhead(stock, hooked, reps, device, before)
+        results[name] = per_key
+    return results
+
+
+# --------------------------------------------------------------------------- reporting
+
+def format_table(variants: Sequence[Variant], baseline: str, targets: dict[str, float] | None = None,
+                 estimates: dict[str, float] | None = None, show_peak: bool = True) -> str:
+    """A Markdown table per variant: median/min/max wall seconds; ratios to ``baseline`` of the
+    median wall time (the headline), of the minimum wall time and of the median CPU time; an
+    optional estimated ratio (from per-call measurements); the target and whether the median
+    ratio meets it; the peak memory increase."""
+    base = next(v for v in variants if v.name == baseline)
+    targets = targets or {}
+    peak = show_peak and any(v.peak_mib is not None for v in variants)
+    head = ["variant", "median s", "min s", "max s", "ratio (median)", "ratio (min)",
+            "ratio (CPU s)"]
+    head += ["ratio (per-call est.)"] if estimates else []
+    head += ["target", "met"] if targets else []
+    head += ["peak mem +MiB"] if peak else []
+    rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
+    for v in variants:
+        ratio = v.median / base.median
+        row = [v.name, f"{v.median:.3f}", f"{min(v.times):.3f}", f"{max(v.times):.3f}",
+               f"{ratio:.3f}x", f"{min(v.times) / min(base.times):.3f}x",
+               f"{v.cpu_median / base.cpu_median:.3f}x"]
+        if estimates:
+            row.append(f"{estimates[v.name]:.4f}x" if v.name in estimates else "")
+        if targets:
+            target = targets.get(v.name)
+            row += [f"<= {target:.2f}x", "yes" if ratio <= target else "NO"] if target else ["", ""]
+        if peak:
+            row.append(f"{v.peak_mib:.0f}" if v.peak_mib is not None else "n/a")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
