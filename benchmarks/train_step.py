@@ -56,8 +56,6 @@ def build_models(full_size: bool, arch: str) -> tuple[Any, Any, Any]:
 
 def prepared_trainer(model: Any, clip: Any, vae: Any, calibrated: bool, resolution: int):
     """A ConceptTrainer set up up to its first step (parameters, hooks, loaded models, pool)."""
-    import comfy.model_management as mm
-
     from concept_attention.attention.calibration import CalibrationSettings
     from concept_attention.training.data import ConceptSpec
     from concept_attention.training.loop import ConceptTrainer, TrainSettings
@@ -68,13 +66,7 @@ def prepared_trainer(model: Any, clip: Any, vae: Any, calibrated: bool, resoluti
     picture = torch.rand(1, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
     trainer = ConceptTrainer(model, clip, vae, picture,
                              [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")], settings)
-    trainer._init_parameters()
-    trainer._install()
-    mm.load_models_gpu([trainer.model], force_full_load=True)
-    trainer.clip.load_model()
-    pool = trainer._build_pool()
-    params = trainer._parameters()
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+    pool, _, params, optimizer = trainer.prepare()
     return trainer, pool, params, optimizer
 
 

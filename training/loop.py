@@ -345,20 +345,23 @@ class ConceptTrainer:
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     # ----- run ------------------------------------------------------------------------------
-    def run(self, progress: Callable[[int, int, dict[str, float]], None] | None = None,
-            on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
-        """Train; ``progress`` may raise to interrupt: ``on_checkpoint`` then gets the partial
-        result and the exception propagates."""
+    def prepare(self) -> tuple[list, list, list[torch.Tensor], torch.optim.Optimizer]:
+        """Everything before the first step: parameters, hooks, loaded models, data, optimizer."""
         import comfy.model_management as mm
 
         self._init_parameters()
         self._install()
         mm.load_models_gpu([self.model], force_full_load=True)
         self.clip.load_model()
-        target_pool = self._build_pool()
-        prior_pool = self._prior_pool()
+        target_pool, prior_pool = self._build_pool(), self._prior_pool()
         params = self._parameters()
-        optimizer = torch.optim.AdamW(params, lr=self.settings.learning_rate)
+        return target_pool, prior_pool, params, torch.optim.AdamW(params, lr=self.settings.learning_rate)
+
+    def run(self, progress: Callable[[int, int, dict[str, float]], None] | None = None,
+            on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
+        """Train; ``progress`` may raise to interrupt: ``on_checkpoint`` then gets the partial
+        result and the exception propagates."""
+        target_pool, prior_pool, params, optimizer = self.prepare()
         snapshot = [p.detach().clone() for p in params]
         stopped = "complete"
         try:
