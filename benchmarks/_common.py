@@ -234,20 +234,28 @@ def run_interleaved(variants: Sequence[Variant], rounds: int, device: str,
     return loads
 
 
-def contention_warning(loads: Sequence[float], device: str) -> str | None:
-    """A warning when other processes competed for the CPU cores during the timed rounds.
+def contention_warning(loads: Sequence[float], device: str,
+                       variants: Sequence[Variant] = (), max_spread: float = 1.25) -> str | None:
+    """A warning when the timed rounds look disturbed by other work on the machine.
 
-    The load average counts this process too (about one per torch thread while it computes);
-    above the core count, some thread waited for a core, and with several torch threads every
-    parallel op then waits for its slowest thread: whole runs can slow down severalfold.
+    Two signs: the 1-minute load average rose above the core count (it counts this process too,
+    about one per busy torch thread), or runs of one variant differ by more than ``max_spread``
+    (max/min). With several torch threads, a thread that waits for a core stalls every parallel
+    op, and whole runs can slow down severalfold while the load average barely moves.
     """
     cores = os.cpu_count() or 1
-    if device != "cpu" or not loads or max(loads) <= cores:
+    reasons = []
+    if device == "cpu" and loads and max(loads) > cores + 0.25:  # 1-minute average: coarse
+        reasons.append(f"the 1-minute load average reached {max(loads):.2f} on {cores} cores")
+    spread = [(v.name, max(v.times) / min(v.times)) for v in variants if len(v.times) > 1]
+    wide = [f"{name} {ratio:.2f}x" for name, ratio in spread if ratio > max_spread]
+    if wide:
+        reasons.append("runs of one variant differ (max/min: " + ", ".join(wide) + ")")
+    if not reasons:
         return None
-    return (f"warning: 1-minute load average reached {max(loads):.2f} on {cores} cores while "
-            "timing: other processes competed for the CPU, so whole-run ratios are noisy. Trust "
-            "the CPU-time and per-call columns more, rerun when the machine is idle, or use "
-            "--threads 1.")
+    return ("warning: " + "; ".join(reasons) + ". Other processes likely competed for the CPU, "
+            "so whole-run ratios are noisy: trust the CPU-time and per-call columns more, rerun "
+            "when the machine is idle, or use --threads 1.")
 
 
 def paired_overhead(base: Callable[[], Any], other: Callable[[], Any], reps: int, device: str,
