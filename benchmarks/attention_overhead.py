@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         missed = [n for n, t in TARGETS.items()
                   if next(v for v in variants if v.name == n).median / base.median > t]
         print("targets (median ratio): " + ("all met" if not missed else "MISSED: " + ", ".join(missed)))
-    warning = _common.contention_warning(loads, device)
+    warning = _common.contention_warning(loads, device, variants)
     if warning:
         print(warning)
     print(f"whole benchmark: {time.perf_counter() - started:.0f}s")
