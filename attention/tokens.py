@@ -24,11 +24,15 @@ def phrase_ids(clip: Any, phrase: str) -> list[int]:
     return list(ids[sub.tokens_start:-1])
 
 
-def token_stream(clip: Any, prompt: str) -> list[int | None]:
-    """Flattened token ids of a prompt (``None`` where an embedding vector sits)."""
-    tokens = clip.tokenize(prompt)
+def flatten_tokens(tokens: dict) -> list[int | None]:
+    """Flattened token ids of tokenizer output (``None`` where an embedding vector sits)."""
     key = "l" if "l" in tokens else next(iter(tokens))
     return [t[0] if isinstance(t[0], int) else None for chunk in tokens[key] for t in chunk]
+
+
+def token_stream(clip: Any, prompt: str) -> list[int | None]:
+    """Flattened token ids of a prompt (``None`` where an embedding vector sits)."""
+    return flatten_tokens(clip.tokenize(prompt))
 
 
 def find_subsequence(stream: Sequence[int | None], ids: Sequence[int]) -> list[int]:

@@ -24,7 +24,7 @@ from ..attention.chain import AttentionHook
 from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
-from ..attention.tokens import find_subsequence, phrase_ids
+from ..attention.tokens import find_subsequence, flatten_tokens, phrase_ids
 from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
 from .data import ConceptSpec, TrainingSample, augment, default_caption, prepare_image, prepare_masks
 from .triggers import TriggerTokenizer, trigger_positions
@@ -264,7 +264,7 @@ class ConceptTrainer:
 
     def _token_groups(self, tokens: dict) -> list[list[int]]:
         """Positions of each concept's trigger, then its class phrase, in one prompt."""
-        stream = token_stream_from(tokens)
+        stream = flatten_tokens(tokens)
         groups = []
         for spec, vectors in zip(self.specs, self.embeddings):
             trigger = trigger_positions(tokens, vectors[next(iter(vectors))])
@@ -435,12 +435,6 @@ class ConceptTrainer:
         concept_set = ConceptSet(concepts, {k: d.detach().clone() for k, d in self.kv_deltas.items()},
                                  architecture_fingerprint(self.model, self.clip), metadata)
         return TrainResult(concept_set, list(self.history), self.last_maps, stopped)
-
-
-def token_stream_from(tokens: dict) -> list[int | None]:
-    """Flattened token ids of an already tokenized prompt (``None`` for embedding vectors)."""
-    key = "l" if "l" in tokens else next(iter(tokens))
-    return [t[0] if isinstance(t[0], int) else None for chunk in tokens[key] for t in chunk]
 
 
 @contextlib.contextmanager

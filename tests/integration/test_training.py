@@ -1,10 +1,9 @@
 """The DisenDiff training loop (``training/loop.py``) end to end on tiny SD1.5/SDXL models.
 
 Training needs a fixture whose loss depends on the K/V weights and whose latents are finite and
-unit-scale. The shared ``sd15``/``sdxl`` bundles have not always been that (name-based init once
-zeroed the UNet's ResBlock/out GroupNorms, so it predicted exactly 0; TAESD's 0-d ``vae_scale`` is
-randomised or zeroed, so latents are ~1e8 or NaN). So each architecture is built here with the same
-classes and seeds and then pinned down (:func:`_trainable_bundle`: norm weights 1, fan-in scaled
+unit-scale. The shared ``sd15``/``sdxl`` bundles are that now, but these tests pin the premise
+down independently of later fixture changes: each architecture is built with the same classes
+and seeds and then fixed (:func:`_trainable_bundle`: norm weights 1, fan-in scaled
 UNet weights from our own generator, ``vae_scale`` 1 and unit-std latents), and
 :func:`test_trainable_fixture_is_sensitive` guards that premise.
 
