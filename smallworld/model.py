@@ -1,0 +1,132 @@
+"""The toy world's base model: a tiny SD1.5-architecture UNet, CLIP text model and TAESD VAE.
+
+Everything is built from ComfyUI's own classes (``comfy.supported_models.SD15``, ``comfy.sd.CLIP``
+with the real BPE tokenizer, ``comfy.taesd.taesd.TAESD``), so the pack's patch points behave as on
+a real checkpoint. ``load_bundle`` returns what a checkpoint loader returns: MODEL, CLIP and VAE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+UNET_FILE, CLIP_FILE, VAE_FILE = "unet.safetensors", "clip_l.safetensors", "taesd.safetensors"
+IMAGE_SIZE = 128  # pixels; 16x16 latents
+
+UNET_CONFIG: dict[str, Any] = dict(
+    image_size=16, in_channels=4, out_channels=4, model_channels=32,
+    num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 2],
+    transformer_depth=[1, 1, 1], transformer_depth_output=[1, 1, 1, 1, 1, 1],
+    transformer_depth_middle=1, context_dim=64, use_spatial_transformer=True, legacy=False,
+    use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+    use_temporal_resblock=False, num_heads=4, num_head_channels=-1,
+)
+CLIP_CONFIG: dict[str, Any] = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                                   num_hidden_layers=3, projection_dim=64)
+
+
+@dataclass
+class ToyBundle:
+    """The three objects a checkpoint loader returns."""
+
+    model: Any
+    clip: Any
+    vae: Any
+
+
+def init_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Seeded init of every parameter (ComfyUI's ops skip init): norms 1/0, weights N(0, 1/fan_in)."""
+    with torch.no_grad():
+        for sub in module.modules():
+            is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, param in sub.named_parameters(recurse=False):
+                if is_norm:
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                elif param.ndim >= 2:
+                    fan_in = param[0].numel()
+                    param.copy_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
+                else:
+                    param.zero_()
+
+
+def build_model(state_dict: Optional[dict] = None, seed: int = 0) -> Any:
+    """ModelPatcher around the toy UNet: given weights, or seeded random ones."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    if state_dict is None:
+        init_weights_(base.diffusion_model, torch.Generator().manual_seed(seed))
+    else:
+        base.diffusion_model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def build_clip(state_dict: Optional[dict] = None, seed: int = 0,
+               embedding_directory: Optional[list[str]] = None) -> Any:
+    """ComfyUI CLIP around the toy text model (fp32), with the real SD1.5 tokenizer."""
+    import comfy.sd
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    options = {"dtype": torch.float32, "clip_l_model_config": dict(CLIP_CONFIG)}
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=embedding_directory or [],
+                         model_options=options)
+    text_model = clip.cond_stage_model
+    if state_dict is None:
+        init_weights_(text_model, torch.Generator().manual_seed(seed + 1))
+    else:
+        missing, unexpected = text_model.clip_l.load_state_dict(
+            {k: v.float() for k, v in state_dict.items()}, strict=False)
+        missing = [k for k in missing if not k.endswith("logit_scale")]
+        if missing or unexpected:
+            raise ValueError(f"toy CLIP weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    text_model.float()
+    clip.tokenizer.clip_l.embedding_size = CLIP_CONFIG["hidden_size"]
+    return clip
+
+
+def build_vae(state_dict: Optional[dict] = None, seed: int = 0) -> Any:
+    """ComfyUI VAE around a TAESD (8x down, 4 channels): given weights, or seeded random ones."""
+    import comfy.sd
+
+    if state_dict is None:
+        state_dict = new_taesd(seed).state_dict()
+    return comfy.sd.VAE(sd={k: v.float() for k, v in state_dict.items()})
+
+
+def new_taesd(seed: int = 0) -> torch.nn.Module:
+    """A fresh TAESD module with seeded weights and identity latent scale."""
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD()
+    init_weights_(taesd, torch.Generator().manual_seed(seed + 2))
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    return taesd
+
+
+def weights_present(directory: Path = WEIGHTS_DIR) -> bool:
+    """True when all three shipped weight files exist."""
+    return all((directory / name).is_file() for name in (UNET_FILE, CLIP_FILE, VAE_FILE))
+
+
+def load_bundle(directory: Path = WEIGHTS_DIR,
+                embedding_directory: Optional[list[str]] = None) -> ToyBundle:
+    """MODEL, CLIP and VAE from the shipped (or another directory's) toy-world weights."""
+    from safetensors.torch import load_file
+
+    if not weights_present(directory):
+        raise FileNotFoundError(
+            f"toy-world weights missing in {directory}: expected {UNET_FILE}, {CLIP_FILE} and "
+            f"{VAE_FILE}. Run benchmarks/pretrain_smallworld.py to build them.")
+    return ToyBundle(build_model(load_file(str(directory / UNET_FILE))),
+                     build_clip(load_file(str(directory / CLIP_FILE)), embedding_directory=embedding_directory),
+                     build_vae(load_file(str(directory / VAE_FILE))))

@@ -1,0 +1,308 @@
+"""Resumable, seeded pretraining of the toy world's base model on 2 CPU cores.
+
+Three stages, each checkpointed atomically into a work directory so a run can stop at any time
+(``--max-minutes`` or Ctrl-C) and resume where it left off:
+
+1. ``vae``: TAESD encoder+decoder on 32 px crops of scenes (crop offsets on the 8 px pattern grid),
+   L1 + MSE. Then ``vae_scale``/``vae_shift`` are set so that ComfyUI's SD1.5 latent format maps
+   encoded scenes to zero mean and unit spread.
+2. ``latents``: a fixed set of scenes is encoded once (objects kept, captions redrawn every step).
+3. ``unet``: UNet and CLIP text model jointly, ε-objective, AdamW with warm-up and cosine decay,
+   10 % empty captions (for classifier-free guidance), EMA weights.
+
+``export`` writes fp16 EMA weights to ``smallworld/weights``. Needs ComfyUI importable (library mode).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..training.loop import clip_layers_out_of_place
+from . import model as toy
+from . import scenes as sw
+
+log = logging.getLogger(__name__)
+SD15_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the result (seeded), plus the work directory."""
+
+    work_dir: Path
+    seed: int = 0
+    vae_steps: int = 3000
+    vae_batch: int = 24
+    vae_crop: int = 32
+    vae_full_steps: int = 400  # then whole scenes: crop-only training does not carry over to 128 px
+    vae_full_batch: int = 4
+    vae_full_lr: float = 2e-4
+    vae_lr: float = 1e-3
+    scale_scenes: int = 64
+    scenes: int = 5000
+    decoder_steps: int = 1500  # decoder alone on the encoded scenes: the latent space stays fixed
+    decoder_batch: int = 4
+    decoder_lr: float = 2e-4
+    steps: int = 7500
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 300
+    empty_caption_rate: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    extra: dict = field(default_factory=dict)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    """torch.save to a temp file then rename (checkpoints are private to the work dir)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> Optional[dict]:
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def _vae_batch(rng: np.random.Generator, batch: int, crop: int = 64) -> torch.Tensor:
+    """Random crops, on the 8 px grid, of fresh random scenes; [B,3,crop,crop] in 0..1."""
+    out = []
+    for _ in range(batch):
+        scene = sw.random_scene(rng)
+        y, x = (rng.integers(0, (scene.size - crop) // 8 + 1, size=2) * 8)
+        out.append(scene.image[y:y + crop, x:x + crop])
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def train_vae(cfg: PretrainConfig, should_stop: Callable[[], bool]) -> torch.nn.Module:
+    """Stage 1: TAESD autoencoder; returns the trained module with its latent scale set."""
+    path = cfg.work_dir / "vae.pt"
+    taesd = toy.new_taesd(cfg.seed)
+    opt = torch.optim.AdamW([p for n, p in taesd.named_parameters() if not n.startswith("vae_")], cfg.vae_lr)
+    state = _load(path) or {"step": 0}
+    if "model" in state:
+        taesd.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    step = state["step"]
+    total = cfg.vae_steps + cfg.vae_full_steps
+    while step < total and not should_stop():
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        if step < cfg.vae_steps:
+            x = _vae_batch(rng, cfg.vae_batch, cfg.vae_crop)
+            lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        else:
+            x = _vae_batch(rng, cfg.vae_full_batch, toy.IMAGE_SIZE)
+            lr = cfg.vae_full_lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.vae_steps) / max(1, cfg.vae_full_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        recon = taesd.taesd_decoder(taesd.taesd_encoder(x))
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log.info("vae step %d/%d loss %.4f (mae %.2f/255)", step, total, loss.item(),
+                     255 * (recon - x).abs().mean().item())
+        if step % cfg.checkpoint_every == 0:
+            _atomic_save({"model": taesd.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    if step != state["step"]:  # finished or stopped: keep every step done
+        _atomic_save({"model": taesd.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    if step >= total and state.get("scaled_at") != total:
+        _set_latent_scale(taesd, cfg.seed, cfg.scale_scenes)
+        _atomic_save({"model": taesd.state_dict(), "opt": opt.state_dict(), "step": step, "scaled_at": total}, path)
+    return taesd
+
+
+@torch.no_grad()
+def _set_latent_scale(taesd: torch.nn.Module, seed: int, count: int) -> None:
+    """Choose vae_scale/shift so ComfyUI's SD1.5 latent format yields zero-mean, unit-spread latents."""
+    images = _scene_images(range(count), seed + 99)
+    raw = taesd.taesd_encoder(images)
+    taesd.vae_scale.fill_(float(raw.std()) * SD15_LATENT_SCALE)
+    taesd.vae_shift.fill_(-float(raw.mean()) / float(taesd.vae_scale))
+    log.info("latent scale %.4f shift %.4f", float(taesd.vae_scale), float(taesd.vae_shift))
+
+
+def _scene_images(indices, seed: int) -> torch.Tensor:
+    imgs = [sw.random_scene(np.random.default_rng([seed, i]), random_words=True).image for i in indices]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Callable[[], bool]) -> Optional[dict]:
+    """Stage 2: model-space latents [N,4,16,16] and object specs of ``cfg.scenes`` fixed scenes."""
+    path = cfg.work_dir / "latents.pt"
+    state = _load(path) or {"latents": [], "objects": [], "backgrounds": []}
+    done = sum(len(chunk) for chunk in state["latents"])
+    with torch.no_grad():
+        while done < cfg.scenes and not should_stop():
+            idx = range(done, min(done + 256, cfg.scenes))
+            scenes = [sw.random_scene(np.random.default_rng([cfg.seed, 2, i])) for i in idx]
+            x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+            latent = (taesd.taesd_encoder(x) / taesd.vae_scale + taesd.vae_shift) * SD15_LATENT_SCALE
+            state["latents"].append(latent.half())
+            state["objects"] += [json.dumps([asdict(o) for o in s.objects]) for s in scenes]
+            state["backgrounds"] += [s.background for s in scenes]
+            done += len(scenes)
+            _atomic_save(state, path)
+            log.info("encoded %d/%d scenes", done, cfg.scenes)
+    if done < cfg.scenes:
+        return None
+    return {"latents": torch.cat(state["latents"]).float(), "objects": state["objects"],
+            "backgrounds": state["backgrounds"]}
+
+
+def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
+                  should_stop: Callable[[], bool]) -> int:
+    """Stage 2b: fine-tune the TAESD decoder on the encoded scenes (encoder and latents unchanged)."""
+    path = cfg.work_dir / "decoder.pt"
+    decoder = taesd.taesd_decoder
+    opt = torch.optim.AdamW(decoder.parameters(), cfg.decoder_lr)
+    state = _load(path) or {"step": 0}
+    if "decoder" in state:
+        decoder.load_state_dict(state["decoder"])
+        opt.load_state_dict(state["opt"])
+    step, latents = state["step"], data["latents"]
+    while step < cfg.decoder_steps and not should_stop():
+        rng = np.random.default_rng([cfg.seed, 4, step])
+        idx = rng.integers(0, len(latents), cfg.decoder_batch)
+        target = torch.from_numpy(np.stack([
+            sw.random_scene(np.random.default_rng([cfg.seed, 2, int(i)])).image for i in idx]))
+        target = target.permute(0, 3, 1, 2).float() / 255.0
+        with torch.no_grad():
+            raw = (latents[torch.from_numpy(idx)] / SD15_LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale
+        for group in opt.param_groups:
+            group["lr"] = cfg.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
+        recon = decoder(raw)
+        loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log.info("decoder step %d/%d loss %.4f (mae %.2f/255)", step, cfg.decoder_steps, loss.item(),
+                     255 * (recon - target).abs().mean().item())
+        if step % cfg.checkpoint_every == 0:
+            _atomic_save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    if step != state["step"]:
+        _atomic_save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    return step
+
+
+class CaptionTokens:
+    """Caches tokenizer output: caption -> list of token ids (77 per chunk, first chunk only)."""
+
+    def __init__(self, clip: Any):
+        self.clip = clip
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, caption: str) -> list[int]:
+        if caption not in self.cache:
+            self.cache[caption] = [tok for tok, _ in self.clip.tokenize(caption)["l"][0]]
+        return self.cache[caption]
+
+
+def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_rate: float) -> list[str]:
+    out = []
+    for i in indices:
+        if rng.random() < empty_rate:
+            out.append("")
+            continue
+        objects = [sw.ObjectSpec(**o) for o in json.loads(data["objects"][i])]
+        out.append(sw.random_caption(objects, data["backgrounds"][i], toy.IMAGE_SIZE, rng))
+    return out
+
+
+def _lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool]) -> tuple[Any, Any, int]:
+    """Stage 3: UNet + text model; returns (model patcher, clip) holding EMA weights, and the step."""
+    path = cfg.work_dir / "unet.pt"
+    patcher, clip = toy.build_model(seed=cfg.seed), toy.build_clip(seed=cfg.seed)
+    base, text = patcher.model, clip.cond_stage_model.clip_l
+    text.requires_grad_(True)  # ComfyUI freezes text models on load
+    modules = torch.nn.ModuleDict({"unet": base.diffusion_model, "text": text})
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    opt = torch.optim.AdamW(modules.parameters(), cfg.lr, weight_decay=0.01)
+    state = _load(path) or {"step": 0}
+    if "model" in state:
+        modules.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+    step, tokens = state["step"], CaptionTokens(clip)
+    with clip_layers_out_of_place(text):
+        step = _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path)
+    modules.load_state_dict(ema.state_dict())
+    return patcher, clip, step
+
+
+def _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path) -> int:
+    latents, n = data["latents"], len(data["latents"])
+    sigmas = base.model_sampling.sigmas
+    started, losses, first_step = time.monotonic(), [], step
+    while step < cfg.steps and not should_stop():
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        idx = rng.integers(0, n, cfg.batch)
+        x0 = latents[torch.from_numpy(idx)]
+        cond, _ = text([tokens(c) for c in _captions(data, idx, rng, cfg.empty_caption_rate)])
+        sigma = sigmas[torch.randint(0, len(sigmas), (cfg.batch,), generator=gen)]
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = base.model_sampling.noise_scaling(sigma, noise, x0)
+        eps = (xt - base.apply_model(xt, sigma, c_crossattn=cond)) / sigma.view(-1, 1, 1, 1)
+        loss = F.mse_loss(eps, noise)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), modules.parameters()):
+                e.lerp_(p, 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            rate = len(losses) / (time.monotonic() - started)
+            log.info("unet step %d/%d loss %.4f (%.2f steps/s)", step, cfg.steps, float(np.mean(losses[-50:])), rate)
+        if step % cfg.checkpoint_every == 0:
+            _save_unet(path, modules, ema, opt, step)
+    if step != first_step:  # finished or stopped: keep every step done
+        _save_unet(path, modules, ema, opt, step)
+    return step
+
+
+def _save_unet(path: Path, modules, ema, opt, step: int) -> None:
+    _atomic_save({"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                  "step": step}, path)
+
+
+def export_weights(patcher: Any, clip: Any, taesd: torch.nn.Module, out_dir: Path, info: dict) -> None:
+    """Write fp16 safetensors of UNet, CLIP text model and TAESD (atomically) plus a JSON card."""
+    from ..training.io_utils import atomic_write_safetensors
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"toy_world": json.dumps(info)}
+    parts = {toy.UNET_FILE: patcher.model.diffusion_model.state_dict(),
+             toy.CLIP_FILE: clip.cond_stage_model.clip_l.state_dict(),
+             toy.VAE_FILE: taesd.state_dict()}
+    for name, sd in parts.items():
+        tensors = {k: v.detach().to(torch.float16 if v.is_floating_point() and v.ndim else v.dtype).contiguous()
+                   for k, v in sd.items()}
+        atomic_write_safetensors(out_dir / name, tensors, meta)

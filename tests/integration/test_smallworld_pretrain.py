@@ -1,0 +1,95 @@
+"""Toy-world pretraining: seeded, resumable, and its output loads through ComfyUI's own classes."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from concept_attention.smallworld import model as toy
+from concept_attention.smallworld import pretrain
+
+
+def tiny_config(work_dir: Path) -> pretrain.PretrainConfig:
+    """A few steps of each stage, at toy batch sizes."""
+    return pretrain.PretrainConfig(work_dir=work_dir, vae_steps=3, vae_batch=2, vae_full_steps=2,
+                                   vae_full_batch=1, scenes=6, steps=4,
+                                   batch=2, warmup=2, checkpoint_every=100, scale_scenes=2,
+                                   decoder_steps=2, decoder_batch=1)
+
+
+def run_all(cfg: pretrain.PretrainConfig, stop_after: int | None = None) -> tuple:
+    """Run every stage; ``stop_after`` calls of should_stop() answer True from then on."""
+    calls = [0]
+
+    def should_stop() -> bool:
+        calls[0] += 1
+        return stop_after is not None and calls[0] > stop_after
+
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    taesd = pretrain.train_vae(cfg, should_stop)
+    data = pretrain.encode_latents(cfg, taesd, should_stop)
+    if data is None or pretrain.train_decoder(cfg, taesd, data, should_stop) < cfg.decoder_steps:
+        return taesd, None, None, 0
+    patcher, clip, step = pretrain.train_unet(cfg, data, should_stop)
+    return taesd, patcher, clip, step
+
+
+def state(taesd, patcher, clip) -> dict[str, torch.Tensor]:
+    """Every weight of the three models, by prefixed name."""
+    out = {f"vae.{k}": v for k, v in taesd.state_dict().items()}
+    out.update({f"unet.{k}": v for k, v in patcher.model.diffusion_model.state_dict().items()})
+    out.update({f"clip.{k}": v for k, v in clip.cond_stage_model.clip_l.state_dict().items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> dict[str, torch.Tensor]:
+    taesd, patcher, clip, step = run_all(tiny_config(tmp_path_factory.mktemp("full")))
+    assert step == 4
+    return state(taesd, patcher, clip)
+
+
+def test_pretraining_is_seeded(full_run, tmp_path):
+    again = state(*run_all(tiny_config(tmp_path))[:3])
+    assert again.keys() == full_run.keys()
+    for key, value in full_run.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_pretraining_changes_the_weights(full_run):
+    fresh_vae = toy.new_taesd(0).state_dict()
+    changed = [k for k, v in fresh_vae.items() if not torch.equal(v, full_run[f"vae.{k}"])]
+    assert len(changed) > len(fresh_vae) // 2
+    assert float(full_run["vae.vae_scale"]) != 1.0  # latent scale was fitted
+
+
+@pytest.mark.parametrize("stop_after", [2, 10])  # inside the VAE stage / inside the UNet stage
+def test_interrupted_pretraining_resumes_to_the_same_weights(full_run, tmp_path, stop_after):
+    cfg = tiny_config(tmp_path)
+    first = run_all(cfg, stop_after=stop_after)
+    assert first[3] < cfg.steps  # really stopped early
+    resumed = state(*run_all(dataclasses.replace(cfg))[:3])
+    for key, value in full_run.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_exported_weights_load_through_comfyui(full_run, tmp_path):
+    taesd, patcher, clip, _ = run_all(tiny_config(tmp_path))
+    out = tmp_path / "weights"
+    pretrain.export_weights(patcher, clip, taesd, out, {"note": "test"})
+    sizes = sum(p.stat().st_size for p in out.iterdir())
+    assert toy.weights_present(out) and sizes < 32 * 2**20
+    bundle = toy.load_bundle(out)
+    unet = load_file(str(out / toy.UNET_FILE))
+    loaded = bundle.model.model.diffusion_model.state_dict()
+    for key, value in unet.items():
+        torch.testing.assert_close(loaded[key], value.float())
+    with torch.inference_mode():
+        tokens = bundle.clip.tokenize("a red circle on a grey background")
+        cond = bundle.clip.encode_from_tokens(tokens)
+        pixels = bundle.vae.decode(torch.zeros(1, 4, 16, 16))
+    assert cond.shape == (1, 77, toy.CLIP_CONFIG["hidden_size"])
+    assert pixels.shape[-3:] == (128, 128, 3)
