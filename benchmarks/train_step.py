@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     device = _common.setup_comfy(args.device)
     import comfy.model_management as mm
 
-    from concept_attention.training.loop import _clip_layers_out_of_place
+    from concept_attention.training.loop import clip_layers_out_of_place
 
     rounds = args.rounds or (3 if args.full_size else 8)
     model, clip, vae = build_models(args.full_size, args.arch)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         def step(trainer=trainer, pool=pool, params=params, optimizer=optimizer):
             # Each variant owns its clone: make sure its weight wrappers are the loaded ones.
             mm.load_models_gpu([trainer.model], force_full_load=True)
-            with _clip_layers_out_of_place(trainer.clip.cond_stage_model):
+            with clip_layers_out_of_place(trainer.clip.cond_stage_model):
                 return trainer._step(optimizer, params, pool, [])
 
         variants.append(_common.Variant(name, step))

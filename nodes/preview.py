@@ -9,8 +9,8 @@ from comfy_api.latest import io
 from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
-from ..attention.tokens import locate_words
 from ..attention.visualize import colorize, overlay, upscale_maps
+from ..training.triggers import locate_words_and_triggers
 from .common import CATEGORY, NODE_PREFIX, ksampler_inputs, run_ksampler, split_words
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class AttentionMapSampler(io.ComfyNode):
                 sampler_name: str, scheduler: str, negative, latent_image, denoise: float,
                 layers: str, step_start: float, step_end: float, vae=None) -> io.NodeOutput:
         word_list = split_words(words)
-        positions = locate_words(clip, positive_text, word_list)
+        positions = locate_words_and_triggers(clip, positive_text, word_list)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(positive_text))
 
         patched = model.clone()

@@ -24,10 +24,10 @@ from ..attention.chain import AttentionHook
 from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
-from ..attention.tokens import find_subsequence, flatten_tokens, phrase_ids
+from ..attention.tokens import phrase_ids
 from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
 from .data import ConceptSpec, TrainingSample, augment, default_caption, prepare_image, prepare_masks
-from .triggers import TriggerTokenizer, trigger_positions
+from .triggers import TriggerTokenizer, concept_token_groups
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
 
 
 @contextlib.contextmanager
-def _clip_layers_out_of_place(clip_model: torch.nn.Module):
+def clip_layers_out_of_place(clip_model: torch.nn.Module):
     """ComfyUI's CLIPLayer adds in place, which breaks gradients to input embeddings."""
     layers = [m for m in clip_model.modules() if type(m).__name__ == "CLIPLayer"]
     for layer in layers:
@@ -264,17 +264,9 @@ class ConceptTrainer:
 
     def _token_groups(self, tokens: dict) -> list[list[int]]:
         """Positions of each concept's trigger, then its class phrase, in one prompt."""
-        stream = flatten_tokens(tokens)
-        groups = []
-        for spec, vectors in zip(self.specs, self.embeddings):
-            trigger = trigger_positions(tokens, vectors[next(iter(vectors))])
-            if not trigger:
-                raise RuntimeError(f"trigger {spec.trigger!r} vanished from the tokenized prompt")
-            starts = [s for s in find_subsequence(stream, phrase_ids(self.clip, spec.class_phrase))
-                      if s > trigger[-1]]
-            n_class = len(phrase_ids(self.clip, spec.class_phrase))
-            groups += [trigger, list(range(starts[0], starts[0] + n_class))]
-        return groups
+        pairs = [(spec.trigger, spec.class_phrase, vectors[next(iter(vectors))])
+                 for spec, vectors in zip(self.specs, self.embeddings)]
+        return concept_token_groups(self.clip, tokens, pairs)
 
     def _extra_conds(self, pooled: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor]:
         base = self.model.model
@@ -365,7 +357,7 @@ class ConceptTrainer:
         snapshot = [p.detach().clone() for p in params]
         stopped = "complete"
         try:
-            with _clip_layers_out_of_place(self.clip.cond_stage_model), self._checkpointing():
+            with clip_layers_out_of_place(self.clip.cond_stage_model), self._checkpointing():
                 for step in range(self.settings.steps):
                     totals = self._step(optimizer, params, target_pool, prior_pool)
                     if totals is None:

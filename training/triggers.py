@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
+
+from ..attention.tokens import find_subsequence, flatten_tokens, locate_words, phrase_ids
 
 SUB_TOKENIZERS = ("clip_l", "clip_g")
 _EMBEDDING_PREFIX = "embedding:"
@@ -95,3 +97,40 @@ def trigger_positions(tokens: Mapping[str, list], vector: torch.Tensor) -> list[
             if torch.is_tensor(value) and value.untyped_storage().data_ptr() == target:
                 positions.append(j * len(chunk) + i)
     return positions
+
+
+def concept_token_groups(clip: Any, tokens: Mapping[str, list],
+                         concepts: Sequence[tuple[str, str, torch.Tensor]]) -> list[list[int]]:
+    """Positions of each concept's trigger, then of its class phrase after it, in one prompt.
+
+    ``concepts`` holds (trigger, class phrase, the trigger's vector as given to the tokenizer).
+    """
+    stream = flatten_tokens(tokens)
+    groups = []
+    for trigger, class_phrase, vector in concepts:
+        found = trigger_positions(tokens, vector)
+        if not found:
+            raise ValueError(f"trigger {trigger!r} does not occur in the tokenized prompt")
+        class_ids = phrase_ids(clip, class_phrase)
+        starts = [s for s in find_subsequence(stream, class_ids) if s > found[-1]]
+        if not starts:
+            raise ValueError(f"the prompt must name the class after the trigger: '{trigger} {class_phrase}'")
+        groups += [found, list(range(starts[0], starts[0] + len(class_ids)))]
+    return groups
+
+
+def locate_words_and_triggers(clip: Any, prompt: str, words: Sequence[str]) -> list[list[int]]:
+    """Token positions of each word or phrase in the prompt; learned triggers are found too."""
+    vectors = clip.tokenizer.vectors if isinstance(clip.tokenizer, TriggerTokenizer) else {}
+    plain = [w for w in words if w not in vectors]
+    located = dict(zip(plain, locate_words(clip, prompt, plain))) if plain else {}
+    if len(plain) < len(words):
+        tokens = clip.tokenize(prompt)
+        for word in words:
+            if word in vectors:
+                per_encoder = vectors[word]
+                found = trigger_positions(tokens, per_encoder[next(iter(per_encoder))])
+                if not found:
+                    raise ValueError(f"the trigger {word!r} does not occur in the prompt {prompt!r}")
+                located[word] = found
+    return [located[w] for w in words]

@@ -38,3 +38,20 @@ def test_overlay_with_vae_and_missing_word(sd15):
     assert heatmaps.shape == (2, 128, 128, 3)
     with pytest.raises(ValueError, match="'horse' does not occur in the prompt"):
         run_node(sd15, "horse")
+
+
+def test_trigger_words_are_located_like_plain_words(sd15):
+    """Learned triggers (spliced vectors) are found by position; plain words by their token ids."""
+    import torch
+
+    from concept_attention.training.triggers import locate_words_and_triggers, with_triggers
+
+    width = sd15.bundle.clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+    clip = with_triggers(sd15.bundle.clip, {"V1": {"clip_l": torch.randn(1, width)},
+                                            "V2": {"clip_l": torch.randn(2, width)}})
+    prompt = "a V1 cat and a V2 big dog"
+    found = locate_words_and_triggers(clip, prompt, ["V1", "cat", "V2", "big dog"])
+    # <start> a V1 cat and a V2(2 rows) big dog
+    assert found == [[2], [3], [6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="V2"):
+        locate_words_and_triggers(clip, "a V1 cat", ["V2"])

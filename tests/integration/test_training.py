@@ -27,7 +27,7 @@ from concept_attention.training import loop
 from concept_attention.training.concepts import ENCODER_KEYS
 from concept_attention.training.data import ConceptSpec
 from concept_attention.training.loop import (ConceptTrainer, DetachStartToken, TrainSettings,
-                                             _clip_layers_out_of_place, train_concepts)
+                                             clip_layers_out_of_place, train_concepts)
 from concept_attention.training.triggers import TriggerTokenizer, with_triggers
 from support import tiny_models
 
@@ -370,7 +370,7 @@ def map_losses(bundles):
     settings = _settings(augment=False, flip=False, micro_batch=1, pool_size=1)
     with torch.inference_mode(False), torch.enable_grad():
         trainer, pool = _set_up(bundle, settings)
-        with _clip_layers_out_of_place(trainer.clip.cond_stage_model):
+        with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             tokens = trainer.clip.tokenize(pool[0][0].prompt)
             groups = trainer._token_groups(tokens)
             losses = trainer._loss([pool[0]], with_maps=True)
@@ -449,7 +449,7 @@ def _reconstruction_grads(bundle, detach: bool, extra_hook: AttentionHook | None
         chain = chain_at(trainer.model, model_layers(trainer.model)[0].key)
         assert chain.hooks[0] is probe  # outside (before) the trainer's own hooks
         assert any(isinstance(h, DetachStartToken) for h in chain.hooks) == detach
-        with _clip_layers_out_of_place(trainer.clip.cond_stage_model):
+        with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             loss = trainer._loss([pool[0]], with_maps=False)["reconstruction"]
             context = trainer._encode_prompts([pool[0][0].prompt])[0][0].detach()
             inputs = {f"kv:{k}": d for k, d in trainer.kv_deltas.items()}
