@@ -95,6 +95,13 @@ class TrainConcepts(io.ComfyNode):
                 io.Int.Input("generated_priors", default=0, min=0, max=1000, optional=True,
                              tooltip="Generate this many prior images with the base model from "
                                      "the class prompt (e.g. 'a photo of a cat and a dog')."),
+                io.String.Input("caption", default="", optional=True,
+                                tooltip="Training caption; must contain each 'TRIGGER class'. Empty: "
+                                        "DisenDiff's 'photo of a V1 cat and V2 dog'."),
+                io.String.Input("map_layers", default="latent/4", optional=True,
+                                tooltip="Cross-attention layers whose maps are calibrated: "
+                                        "'latent/4' (16x16 at 512 px, as DisenDiff), 'latent/2', "
+                                        "'all', or keys like 'output:3:0'."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Model with the learned K/V deltas."),
@@ -114,7 +121,8 @@ class TrainConcepts(io.ComfyNode):
                 save_name: str, micro_batch: int = 2, grad_accumulation: int = 4,
                 precision: str = "fp32", gradient_checkpointing: bool = False,
                 masks=None, prior_images=None, prior_captions: str = "",
-                generated_priors: int = 0) -> io.NodeOutput:
+                generated_priors: int = 0, caption: str = "",
+                map_layers: str = "latent/4") -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
@@ -126,7 +134,8 @@ class TrainConcepts(io.ComfyNode):
             calibration=CalibrationSettings(weight=attention_weight, use_bind=calibration,
                                             use_separation=calibration),
             autocast={"fp32": "none"}.get(precision, precision),
-            gradient_checkpointing=gradient_checkpointing)
+            gradient_checkpointing=gradient_checkpointing, caption=caption.strip(),
+            map_layers=map_layers.strip() or "latent/4")
         prior = captions_for(prior_images, prior_captions) if prior_images is not None else []
         if generated_priors:
             class_prompt = "a photo of " + " and ".join(f"a {s.class_phrase}" for s in specs)
