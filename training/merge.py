@@ -15,10 +15,15 @@ so the constraints hold exactly whenever the target features are linearly indepe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from ..attention.tokens import flatten_tokens, phrase_ids
+from .concepts import ConceptSet, check_compatible
+from .triggers import trigger_positions, with_triggers
 
 
 def merge_projection(base: Tensor, targets: Sequence[tuple[Tensor, Tensor]], regulariser: Tensor,
@@ -52,3 +57,71 @@ def regulariser_error(weight: Tensor, base: Tensor, regulariser: Tensor) -> floa
 def constraint_error(weight: Tensor, targets: Sequence[tuple[Tensor, Tensor]]) -> float:
     """Largest absolute deviation of the targets' outputs from the wanted ones."""
     return max(float((c.double() @ weight.double().T - v.double()).abs().max()) for c, v in targets)
+
+
+GENERIC_CAPTIONS = Path(__file__).resolve().parent / "data" / "generic_captions.txt"
+
+
+def generic_captions(path: Path = GENERIC_CAPTIONS) -> list[str]:
+    """The shipped regulariser captions, one per line."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _features(clip: Any, text: str) -> tuple[Tensor, dict]:
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens(tokens)[0].float(), tokens
+
+
+def _regulariser_features(clip: Any, captions: Sequence[str]) -> Tensor:
+    """Text features of every token up to and including each caption's end token."""
+    rows = []
+    for caption in captions:
+        features, tokens = _features(clip, caption)
+        stream = flatten_tokens(tokens)
+        length = len(phrase_ids(clip, caption)) + 2  # start, words, end
+        rows.append(features[: min(length, len(stream))])
+    return torch.cat(rows)
+
+
+def _trigger_features(clip: Any, concepts: ConceptSet) -> Tensor:
+    """Features of each trigger's tokens in 'photo of a TRIGGER class' (contextual, like training)."""
+    rows = []
+    for concept in concepts.concepts:
+        features, tokens = _features(clip, f"photo of a {concept.trigger} {concept.class_phrase}")
+        vector = concept.embeddings[next(iter(concept.embeddings))]
+        positions = trigger_positions(tokens, vector)
+        rows.append(features[positions])
+    return torch.cat(rows)
+
+
+def merge_concept_sets(model: Any, clip: Any, sets: Sequence[ConceptSet],
+                       captions: Sequence[str] | None = None, ridge: float = 1e-6) -> ConceptSet:
+    """One ConceptSet whose K/V deltas keep every set's trigger outputs (closed form, per layer)."""
+    if len(sets) < 2:
+        raise ValueError("give at least two concept sets to merge")
+    triggers = [t for s in sets for t in s.triggers]
+    if len(set(triggers)) != len(triggers):
+        raise ValueError(f"trigger words must be unique across the merged sets, got {triggers}: "
+                         "rename one when training")
+    for concepts in sets:
+        check_compatible(concepts, model, clip)
+    with torch.inference_mode(False), torch.no_grad():
+        every = with_triggers(clip, {c.trigger: c.embeddings for s in sets for c in s.concepts})
+        regulariser = _regulariser_features(clip, captions or generic_captions())
+        inputs = [_trigger_features(every, s) for s in sets]
+        deltas = {}
+        for key in sorted({k for s in sets for k in s.kv_deltas}):
+            base = comfy_weight(model, key).float()
+            targets = [(c, c @ (base + s.kv_deltas.get(key, torch.zeros_like(base)).float()).T)
+                       for c, s in zip(inputs, sets)]
+            deltas[key] = (merge_projection(base, targets, regulariser, ridge) - base).contiguous()
+    merged = ConceptSet([c for s in sets for c in s.concepts], deltas, dict(sets[0].architecture),
+                        {"merged_from": [s.describe() for s in sets], "merge_ridge": ridge})
+    return merged
+
+
+def comfy_weight(model: Any, key: str) -> Tensor:
+    """The base (unpatched) weight a ModelPatcher key names."""
+    import comfy.utils
+
+    return comfy.utils.get_attr(model.model, key).detach()

@@ -1,0 +1,54 @@
+"""Merging separately trained concept sets into one set of K/V deltas (library mode, tiny SD1.5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from concept_attention.training.concepts import (Concept, ConceptSet, architecture_fingerprint,
+                                                 encoder_widths, kv_weight_shapes)
+from concept_attention.training.merge import (_regulariser_features, _trigger_features, comfy_weight,
+                                              constraint_error, generic_captions, merge_concept_sets,
+                                              regulariser_error)
+from concept_attention.training.triggers import with_triggers
+
+
+def synthetic_set(bundle, triggers: list[str], seed: int, scale: float = 0.05) -> ConceptSet:
+    """A concept set as training would produce it: random K/V deltas and trigger vectors."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = kv_weight_shapes(bundle.model)
+    deltas = {k: scale * torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    widths = encoder_widths(bundle.clip)
+    concepts = [Concept(t, "cat" if i == 0 else "dog",
+                        {key: torch.randn(1, w, generator=g) for key, w in widths.items()})
+                for i, t in enumerate(triggers)]
+    return ConceptSet(concepts, deltas, architecture_fingerprint(bundle.model, bundle.clip))
+
+
+def test_merge_keeps_each_sets_trigger_outputs_and_beats_summing(sd15):
+    bundle = sd15.bundle
+    first, second = synthetic_set(bundle, ["V1"], 1), synthetic_set(bundle, ["V2", "V3"], 2)
+    merged = merge_concept_sets(bundle.model, bundle.clip, [first, second])
+    assert merged.triggers == ["V1", "V2", "V3"]
+    assert set(merged.kv_deltas) == set(first.kv_deltas)
+    clip = with_triggers(bundle.clip, {c.trigger: c.embeddings for c in merged.concepts})
+    with torch.inference_mode(False), torch.no_grad():
+        regulariser = _regulariser_features(bundle.clip, generic_captions())
+        inputs = [_trigger_features(clip, s) for s in (first, second)]
+        for key in list(merged.kv_deltas)[:4]:
+            base = comfy_weight(bundle.model, key).float()
+            targets = [(c, c @ (base + s.kv_deltas[key]).T) for c, s in zip(inputs, (first, second))]
+            merged_w = base + merged.kv_deltas[key]
+            summed_w = base + first.kv_deltas[key] + second.kv_deltas[key]
+            wanted = max(float(v.abs().max()) for _, v in targets)
+            assert constraint_error(merged_w, targets) < 1e-3 * wanted
+            assert constraint_error(merged_w, targets) < 0.01 * constraint_error(summed_w, targets)
+            assert regulariser_error(merged_w, base, regulariser) < regulariser_error(summed_w, base, regulariser)
+
+
+def test_merge_refuses_duplicate_triggers_and_single_sets(sd15):
+    bundle = sd15.bundle
+    a, b = synthetic_set(bundle, ["V1"], 1), synthetic_set(bundle, ["V1"], 2)
+    with pytest.raises(ValueError, match="unique"):
+        merge_concept_sets(bundle.model, bundle.clip, [a, b])
+    with pytest.raises(ValueError, match="at least two"):
+        merge_concept_sets(bundle.model, bundle.clip, [a])
