@@ -131,3 +131,27 @@ def test_training_with_prior_images(comfy_server, scene):
                                     generated_priors=1)
     result = comfy_server.run(graph, timeout=600)
     assert result.ok, result.describe()
+
+
+def test_merge_two_separately_trained_sets_and_sample(comfy_server, scene):
+    first = train_prompt(scene, "e2e_merge_a")
+    first["train"]["inputs"]["concepts"] = "V1: square"
+    second = train_prompt(scene, "e2e_merge_b")
+    second["train"]["inputs"]["concepts"] = "V7: circle"
+    second["train"]["inputs"]["seed"] = 1
+    for prompt in (first, second):
+        result = comfy_server.run(prompt, timeout=600)
+        assert result.ok, result.describe()
+    merge = {
+        "loader": node(TINY_LOADER, architecture="sd15", seed=0),
+        "a": node("ConceptAttention_LoadConcepts", concept_name="e2e_merge_a.safetensors"),
+        "b": node("ConceptAttention_LoadConcepts", concept_name="e2e_merge_b.safetensors"),
+        "merge": node("ConceptAttention_MergeConcepts", model=link("loader", 0), clip=link("loader", 1),
+                      concepts_1=link("a"), concepts_2=link("b"), save_name="e2e_merged"),
+    }
+    merged = comfy_server.run(merge, timeout=300)
+    assert merged.ok, merged.describe()
+    assert (comfy_server.concepts_dir / "e2e_merged.safetensors").is_file()
+    sampled = comfy_server.run(sample_prompt("e2e_merged.safetensors", "a photo of V1 square and V7 circle"),
+                               timeout=300)
+    assert sampled.ok, sampled.describe()
