@@ -14,6 +14,7 @@ import torch
 
 from .chain import AttentionChain, AttentionHook
 from .layers import CrossAttentionLayer, LayerKey, discover_layers, select_layers
+from .regional import RegionalKV, stash_context
 
 
 def stock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -89,3 +90,27 @@ def remove_hooks(model: Any, hooks: Iterable[AttentionHook]) -> None:
         else:
             del attn2[key]
     _write_attn2(model, attn2)
+
+
+def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]],
+                     masks: torch.Tensor) -> list[RegionalKV]:
+    """Each region's K/V deltas (ModelPatcher weight key -> delta) act only inside its mask.
+
+    ``masks`` is [R,H,W] or [B,R,H,W] in [0,1], one per entry of ``region_deltas``; pixels outside
+    every mask keep the model's own weights. ``model`` must be a clone you own.
+    """
+    if masks.shape[-3] != len(region_deltas):
+        raise ValueError(f"{len(region_deltas)} regions but {masks.shape[-3]} masks")
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    if stash_context not in patches.get("attn2_patch", []):
+        model.set_model_attn2_patch(stash_context)
+    hooks = []
+    for layer in model_layers(model):
+        k_key, v_key = layer.weight_keys()
+        deltas = tuple((d.get(k_key), d.get(v_key)) for d in region_deltas)
+        if all(dk is None and dv is None for dk, dv in deltas):
+            continue
+        hook = RegionalKV(deltas=deltas, masks=masks)
+        install_hook(model, hook, [layer])
+        hooks.append(hook)
+    return hooks

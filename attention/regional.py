@@ -1,0 +1,72 @@
+"""Regional K/V deltas: each region's queries attend with their own concept's keys and values.
+
+Cross-attention with weights ``W0 + dW`` gives ``k = c W0^T + c dW^T``: the delta's effect is an
+additive term computed from the text features ``c``. ComfyUI's attn2 replace only receives the
+projected ``q, k, v``, so :func:`stash_context` (an ``attn2_patch``, which runs just before the
+projections with the same ``extra_options`` dict) keeps the raw features for :class:`RegionalKV`.
+
+For region weights ``w_r`` (resized to the layer's feature map, normalised so they sum to at most
+one per pixel) and background ``w_0 = 1 - sum_r w_r``:
+
+    out = w_0 * attn(q, k, v) + sum_r w_r * attn(q, k + c dK_r^T, v + c' dV_r^T)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .chain import AttentionContext, AttentionFn, AttentionHook
+
+CONTEXT_KEY = "concept_attention_context"
+VALUE_KEY = "concept_attention_value"
+
+
+def stash_context(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor | None,
+                  extra_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """attn2_patch: remember the text features this layer is about to project; change nothing."""
+    extra_options[CONTEXT_KEY] = context
+    extra_options[VALUE_KEY] = context if value is None else value
+    return n, context, value
+
+
+def region_weights(masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks [R,H,W] (or [B,R,H,W]) -> per-region weights [B?,R,h*w] and background [B?,h*w]."""
+    batched = masks.dim() == 4
+    m = masks if batched else masks[None]
+    m = F.interpolate(m.float(), size=size, mode="area").clamp(0, 1).flatten(2)  # [B,R,N]
+    total = m.sum(1, keepdim=True)
+    m = m / total.clamp(min=1.0)
+    background = 1.0 - m.sum(1)
+    return (m, background) if batched else (m[0], background[0])
+
+
+@dataclass(frozen=True, eq=False)
+class RegionalKV(AttentionHook):
+    """Per-region key/value deltas ``deltas[r] = (dK [inner, ctx], dV [inner, ctx])`` of one layer."""
+
+    deltas: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...] = ()
+    masks: torch.Tensor | None = None  # [R,H,W] or [B,R,H,W], any resolution, values in [0,1]
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+              proceed: AttentionFn) -> torch.Tensor:
+        context, value = ctx.options.get(CONTEXT_KEY), ctx.options.get(VALUE_KEY)
+        if context is None or self.masks is None or ctx.spatial is None:
+            raise RuntimeError("RegionalKV needs the stash_context attn2_patch, masks and the layer's "
+                               "activation shape; install it with attention.patching.install_regional")
+        weights, background = region_weights(self.masks.to(q.device), ctx.spatial)
+        if weights.dim() == 3 and weights.shape[0] != q.shape[0]:  # per image: repeat for cond/uncond
+            repeat = q.shape[0] // weights.shape[0]
+            weights, background = weights.repeat(repeat, 1, 1), background.repeat(repeat, 1)
+        per_row = weights.dim() == 3
+        out = proceed(q, k, v) * (background[..., None] if per_row else background[None, :, None])
+        for r, (d_k, d_v) in enumerate(self.deltas):
+            w = weights[:, r, :, None] if per_row else weights[r][None, :, None]
+            if not bool((w > 0).any()):
+                continue
+            k_r = k if d_k is None else k + context.to(k.dtype) @ d_k.to(k).T
+            v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
+            out = out + proceed(q, k_r, v_r) * w
+        return out

@@ -1,0 +1,88 @@
+"""Regional K/V deltas: each region's queries see their own keys/values, the rest the base ones."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from concept_attention.attention.chain import AttentionContext
+from concept_attention.attention.regional import (CONTEXT_KEY, VALUE_KEY, RegionalKV, region_weights,
+                                                  stash_context)
+
+HEADS, H, W = 2, 4, 6
+
+
+def attend(q, k, v):
+    b, n, c = q.shape
+    split = lambda t: t.view(b, -1, HEADS, c // HEADS).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def setup(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, H * W, 8, generator=g)
+    context = torch.randn(batch, 5, 3, generator=g)
+    w_k, w_v = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    options = {"n_heads": HEADS, "activations_shape": [batch, 8, H, W]}
+    stash_context(q, context, None, options)
+    deltas = [(torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)) for _ in range(2)]
+    return q, context @ w_k.T, context @ w_v.T, context, w_k, w_v, options, deltas
+
+
+def run(hook, q, k, v, options):
+    return hook.apply(q, k, v, AttentionContext(options, q.shape[0]), attend)
+
+
+def test_stash_keeps_features_and_changes_nothing():
+    options = {}
+    n, c = torch.randn(1, 4, 8), torch.randn(1, 5, 3)
+    assert stash_context(n, c, None, options) == (n, c, None)
+    assert options[CONTEXT_KEY] is c and options[VALUE_KEY] is c
+
+
+def test_empty_masks_give_the_base_attention_and_full_masks_the_patched_weights():
+    q, k, v, context, w_k, w_v, options, deltas = setup()
+    empty = RegionalKV(deltas=tuple(deltas), masks=torch.zeros(2, 16, 16))
+    torch.testing.assert_close(run(empty, q, k, v, options), attend(q, k, v))
+    full = RegionalKV(deltas=tuple(deltas[:1]), masks=torch.ones(1, 16, 16))
+    d_k, d_v = deltas[0]
+    expected = attend(q, context @ (w_k + d_k).T, context @ (w_v + d_v).T)
+    torch.testing.assert_close(run(full, q, k, v, options), expected)
+
+
+def test_each_region_changes_only_its_own_pixels():
+    q, k, v, context, w_k, w_v, options, deltas = setup(seed=1)
+    masks = torch.zeros(2, H, W)
+    masks[0, :, :3] = 1  # left half: concept 0
+    masks[1, :2, 3:] = 1  # top right: concept 1; bottom right stays base
+    out = run(RegionalKV(deltas=tuple(deltas), masks=masks), q, k, v, options).view(-1, H, W, 8)
+    base = attend(q, k, v).view(-1, H, W, 8)
+    first = attend(q, context @ (w_k + deltas[0][0]).T, context @ (w_v + deltas[0][1]).T).view(-1, H, W, 8)
+    second = attend(q, context @ (w_k + deltas[1][0]).T, context @ (w_v + deltas[1][1]).T).view(-1, H, W, 8)
+    torch.testing.assert_close(out[:, :, :3], first[:, :, :3])
+    torch.testing.assert_close(out[:, :2, 3:], second[:, :2, 3:])
+    torch.testing.assert_close(out[:, 2:, 3:], base[:, 2:, 3:])
+    assert not torch.allclose(out[:, :, :3], base[:, :, :3])
+
+
+def test_overlapping_masks_are_normalised_and_resized_by_area():
+    masks = torch.ones(2, 8, 8)
+    weights, background = region_weights(masks, (4, 4))
+    torch.testing.assert_close(weights, torch.full((2, 16), 0.5))
+    torch.testing.assert_close(background, torch.zeros(16))
+    half = torch.zeros(1, 8, 8)
+    half[:, :, :4] = 1
+    weights, background = region_weights(half, (2, 2))
+    torch.testing.assert_close(weights[0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(background, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+
+def test_per_image_masks_repeat_over_cond_and_uncond_rows():
+    q, k, v, context, w_k, w_v, options, deltas = setup(seed=2, batch=4)  # 2 images x (cond, uncond)
+    masks = torch.zeros(2, 1, H, W)
+    masks[1] = 1  # only image 1 gets the concept
+    out = run(RegionalKV(deltas=tuple(deltas[:1]), masks=masks), q, k, v, options)
+    base = attend(q, k, v)
+    patched = attend(q, context @ (w_k + deltas[0][0]).T, context @ (w_v + deltas[0][1]).T)
+    torch.testing.assert_close(out[[0, 2]], base[[0, 2]])
+    torch.testing.assert_close(out[[1, 3]], patched[[1, 3]])
