@@ -106,7 +106,7 @@ def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]],
         model.set_model_attn2_patch(stash_context)
     hooks = []
     for layer in model_layers(model):
-        k_key, v_key = layer.weight_keys()
+        k_key, v_key = layer.weight_keys
         deltas = tuple((d.get(k_key), d.get(v_key)) for d in region_deltas)
         if all(dk is None and dv is None for dk, dv in deltas):
             continue

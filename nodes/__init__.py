@@ -21,14 +21,14 @@ def register_model_folders() -> None:
 
 def node_list() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
-    from .compose import MergeConcepts
+    from .compose import ConceptSampler, MergeConcepts
     from .concepts import (ApplyConcepts, ExportConcepts, LoadConcepts, SaveConcepts,
                            TrainConcepts)
     from .preview import AttentionMapSampler
     from .toy_world import ToyWorldLoader, ToyWorldScene
 
     return [TrainConcepts, ApplyConcepts, LoadConcepts, SaveConcepts, ExportConcepts,
-            MergeConcepts, AttentionMapSampler, ToyWorldLoader, ToyWorldScene]
+            MergeConcepts, ConceptSampler, AttentionMapSampler, ToyWorldLoader, ToyWorldScene]
 
 
 class ConceptAttentionExtension(ComfyExtension):

@@ -4,24 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concept_attention.training.concepts import (Concept, ConceptSet, architecture_fingerprint,
-                                                 encoder_widths, kv_weight_shapes)
 from concept_attention.training.merge import (_regulariser_features, _trigger_features, comfy_weight,
                                               constraint_error, generic_captions, merge_concept_sets,
                                               regulariser_error)
 from concept_attention.training.triggers import with_triggers
-
-
-def synthetic_set(bundle, triggers: list[str], seed: int, scale: float = 0.05) -> ConceptSet:
-    """A concept set as training would produce it: random K/V deltas and trigger vectors."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = kv_weight_shapes(bundle.model)
-    deltas = {k: scale * torch.randn(shape, generator=g) for k, shape in shapes.items()}
-    widths = encoder_widths(bundle.clip)
-    concepts = [Concept(t, "cat" if i == 0 else "dog",
-                        {key: torch.randn(1, w, generator=g) for key, w in widths.items()})
-                for i, t in enumerate(triggers)]
-    return ConceptSet(concepts, deltas, architecture_fingerprint(bundle.model, bundle.clip))
+from support.synthetic_concepts import synthetic_set
 
 
 def test_merge_keeps_each_sets_trigger_outputs_and_beats_summing(sd15):

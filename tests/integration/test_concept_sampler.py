@@ -1,0 +1,87 @@
+"""KSampler with Concepts in library mode: off / combined / regional against their references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from concept_attention.nodes.common import run_ksampler
+from concept_attention.nodes.compose import ConceptSampler
+from concept_attention.training.apply import apply_concepts
+from support.synthetic_concepts import synthetic_set
+
+PROMPT = "a photo of a cat and a dog"
+
+
+@pytest.fixture(scope="module")
+def sets(sd15):
+    return synthetic_set(sd15.bundle, ["V1"], 1, scale=0.3), synthetic_set(sd15.bundle, ["V2"], 2, scale=0.3)
+
+
+def ksampler_args(sd15) -> dict:
+    return dict(seed=5, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
+                positive=sd15.encode(PROMPT), negative=sd15.encode(""),
+                latent_image={"samples": torch.zeros(1, 4, 16, 16)}, denoise=1.0)
+
+
+def sample(sd15, model):
+    args = ksampler_args(sd15)
+    args["latent"] = args.pop("latent_image")
+    return run_ksampler(model, **args)["samples"]
+
+
+def node(sd15, sets, composition, masks=None, strength=1.0):
+    out = ConceptSampler.execute(model=sd15.bundle.model, concepts_1=sets[0], concepts_2=sets[1],
+                                 composition=composition, strength=strength, masks=masks,
+                                 **ksampler_args(sd15))
+    return out.result[0]["samples"]
+
+
+def test_off_is_bit_identical_to_the_stock_ksampler(sd15, sets):
+    assert torch.equal(node(sd15, sets, "off"), sample(sd15, sd15.bundle.model))
+
+
+def test_combined_equals_applying_every_set(sd15, sets):
+    model = sd15.bundle.model
+    for concepts in sets:
+        model, _ = apply_concepts(model, None, concepts)
+    expected = sample(sd15, model)
+    assert torch.equal(node(sd15, sets, "combined"), expected)
+    assert not torch.allclose(expected, sample(sd15, sd15.bundle.model))
+
+
+def test_regional_with_empty_masks_is_the_base_and_with_full_masks_the_combination(sd15, sets):
+    stock = sample(sd15, sd15.bundle.model)
+    assert torch.equal(node(sd15, sets, "regional", masks=torch.zeros(2, 64, 64)), stock)
+    one, _ = apply_concepts(sd15.bundle.model, None, sets[0])
+    full_first = torch.zeros(2, 64, 64)
+    full_first[0] = 1
+    reference = sample(sd15, one)
+    assert (reference - stock).abs().max() > 0.05  # the set matters far beyond the tolerance
+    # c (W0 + d)^T vs c W0^T + c d^T: equal up to float rounding, carried through three steps
+    torch.testing.assert_close(node(sd15, sets, "regional", masks=full_first), reference,
+                               rtol=1e-3, atol=2e-3)
+
+
+def test_regional_halves_differ_from_both_single_sets(sd15, sets):
+    halves = torch.zeros(2, 64, 64)
+    halves[0, :, :32], halves[1, :, 32:] = 1, 1
+    regional = node(sd15, sets, "regional", masks=halves)
+    combined = node(sd15, sets, "combined")
+    assert not torch.allclose(regional, combined, atol=1e-4)
+
+
+def test_the_input_model_is_not_modified(sd15, sets):
+    before = dict(sd15.bundle.model.model_options.get("transformer_options", {}))
+    halves = torch.zeros(2, 64, 64)
+    halves[0, :, :32] = 1
+    node(sd15, sets, "regional", masks=halves)
+    node(sd15, sets, "combined")
+    assert sd15.bundle.model.model_options.get("transformer_options", {}) == before
+    assert not sd15.bundle.model.patches
+
+
+def test_regional_mask_count_must_match(sd15, sets):
+    with pytest.raises(ValueError, match="one per set"):
+        node(sd15, sets, "regional", masks=torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match="needs a MASK"):
+        node(sd15, sets, "regional")
