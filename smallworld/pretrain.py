@@ -50,10 +50,10 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     scale_scenes: int = 64
     scenes: int = 5000
-    decoder_steps: int = 1500  # decoder alone on the encoded scenes: the latent space stays fixed
+    decoder_steps: int = 800  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
-    steps: int = 7500
+    steps: int = 6500
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 300
@@ -126,12 +126,33 @@ def train_vae(cfg: PretrainConfig, should_stop: Callable[[], bool]) -> torch.nn.
 
 @torch.no_grad()
 def _set_latent_scale(taesd: torch.nn.Module, seed: int, count: int) -> None:
-    """Choose vae_scale/shift so ComfyUI's SD1.5 latent format yields zero-mean, unit-spread latents."""
+    """Make ComfyUI's SD1.5 latent format yield zero-mean, unit-spread latents PER CHANNEL.
+
+    The scene latents have large per-channel offsets and small spreads (mostly flat background);
+    with a single scalar scale the UNet must predict those offsets from pure noise at the highest
+    noise levels, which it does badly. The per-channel affine is folded into the encoder's last
+    convolution, and vae_scale/shift are set so that model-space latents equal its output.
+    """
     images = _scene_images(range(count), seed + 99)
     raw = taesd.taesd_encoder(images)
-    taesd.vae_scale.fill_(float(raw.std()) * SD15_LATENT_SCALE)
-    taesd.vae_shift.fill_(-float(raw.mean()) / float(taesd.vae_scale))
-    log.info("latent scale %.4f shift %.4f", float(taesd.vae_scale), float(taesd.vae_shift))
+    mean, std = raw.mean((0, 2, 3)), raw.std((0, 2, 3)).clamp(min=1e-6)
+    fold_channel_affine(_last_conv(taesd.taesd_encoder), mean, std)
+    taesd.vae_scale.fill_(SD15_LATENT_SCALE)
+    taesd.vae_shift.fill_(0.0)
+    log.info("latent channel means %s spreads %s folded into the encoder", mean.tolist(), std.tolist())
+
+
+def _last_conv(encoder: torch.nn.Module) -> torch.nn.Conv2d:
+    return [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+
+@torch.no_grad()
+def fold_channel_affine(conv: torch.nn.Conv2d, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make ``conv`` output (out - mean) / std per output channel."""
+    conv.weight.div_(std.view(-1, 1, 1, 1))
+    if conv.bias is None:
+        raise ValueError("the encoder's last convolution needs a bias to fold the channel means")
+    conv.bias.sub_(mean).div_(std)
 
 
 def _scene_images(indices, seed: int) -> torch.Tensor:
@@ -142,7 +163,10 @@ def _scene_images(indices, seed: int) -> torch.Tensor:
 def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Callable[[], bool]) -> Optional[dict]:
     """Stage 2: model-space latents [N,4,16,16] and object specs of ``cfg.scenes`` fixed scenes."""
     path = cfg.work_dir / "latents.pt"
-    state = _load(path) or {"latents": [], "objects": [], "backgrounds": []}
+    digest = encoder_digest(taesd)
+    state = _load(path)
+    if state is None or state.get("encoder") != digest:  # none yet, or made by another encoder
+        state = {"latents": [], "objects": [], "backgrounds": [], "encoder": digest}
     done = sum(len(chunk) for chunk in state["latents"])
     with torch.no_grad():
         while done < cfg.scenes and not should_stop():
@@ -197,6 +221,18 @@ def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
     if step != state["step"]:
         _atomic_save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": step}, path)
     return step
+
+
+def encoder_digest(taesd: torch.nn.Module) -> str:
+    """Short hash of the encoder weights and latent scale (cached latents must match it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(taesd.state_dict().items()):
+        if not name.startswith("taesd_decoder"):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class CaptionTokens:

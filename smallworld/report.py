@@ -1,0 +1,42 @@
+"""A grouped bar chart as a PNG, drawn with Pillow (no plotting library needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from PIL import Image, ImageDraw
+
+PALETTE = [(52, 101, 164), (204, 0, 0), (115, 210, 22), (245, 121, 0), (117, 80, 123), (193, 125, 17),
+           (85, 87, 83), (0, 150, 150)]
+
+
+def bar_chart(summary: Mapping[str, Mapping[str, float]], metrics: Sequence[tuple[str, str]],
+              path: Path, width: int = 1200, height: int = 520) -> Path:
+    """One group of bars per metric (values in 0..1), one colour per variant, legend on top."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    variants = list(summary)
+    metrics = [(k, t) for k, t in metrics if all(k in summary[v] for v in variants)]
+    left, right, top, bottom = 50, 20, 30 + 18 * ((len(variants) + 3) // 4), height - 60
+    for i, name in enumerate(variants):
+        x, y = left + (i % 4) * 280, 8 + 18 * (i // 4)
+        draw.rectangle([x, y + 2, x + 12, y + 14], fill=PALETTE[i % len(PALETTE)])
+        draw.text((x + 18, y + 2), name, fill="black")
+    for tick in range(0, 11, 2):
+        y = bottom - (bottom - top) * tick / 10
+        draw.line([left, y, width - right, y], fill=(220, 220, 220))
+        draw.text((8, y - 6), f"{tick / 10:.1f}", fill="black")
+    group = (width - left - right) / max(1, len(metrics))
+    bar = group * 0.8 / max(1, len(variants))
+    for m, (key, title) in enumerate(metrics):
+        x0 = left + m * group + group * 0.1
+        for i, name in enumerate(variants):
+            value = max(0.0, min(1.0, float(summary[name][key])))
+            draw.rectangle([x0 + i * bar, bottom - (bottom - top) * value, x0 + (i + 1) * bar - 2, bottom],
+                           fill=PALETTE[i % len(PALETTE)])
+        for j, line in enumerate(title.replace(" ↑", " (up)").replace(" ↓", " (down)").split(" ", 1)):
+            draw.text((left + m * group + 6, bottom + 6 + 14 * j), line, fill="black")
+    draw.line([left, bottom, width - right, bottom], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
