@@ -155,3 +155,44 @@ def test_merge_two_separately_trained_sets_and_sample(comfy_server, scene):
     sampled = comfy_server.run(sample_prompt("e2e_merged.safetensors", "a photo of V1 square and V7 circle"),
                                timeout=300)
     assert sampled.ok, sampled.describe()
+
+
+def concept_sampler_prompt(concept_file: str, composition: str, mask: bool = False,
+                           inpaint: bool = False) -> dict:
+    graph = sample_prompt(concept_file, "a photo of V1 square and V2 circle")
+    graph["sampler"] = node("ConceptAttention_ConceptSampler", model=link("loader", 0),
+                            concepts_1=link("concepts"), composition=composition, strength=1.0,
+                            seed=1, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
+                            positive=link("positive"), negative=link("negative"),
+                            latent_image=link("latent"), denoise=1.0)
+    if mask:
+        graph["mask"] = node("SolidMask", value=1.0, width=128, height=128)
+        graph["sampler"]["inputs"]["masks"] = link("mask")
+    if inpaint:
+        graph["region"] = node("SolidMask", value=1.0, width=64, height=128)
+        graph["noise_mask"] = node("SetLatentNoiseMask", samples=link("latent"), mask=link("region"))
+        graph["sampler"]["inputs"]["latent_image"] = link("noise_mask")
+    return graph
+
+
+@pytest.mark.parametrize("composition,mask,inpaint", [("combined", False, False), ("regional", True, False),
+                                                      ("combined", False, True), ("off", False, False)])
+def test_concept_sampler_modes_run_through_the_server(comfy_server, scene, composition, mask, inpaint):
+    concept_file = comfy_server.concepts_dir / "e2e_sampler.safetensors"
+    if not concept_file.is_file():
+        trained = comfy_server.run(train_prompt(scene, "e2e_sampler"), timeout=600)
+        assert trained.ok, trained.describe()
+    result = comfy_server.run(concept_sampler_prompt("e2e_sampler.safetensors", composition, mask, inpaint),
+                              timeout=300)
+    assert result.ok, result.describe()
+    (picture,) = comfy_server.output_images(result)
+    with Image.open(picture) as image:
+        assert image.size == (128, 128)
+
+
+def test_regional_mode_without_masks_is_a_clear_error(comfy_server, scene):
+    concept_file = comfy_server.concepts_dir / "e2e_sampler.safetensors"
+    if not concept_file.is_file():
+        assert comfy_server.run(train_prompt(scene, "e2e_sampler"), timeout=600).ok
+    result = comfy_server.run(concept_sampler_prompt("e2e_sampler.safetensors", "regional"), timeout=300)
+    assert not result.ok and "needs a MASK" in result.describe()
