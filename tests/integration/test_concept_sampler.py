@@ -85,3 +85,25 @@ def test_regional_mask_count_must_match(sd15, sets):
         node(sd15, sets, "regional", masks=torch.ones(1, 64, 64))
     with pytest.raises(ValueError, match="needs a MASK"):
         node(sd15, sets, "regional")
+
+
+def test_regional_mode_chains_with_another_packs_attn2_replace_and_a_lora_patch(sd15, sets):
+    """The foreign replace keeps running under our regional hook; weight patches stay in force."""
+    from test_attention_chain import make_foreign_replace
+
+    calls: list = []
+    model = sd15.bundle.model.clone()
+    model.set_model_attn2_replace(make_foreign_replace(calls), "output", 4)
+    lora_like = {k: ("diff", (0.1 * d,)) for k, d in list(sets[1].kv_deltas.items())[:2]}
+    model.add_patches(lora_like, 1.0)
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :32] = 1
+    out = ConceptSampler.execute(model=model, concepts_1=sets[0], concepts_2=sets[1],
+                                 composition="regional", strength=1.0, masks=masks,
+                                 **ksampler_args(sd15)).result[0]["samples"]
+    assert len(calls) > 0  # the other pack's replace ran inside our chain
+    empty = ConceptSampler.execute(model=model, concepts_1=sets[0], concepts_2=sets[1],
+                                   composition="regional", strength=1.0, masks=torch.zeros(2, 64, 64),
+                                   **ksampler_args(sd15)).result[0]["samples"]
+    assert torch.equal(empty, sample(sd15, model))  # empty regions: exactly the patched model
+    assert not torch.allclose(out, empty)
