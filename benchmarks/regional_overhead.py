@@ -1,0 +1,109 @@
+"""Sampling time of KSampler with Concepts (regional) against the stock ComfyUI path, one process.
+
+Variants, each a clone of one model sampled with the same ``comfy.sample.sample`` call:
+
+  stock       no patches
+  combined    two concept sets' K/V deltas as ordinary weight patches (what Apply Concepts does)
+  regional    the same two sets, each only inside its half of the image (RegionalKV on every
+              cross-attention layer: one extra attention call per set and layer)
+
+Concept sets are random K/V deltas of the model's real shapes (timing does not depend on their
+values). Run from the repository root:
+
+  .venv/bin/python benchmarks/regional_overhead.py                # tiny SD1.5, 512 px
+  .venv/bin/python benchmarks/regional_overhead.py --full-size    # random-weight full SD1.5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common  # noqa: E402
+
+PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
+TARGETS = {"regional": 1.30}  # issue target, full-size SD1.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size", action="store_true", help="random-weight full SD1.5 UNet")
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels (latent = /8)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (3 tiny, 2 full size)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (5 tiny, 3 full size)")
+    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (2 if args.full_size else 3)
+    args.rounds = args.rounds or (3 if args.full_size else 5)
+    return args
+
+
+def random_deltas(model, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """One concept set's worth of K/V deltas, shaped like the model's attn2 projections."""
+    from concept_attention.training.concepts import kv_weight_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(shape, generator=g) for k, shape in kv_weight_shapes(model).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = _common.setup_comfy(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from concept_attention.attention.patching import install_regional
+
+    started = time.perf_counter()
+    if args.full_size:
+        label = "full-size SD1.5 (random weights)"
+        model = _common.build_full_sd15(args.seed)
+        positive, negative = _common.random_conds(args.seed + 10), _common.random_conds(args.seed + 11)
+    else:
+        label = "tiny sd15 fixture"
+        model, clip = _common.build_tiny("sd15", args.seed)
+        positive, negative = _common.encode(clip, PROMPT), _common.encode(clip, NEGATIVE)
+    latent = args.size // 8
+    sets = [random_deltas(model, args.seed + i) for i in (1, 2)]
+    print(f"model: {label}, built in {time.perf_counter() - started:.1f}s")
+    print(f"machine: {_common.machine_info(device)}; {_common.load_average()}")
+
+    combined = model.clone()
+    for deltas in sets:
+        combined.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
+    regional = model.clone()
+    masks = torch.zeros(2, latent, latent)
+    masks[0, :, : latent // 2], masks[1, :, latent // 2:] = 1, 1
+    hooks = install_regional(regional, sets, masks)
+    print(f"regional: {len(hooks)} cross-attention layers hooked, 2 regions")
+
+    def sampler(patched):
+        return lambda: _common.sample(patched, positive, negative, latent, args.steps, args.cfg, args.seed)
+
+    variants = [_common.Variant("stock", sampler(model.clone())),
+                _common.Variant("combined", sampler(combined)),
+                _common.Variant("regional", sampler(regional))]
+    for v in variants:  # warm-up, untimed
+        v.last_output = v.run()
+    loads = _common.run_interleaved(variants, args.rounds, device)
+    print()
+    print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
+          f"{_common.attention_name()}, median of {args.rounds} rounds; {_common.load_average()}:")
+    print(_common.format_table(variants, "stock", TARGETS if args.full_size else None, show_peak=False))
+    warning = _common.contention_warning(loads, device, variants)
+    if warning:
+        print(warning)
+    print(f"whole benchmark: {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
