@@ -426,3 +426,17 @@ def format_table(variants: Sequence[Variant], baseline: str, targets: dict[str, 
             row.append(f"{v.peak_mib:.0f}" if v.peak_mib is not None else "n/a")
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def print_footer(variants: Sequence[Variant], loads: Sequence[float], device: str, started: float,
+                 targets: dict[str, float] | None = None) -> None:
+    """Whether the median-ratio targets are met, the contention warning and the total time."""
+    if targets:
+        base = variants[0]
+        missed = [n for n, t in targets.items()
+                  if next(v for v in variants if v.name == n).median / base.median > t]
+        print("targets (median ratio): " + ("all met" if not missed else "MISSED: " + ", ".join(missed)))
+    warning = contention_warning(loads, device, variants)
+    if warning:
+        print(warning)
+    print(f"whole benchmark: {time.perf_counter() - started:.0f}s")

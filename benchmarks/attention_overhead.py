@@ -189,14 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{_common.attention_name()}, median of {args.rounds} rounds; {_common.load_average()}:")
     print(_common.format_table(variants, "stock", TARGETS if args.full_size else None,
                                estimates, show_peak=args.warmup > 0 and not args.no_memory))
-    if args.full_size:
-        missed = [n for n, t in TARGETS.items()
-                  if next(v for v in variants if v.name == n).median / base.median > t]
-        print("targets (median ratio): " + ("all met" if not missed else "MISSED: " + ", ".join(missed)))
-    warning = _common.contention_warning(loads, device, variants)
-    if warning:
-        print(warning)
-    print(f"whole benchmark: {time.perf_counter() - started:.0f}s")
+    _common.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
     return 0
 
 

@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
           f"{_common.attention_name()}, median of {args.rounds} rounds; {_common.load_average()}:")
     print(_common.format_table(variants, "stock", TARGETS if args.full_size else None, show_peak=False))
-    warning = _common.contention_warning(loads, device, variants)
-    if warning:
-        print(warning)
-    print(f"whole benchmark: {time.perf_counter() - started:.0f}s")
+    _common.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
     return 0
 
 

@@ -14,7 +14,7 @@ the scene with ``training.loop.train_concepts`` (the same code the node runs), t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,7 +60,6 @@ class ExperimentSettings:
     cfg: float = 5.0
     iou_steps: int = 10
     iou_denoise: float = 0.6
-    extra: dict = field(default_factory=dict)
 
 
 def specs_for(scene: sw.Scene) -> list[ConceptSpec]:

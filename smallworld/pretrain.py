@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -60,7 +60,6 @@ class PretrainConfig:
     empty_caption_rate: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every: int = 250
-    extra: dict = field(default_factory=dict)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
