@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decoder-only", action="store_true",
                         help="run only the decoder fine-tuning stage (it may run beside the UNet stage)")
     parser.add_argument("--export-now", action="store_true", help="export the current EMA weights and exit")
+    parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weight (0: plain MSE)")
+    parser.add_argument("--lr", type=float, default=None, help="UNet/text learning rate")
     parser.add_argument("--gate-samples", type=int, default=2, help="seeds per gate prompt")
     return parser.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from concept_attention.smallworld import pretrain, quality
 
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
-    for name in ("steps", "vae_steps", "scenes"):
+    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.work_dir.mkdir(parents=True, exist_ok=True)

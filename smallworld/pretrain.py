@@ -59,6 +59,7 @@ class PretrainConfig:
     warmup: int = 300
     empty_caption_rate: float = 0.1
     ema_decay: float = 0.999
+    snr_gamma: float = 5.0  # Min-SNR-gamma loss weight (Hang et al. 2023); 0 turns it off
     checkpoint_every: int = 250
 
 
@@ -265,6 +266,14 @@ def _lr_at(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _snr_weight(sigma: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight for an epsilon loss: min(SNR, gamma) / SNR, with SNR = 1 / sigma^2."""
+    if gamma <= 0:
+        return torch.ones_like(sigma)
+    snr = sigma.pow(-2)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool]) -> tuple[Any, Any, int]:
     """Stage 3: UNet + text model; returns (model patcher, clip) holding EMA weights, and the step."""
     path = cfg.work_dir / "unet.pt"
@@ -300,7 +309,7 @@ def _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, st
         noise = torch.randn(x0.shape, generator=gen)
         xt = base.model_sampling.noise_scaling(sigma, noise, x0)
         eps = (xt - base.apply_model(xt, sigma, c_crossattn=cond)) / sigma.view(-1, 1, 1, 1)
-        loss = F.mse_loss(eps, noise)
+        loss = (_snr_weight(sigma, cfg.snr_gamma) * ((eps - noise) ** 2).mean((1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
