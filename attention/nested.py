@@ -9,7 +9,9 @@ the equivalent form of spec §7.2, which never builds that table:
     V* = softmax(q K_nested^T / sqrt(d)) V_nested
     O += a * alpha * (V* - V[s*])
 
-Rows without a subject (index -1, or no usable nested token) keep the plain SDPA output as is.
+:func:`nested_update` starts from the plain output ``softmax(q K^T / sqrt(d)) V`` however it was
+computed, so a hook can let the rest of the attention chain (another pack's attention included)
+produce it. Rows without a subject (index -1, or no usable nested token) are returned as they are.
 """
 from __future__ import annotations
 
@@ -123,53 +125,99 @@ def _prepare(subject: NestedSubject, q: Tensor, v: Tensor, heads: int, n_text: i
     )
 
 
-def _outer_bias(subjects: List[_Prepared], batch: int, n_text: int, q: Tensor) -> Optional[Tensor]:
-    """Additive ``[B, T]`` logit bias holding log(w) at each active subject's column, or None."""
-    bias = None
+def _gates(qh: Tensor, kh: Tensor, subjects: List[_Prepared], rows: Tensor, scale: float) -> List[Tensor]:
+    """Each subject's share of the plain outer softmax, ``[R, h, Nq, 1]`` over ``rows`` (0 elsewhere).
+
+    SDPA does not return its probabilities, so the small T-wide logits are recomputed once.
+    """
+    cdtype = _compute_dtype(qh.dtype)
+    q, k = qh.index_select(0, rows).to(cdtype), kh.index_select(0, rows).to(cdtype)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    n_rows, heads, n_query, _ = logits.shape
+    gates = []
     for s in subjects:
-        if s.log_weight == 0.0:
-            continue
-        if bias is None:
-            bias = torch.zeros(batch, n_text, dtype=_compute_dtype(q.dtype), device=q.device)
-        columns = s.index.index_select(0, s.rows)
-        bias[s.rows, columns] += s.log_weight
-    return bias
+        column = s.index.index_select(0, rows).clamp(min=0)
+        picked = logits.gather(-1, column[:, None, None, None].expand(n_rows, heads, n_query, 1))
+        active = (s.index.index_select(0, rows) >= 0).to(cdtype)[:, None, None, None]
+        gates.append(torch.exp(picked - lse) * active)
+    return gates
 
 
-def _subject_update(
-    qh: Tensor,
-    kh: Tensor,
-    vh: Tensor,
-    s: _Prepared,
-    bias: Optional[Tensor],
-    scale: float,
+def nested_update(
+    out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    subjects: Sequence[NestedSubject],
+    *,
+    scale: Optional[float] = None,
+    exclusive: bool = False,
 ) -> Tensor:
-    """Return ``a * alpha * (V* - V[s*])`` for the subject's rows, ``[R, h, Nq, dv]``."""
-    rows = s.rows
-    q, k, v = qh.index_select(0, rows), kh.index_select(0, rows), vh.index_select(0, rows)
-    n_rows, heads, n_query, _ = q.shape
+    """Turn a plain cross-attention output ``[B, Nq, h*dv]`` into the nested one (same shape).
+
+    ``out`` must be ``softmax(q k^T * scale) v``, however it was computed (another pack's attention
+    included). Token weights are applied exactly on top of it: with plain shares ``a_j`` of the
+    subject columns, re-weighting column j by ``w_j`` gives
+    ``O' = (O + sum_j (w_j - 1) a_j v_j) / (1 + sum_j (w_j - 1) a_j)`` and shares
+    ``a'_j = w_j a_j / (1 + sum_j (w_j - 1) a_j)``; then ``O' += a'_j * alpha_j * (V*_j - v_j)``.
+    With ``exclusive`` each query takes the update of only the subject it attends to most
+    (head-averaged share), so several subjects in one prompt cannot blend into each other.
+    Rows without an active subject are returned untouched.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("q, k, v must be projected [B, N, heads*d] tensors")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if out.shape[:2] != q.shape[:2] or out.shape[-1] != v.shape[-1]:
+        raise ValueError(f"out {tuple(out.shape)} does not match q {tuple(q.shape)} and v {tuple(v.shape)}")
+    n_text = k.shape[1]
+    prepared = [_prepare(s, q, v, heads, n_text) for s in subjects]
+    prepared = [s for s in prepared if s.rows.numel() > 0]
+    if not prepared:
+        return out
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    if scale is None:
+        scale = qh.shape[-1] ** -0.5
+    rows = torch.unique(torch.cat([s.rows for s in prepared]))
     cdtype = _compute_dtype(q.dtype)
+    gates = _gates(qh, kh, prepared, rows, scale)
+    v_rows = vh.index_select(0, rows).to(cdtype)
+    result = split_heads(out, heads).index_select(0, rows).to(cdtype)
 
-    # The gate needs the outer softmax share of s*; SDPA does not return it, so recompute the
-    # (small, T-wide) logits once and take exp(logit[s*] - logsumexp).
-    logits = torch.matmul(q.to(cdtype), k.to(cdtype).transpose(-1, -2)) * scale
-    if bias is not None:
-        logits = logits + bias.index_select(0, rows)[:, None, None, :]
-    column = s.index.index_select(0, rows)
-    picked = logits.gather(-1, column[:, None, None, None].expand(n_rows, heads, n_query, 1))
-    gate = torch.exp(picked - torch.logsumexp(logits, dim=-1, keepdim=True)).to(q.dtype)
+    subject_values = []
+    for s in prepared:
+        column = s.index.index_select(0, rows).clamp(min=0)
+        subject_values.append(v_rows.gather(2, column[:, None, None, None].expand(-1, heads, 1, v_rows.shape[-1])))
+    if any(s.log_weight != 0.0 for s in prepared):
+        extra = [(math.exp(s.log_weight) - 1.0) * g for s, g in zip(prepared, gates)]
+        denominator = 1.0 + sum(extra)
+        result = (result + sum(e * vs for e, vs in zip(extra, subject_values))) / denominator
+        gates = [math.exp(s.log_weight) * g / denominator for s, g in zip(prepared, gates)]
 
-    nested_mask = None
-    if s.nested_mask is not None:
-        nested_mask = _rows_of(s.nested_mask, rows)[:, None, None, :]
-    v_star = F.scaled_dot_product_attention(
-        q, _rows_of(s.nested_k, rows), _rows_of(s.nested_v, rows), attn_mask=nested_mask, scale=scale
-    )
-    v_subject = v.gather(2, column[:, None, None, None].expand(n_rows, heads, 1, v.shape[-1]))
-    update = gate * s.strength * (v_star - v_subject)
-    if s.query_mask is not None:
-        update = update * _rows_of(s.query_mask, rows).to(update.dtype)[:, None, :, None]
-    return update
+    winner = None
+    if exclusive and len(prepared) > 1:
+        shares = torch.stack([g.mean(dim=1)[..., 0] for g in gates])  # [S, R, Nq]
+        winner = shares.argmax(dim=0)
+    for j, (s, gate, v_subject) in enumerate(zip(prepared, gates, subject_values)):
+        if winner is not None:
+            gate = gate * (winner == j).to(cdtype)[:, None, :, None]
+        local = torch.searchsorted(rows, s.rows)
+        nested_mask = None
+        if s.nested_mask is not None:
+            nested_mask = _rows_of(s.nested_mask, s.rows)[:, None, None, :]
+        v_star = F.scaled_dot_product_attention(
+            qh.index_select(0, s.rows), _rows_of(s.nested_k, s.rows), _rows_of(s.nested_v, s.rows),
+            attn_mask=nested_mask, scale=scale,
+        ).to(cdtype)
+        update = gate.index_select(0, local) * s.strength * (v_star - v_subject.index_select(0, local))
+        if s.query_mask is not None:
+            update = update * _rows_of(s.query_mask, s.rows).to(cdtype)[:, None, :, None]
+        result = result.index_add(0, local, update)
+
+    merged = merge_heads(result.to(out.dtype))
+    return out.index_copy(0, rows, merged)
 
 
 def nested_attention_multi(
@@ -191,30 +239,10 @@ def nested_attention_multi(
     if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    batch, n_text = q.shape[0], k.shape[1]
     if scale is None:
         scale = qh.shape[-1] ** -0.5
-
-    out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-    prepared = [_prepare(s, q, v, heads, n_text) for s in subjects]
-    prepared = [s for s in prepared if s.rows.numel() > 0]
-    if not prepared:
-        return merge_heads(out)
-
-    bias = _outer_bias(prepared, batch, n_text, q)
-    if bias is not None:
-        # Only rows whose logits actually change are recomputed, so every other row keeps the
-        # exact plain-SDPA numerics.
-        rows = (bias != 0).any(dim=1).nonzero().squeeze(1)
-        row_bias = bias.index_select(0, rows).to(q.dtype)[:, None, None, :]
-        biased = F.scaled_dot_product_attention(
-            qh.index_select(0, rows), kh.index_select(0, rows), vh.index_select(0, rows),
-            attn_mask=row_bias, scale=scale,
-        )
-        out = out.index_copy(0, rows, biased)
-    for s in prepared:
-        out = out.index_add(0, s.rows, _subject_update(qh, kh, vh, s, bias, scale))
-    return merge_heads(out)
+    out = merge_heads(F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
+    return nested_update(out, q, k, v, heads, subjects, scale=scale)
 
 
 def nested_attention(

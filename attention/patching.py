@@ -14,6 +14,7 @@ import torch
 
 from .chain import AttentionChain, AttentionHook
 from .layers import CrossAttentionLayer, LayerKey, discover_layers, select_layers
+from .nested_hook import NestedAttentionHook, NestedContextPatch, NestedSource
 from .regional import RegionalKV, stash_context
 
 
@@ -60,13 +61,19 @@ def _write_attn2(model: Any, attn2: dict[Any, Any]) -> None:
 
 
 def install_hook(model: Any, hook: AttentionHook,
-                 layers: str | Iterable[CrossAttentionLayer] = "all") -> list[CrossAttentionLayer]:
-    """Add ``hook`` to the chains of the chosen layers of ``model`` (a clone you own)."""
+                 layers: str | Iterable[CrossAttentionLayer] = "all",
+                 outermost: bool = False) -> list[CrossAttentionLayer]:
+    """Add ``hook`` to the chains of the chosen layers of ``model`` (a clone you own).
+
+    Hooks run outermost first; a new hook goes innermost of ours unless ``outermost``.
+    """
     chosen = resolve_layers(model, layers)
     attn2 = dict(_attn2_replaces(model.model_options))
     for layer in chosen:
         existing = attn2.get(layer.key)
-        if isinstance(existing, AttentionChain):
+        if isinstance(existing, AttentionChain) and outermost:
+            attn2[layer.key] = AttentionChain((hook,) + existing.hooks, existing.inner, existing.stock)
+        elif isinstance(existing, AttentionChain):
             attn2[layer.key] = existing.with_hook(hook)
         else:
             foreign = existing if existing is not None else attn2.get(layer.key[:2])
@@ -114,3 +121,57 @@ def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]],
         install_hook(model, hook, [layer])
         hooks.append(hook)
     return hooks
+
+
+def _attn2_patches(model: Any) -> list[Any]:
+    return list(model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", []))
+
+
+def _write_attn2_patches(model: Any, patch_list: list[Any]) -> None:
+    options = dict(model.model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    patches = dict(transformer_options.get("patches", {}))
+    patches["attn2_patch"] = patch_list
+    transformer_options["patches"] = patches
+    options["transformer_options"] = transformer_options
+    model.model_options = options
+
+
+def nested_subjects(model: Any) -> tuple[NestedSource, ...]:
+    """Nested-attention subjects already installed on ``model``."""
+    for patch in _attn2_patches(model):
+        if isinstance(patch, NestedContextPatch):
+            return patch.subjects
+    return ()
+
+
+def install_nested(model: Any, subjects: Iterable[NestedSource],
+                   layers: str | Iterable[CrossAttentionLayer] = "all",
+                   exclusive: bool = True) -> NestedContextPatch:
+    """Add nested-attention subjects to ``model`` (a clone you own), keeping any installed before.
+
+    One context patch and one hook per layer hold all subjects, so banks appended to the text
+    features are always taken off by the hook that knows about them.
+    """
+    chosen = resolve_layers(model, layers)
+    old_patch = next((p for p in _attn2_patches(model) if isinstance(p, NestedContextPatch)), None)
+    subjects = tuple(subjects)
+    keys = frozenset(layer.key for layer in chosen)
+    if old_patch is not None:
+        names = {s.name for s in old_patch.subjects}
+        clash = [s.name for s in subjects if s.name in names]
+        if clash:
+            raise ValueError(f"nested attention is already applied for {', '.join(clash)} on this model; "
+                             "apply each subject word once")
+        subjects = old_patch.subjects + subjects
+        keys = keys | old_patch.layer_keys
+        old_hooks = [entry for chain in _attn2_replaces(model.model_options).values()
+                     if isinstance(chain, AttentionChain) for entry in chain.hooks
+                     if isinstance(entry, NestedAttentionHook) and entry.patch is old_patch]
+        remove_hooks(model, old_hooks)
+    patch = NestedContextPatch(subjects, keys)
+    _write_attn2_patches(model, [p for p in _attn2_patches(model) if p is not old_patch] + [patch])
+    hook = NestedAttentionHook(patch=patch, exclusive=exclusive)
+    # Outermost, so every other hook of the chain sees only the prompt's own rows.
+    install_hook(model, hook, [layer for layer in model_layers(model) if layer.key in keys], outermost=True)
+    return patch

@@ -56,6 +56,8 @@ class RegionalKV(AttentionHook):
         if context is None or self.masks is None or ctx.spatial is None:
             raise RuntimeError("RegionalKV needs the stash_context attn2_patch, masks and the layer's "
                                "activation shape; install it with attention.patching.install_regional")
+        # Hooks outside this one (nested attention) may have taken appended rows off k and v.
+        context, value = context[:, :k.shape[1]], value[:, :v.shape[1]]
         weights, background = region_weights(self.masks.to(q.device), ctx.spatial)
         if weights.dim() == 3 and weights.shape[0] != q.shape[0]:  # per image: repeat for cond/uncond
             repeat = q.shape[0] // weights.shape[0]

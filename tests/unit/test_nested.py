@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concept_attention.attention.nested import NestedSubject, nested_attention, nested_attention_multi
+from concept_attention.attention.nested import (NestedSubject, nested_attention, nested_attention_multi,
+                                                 nested_update)
 
 F64 = torch.float64
 
@@ -275,3 +276,27 @@ def test_multi_without_subjects_is_plain() -> None:
     q, k, v, _, _ = _inputs(b=2, seed=14)
     out = nested_attention_multi(q, k, v, 2, [])
     torch.testing.assert_close(out, plain_attention(q, k, v, 2), rtol=0, atol=1e-12)
+
+
+def test_update_on_a_given_plain_output_matches_the_full_op() -> None:
+    (q, k, v), a, b = _two_subjects(2, 6, seed=15, mask_a=None, mask_b=None)
+    plain = plain_attention(q, k, v, 2)
+    out = nested_update(plain, q, k, v, 2, [a, b])
+    torch.testing.assert_close(out, reference_nested(q, k, v, 2, [a, b]), rtol=0, atol=1e-10)
+    assert nested_update(plain, q, k, v, 2, []) is plain
+
+
+def test_exclusive_gives_each_query_one_subject() -> None:
+    (q, k, v), a, b = _two_subjects(2, 6, seed=16, mask_a=None, mask_b=None)
+    b = NestedSubject(**{**b.__dict__, "subject_index": torch.tensor([4, 5])})
+    a_only = nested_attention_multi(q, k, v, 2, [a, NestedSubject(**{**b.__dict__, "strength": 0.0})])
+    b_only = nested_attention_multi(q, k, v, 2, [NestedSubject(**{**a.__dict__, "strength": 0.0}), b])
+    neither = nested_attention_multi(q, k, v, 2, [NestedSubject(**{**s.__dict__, "strength": 0.0}) for s in (a, b)])
+    plain = plain_attention(q, k, v, 2)
+    out = nested_update(plain, q, k, v, 2, [a, b], exclusive=True)
+    # every query row equals exactly one of the single-subject outputs: the one it attends to most
+    from_a = (out - a_only).abs().amax(-1) < 1e-10
+    from_b = (out - b_only).abs().amax(-1) < 1e-10
+    assert bool((from_a ^ from_b).all())
+    assert bool(from_a.any()) and bool(from_b.any())
+    assert (a_only - neither).abs().amax() > 1e-4 and (b_only - neither).abs().amax() > 1e-4
