@@ -24,11 +24,13 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .compose import ConceptSampler, MergeConcepts
     from .concepts import (ApplyConcepts, ExportConcepts, LoadConcepts, SaveConcepts,
                            TrainConcepts)
+    from .nested import ApplyNestedAttention, NestedSubjectFromBank
     from .preview import AttentionMapSampler
     from .toy_world import ToyWorldLoader, ToyWorldScene
 
     return [TrainConcepts, ApplyConcepts, LoadConcepts, SaveConcepts, ExportConcepts,
-            MergeConcepts, ConceptSampler, AttentionMapSampler, ToyWorldLoader, ToyWorldScene]
+            MergeConcepts, ConceptSampler, AttentionMapSampler, ApplyNestedAttention,
+            NestedSubjectFromBank, ToyWorldLoader, ToyWorldScene]
 
 
 class ConceptAttentionExtension(ComfyExtension):

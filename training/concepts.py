@@ -23,6 +23,7 @@ class Concept:
     trigger: str
     class_phrase: str
     embeddings: dict[str, torch.Tensor]  # encoder key -> [n_tokens, width]
+    bank: torch.Tensor | None = None  # nested-attention token bank [M, context width], if trained
 
 
 @dataclass
@@ -38,6 +39,13 @@ class ConceptSet:
     def triggers(self) -> list[str]:
         """Trigger names in training order."""
         return [c.trigger for c in self.concepts]
+
+    def find(self, trigger: str) -> Concept:
+        """The concept with this trigger, or a ValueError listing the ones there are."""
+        for concept in self.concepts:
+            if concept.trigger == trigger:
+                return concept
+        raise ValueError(f"no concept {trigger!r} in this set; it has {', '.join(self.triggers)}")
 
     def describe(self) -> str:
         """One line for logs and errors: triggers, classes and architecture."""
