@@ -158,7 +158,8 @@ class NestedAttentionHook(AttentionHook):
             elif ctx.key not in source.layer_kv:
                 continue
             else:
-                nested_k, nested_v = (t[None] for t in source.layer_kv[ctx.key])
+                # [M, inner] for every row, or [B, M, inner] per row (a training batch)
+                nested_k, nested_v = (t if t.dim() == 3 else t[None] for t in source.layer_kv[ctx.key])
             subjects.append(NestedSubject(index, nested_k, nested_v, strength=source.strength,
                                           token_weight=source.token_weight,
                                           query_mask=_region(source.region, ctx)))

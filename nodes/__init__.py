@@ -7,16 +7,19 @@ from comfy_api.latest import ComfyExtension, io
 
 CONCEPTS_FOLDER = "concepts"
 CONCEPT_EXTENSIONS = {".safetensors"}
+NESTED_ADAPTERS_FOLDER = "nested_adapters"  # nested-attention image adapters (nodes/nested_adapter.py)
 
 
 def register_model_folders() -> None:
-    """Register ``models/concepts`` (users may add more paths with ``concepts:`` in extra_model_paths)."""
+    """Register ``models/concepts`` and ``models/nested_adapters`` (users may add more paths with
+    ``concepts:`` / ``nested_adapters:`` in extra_model_paths)."""
     import folder_paths
 
-    default = os.path.join(folder_paths.models_dir, CONCEPTS_FOLDER)
-    folder_paths.add_model_folder_path(CONCEPTS_FOLDER, default, is_default=False)
-    paths, extensions = folder_paths.folder_names_and_paths[CONCEPTS_FOLDER]
-    folder_paths.folder_names_and_paths[CONCEPTS_FOLDER] = (paths, set(extensions) | CONCEPT_EXTENSIONS)
+    for folder in (CONCEPTS_FOLDER, NESTED_ADAPTERS_FOLDER):
+        default = os.path.join(folder_paths.models_dir, folder)
+        folder_paths.add_model_folder_path(folder, default, is_default=False)
+        paths, extensions = folder_paths.folder_names_and_paths[folder]
+        folder_paths.folder_names_and_paths[folder] = (paths, set(extensions) | CONCEPT_EXTENSIONS)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
@@ -25,12 +28,14 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .concepts import (ApplyConcepts, ExportConcepts, LoadConcepts, SaveConcepts,
                            TrainConcepts)
     from .nested import ApplyNestedAttention, NestedSubjectFromBank
+    from .nested_adapter import LoadNestedAdapter, NestedSubjectFromImage
     from .preview import AttentionMapSampler
     from .toy_world import ToyWorldLoader, ToyWorldScene
 
     return [TrainConcepts, ApplyConcepts, LoadConcepts, SaveConcepts, ExportConcepts,
             MergeConcepts, ConceptSampler, AttentionMapSampler, ApplyNestedAttention,
-            NestedSubjectFromBank, ToyWorldLoader, ToyWorldScene]
+            NestedSubjectFromBank, LoadNestedAdapter, NestedSubjectFromImage, ToyWorldLoader,
+            ToyWorldScene]
 
 
 class ConceptAttentionExtension(ComfyExtension):

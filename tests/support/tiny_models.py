@@ -141,3 +141,37 @@ def build_bundle(arch: str = "sd15", seed: int = 0,
     """MODEL, CLIP and VAE of one tiny architecture."""
     return TinyBundle(build_model(arch, seed), build_clip(arch, seed, embedding_directory),
                       build_vae(seed))
+
+
+# A tiny CLIP-vision tower (ComfyUI's clip_vision classes): 56 px input, 14 px patches ->
+# 16 patch tokens + CLS, width 24; the penultimate hidden states are what image adapters read.
+TINY_CLIP_VISION: dict[str, Any] = dict(
+    attention_dropout=0.0, dropout=0.0, hidden_act="gelu", hidden_size=24, image_size=56,
+    initializer_factor=1.0, initializer_range=0.02, intermediate_size=48, layer_norm_eps=1e-5,
+    model_type="clip_vision_model", num_attention_heads=2, num_channels=3, num_hidden_layers=3,
+    patch_size=14, projection_dim=16, torch_dtype="float32",
+)
+
+
+def build_clip_vision(seed: int = 0) -> Any:
+    """A ComfyUI ``ClipVisionModel`` with the tiny config above and seeded random weights."""
+    import json
+    import os
+    import tempfile
+
+    import comfy.clip_vision
+
+    handle, path = tempfile.mkstemp(suffix=".json", prefix="tiny_clip_vision_")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(TINY_CLIP_VISION, f)
+        clip_vision = comfy.clip_vision.ClipVisionModel(path)
+    finally:
+        os.unlink(path)
+    clip_vision.model.to(torch.float32)
+    seeded_init_(clip_vision.model, torch.Generator().manual_seed(seed + 3))
+    with torch.no_grad():  # a class embedding is a vector, not a weight matrix: give it scale too
+        embeddings = clip_vision.model.vision_model.embeddings
+        embeddings.class_embedding.copy_(torch.randn(embeddings.class_embedding.shape,
+                                                     generator=torch.Generator().manual_seed(seed + 4)))
+    return clip_vision

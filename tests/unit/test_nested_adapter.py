@@ -11,6 +11,7 @@ from concept_attention.attention.layers import CrossAttentionLayer
 from concept_attention.training.nested_adapter import (AdapterConfig, NestedAdapter, PerceiverAttention,
                                                        adapter_from_state_dict, config_for_layers,
                                                        ip_order, load_adapter, save_adapter)
+from support.tiny_adapters import plus_state_dict
 
 # SD1.5's cross-attention layers as ComfyUI names them (block, id, depth) with their widths
 SD15_LAYERS = ([("input", i, 320) for i in (1, 2)] + [("input", i, 640) for i in (4, 5)]
@@ -22,32 +23,6 @@ SD15_IP_WIDTHS = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [32
 
 def sd15_layers() -> list[CrossAttentionLayer]:
     return [CrossAttentionLayer((block, i, 0), 1, 8, width // 8, f"{block}.{i}") for block, i, width in SD15_LAYERS]
-
-
-def plus_state_dict(dim: int, depth: int, inner: int, queries: int, embed: int, out: int,
-                    widths: list[int], seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """Random tensors under IP-Adapter-Plus's key names and shapes, written out by hand."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return (torch.randn(shape, generator=g) / math.sqrt(shape[-1])).to(dtype)
-
-    sd = {"image_proj.latents": rnd(1, queries, dim), "image_proj.proj_in.weight": rnd(dim, embed),
-          "image_proj.proj_in.bias": rnd(dim), "image_proj.proj_out.weight": rnd(out, dim),
-          "image_proj.proj_out.bias": rnd(out), "image_proj.norm_out.weight": 1 + rnd(out),
-          "image_proj.norm_out.bias": rnd(out)}
-    for i in range(depth):
-        p = f"image_proj.layers.{i}"
-        sd.update({f"{p}.0.norm1.weight": 1 + rnd(dim), f"{p}.0.norm1.bias": rnd(dim),
-                   f"{p}.0.norm2.weight": 1 + rnd(dim), f"{p}.0.norm2.bias": rnd(dim),
-                   f"{p}.0.to_q.weight": rnd(inner, dim), f"{p}.0.to_kv.weight": rnd(2 * inner, dim),
-                   f"{p}.0.to_out.weight": rnd(dim, inner), f"{p}.1.0.weight": 1 + rnd(dim),
-                   f"{p}.1.0.bias": rnd(dim), f"{p}.1.1.weight": rnd(4 * dim, dim),
-                   f"{p}.1.3.weight": rnd(dim, 4 * dim)})
-    for j, width in enumerate(widths):
-        sd[f"ip_adapter.{2 * j + 1}.to_k_ip.weight"] = rnd(width, out)
-        sd[f"ip_adapter.{2 * j + 1}.to_v_ip.weight"] = rnd(width, out)
-    return sd
 
 
 def tiny_config(**over) -> AdapterConfig:
