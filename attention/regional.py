@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .calibration import CalibrationSettings, prepare_maps
 from .chain import AttentionContext, AttentionFn, AttentionHook
 
 CONTEXT_KEY = "concept_attention_context"
@@ -41,6 +42,25 @@ def region_weights(masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Te
     m = m / total.clamp(min=1.0)
     background = 1.0 - m.sum(1)
     return (m, background) if batched else (m[0], background[0])
+
+
+def regions_from_maps(maps: torch.Tensor, threshold: float = 0.4,
+                      settings: CalibrationSettings | None = None) -> torch.Tensor:
+    """Class-word maps ``[R,H,W]`` (or ``[B,R,H,W]``) -> disjoint 0/1 region masks of the same shape.
+
+    Maps are calibrated as in training (min-max per map, then the Gaussian); each pixel goes to
+    the region whose map is largest there if that value reaches ``threshold``, else to the
+    background (no region).
+    """
+    batched = maps.dim() == 4
+    m = maps if batched else maps[None]
+    if m.dim() != 4 or m.shape[1] == 0:
+        raise ValueError(f"expected class maps [R, H, W] or [B, R, H, W], got {tuple(maps.shape)}")
+    calibrated = prepare_maps(m.float(), settings or CalibrationSettings(), is_class=False)
+    best, winner = calibrated.max(dim=1, keepdim=True)
+    regions = torch.arange(m.shape[1], device=m.device)[None, :, None, None]
+    masks = ((winner == regions) & (best >= threshold)).float()
+    return masks if batched else masks[0]
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import logging
 
+import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..attention.patching import install_regional
 from ..training.apply import apply_concepts
 from ..training.concept_file import save_concepts
 from ..training.concepts import check_compatible
+from ..training.auto_regions import class_word_positions, sample_auto_regional
 from ..training.merge import merge_concept_sets
 from .common import CATEGORY, NODE_PREFIX, ksampler_inputs, run_ksampler
 from .concepts import Concepts, concept_path
 
-MODES = ("off", "combined", "regional")
+MODES = ("off", "combined", "regional", "regional_auto")
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +71,18 @@ class ConceptSampler(io.ComfyNode):
             category=CATEGORY,
             description="Samples like KSampler with learned concepts' K/V deltas: 'off' is exactly "
                         "KSampler; 'combined' applies every set everywhere (as Apply Concepts); "
-                        "'regional' applies each set only inside its mask. Encode the prompts with "
-                        "a CLIP from Apply Concepts so the trigger words are known.",
+                        "'regional' applies each set only inside its mask; 'regional_auto' finds the "
+                        "regions itself from the class words' attention over the first steps. "
+                        "Encode the prompts with a CLIP from Apply Concepts so the trigger words "
+                        "are known.",
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (not one that already has these "
                                                 "concepts applied)."),
                 Concepts.Input("concepts_1", tooltip="First concept set."),
                 io.Combo.Input("composition", options=list(MODES), default="combined",
                                tooltip="off = stock KSampler; combined = all deltas everywhere; "
-                                       "regional = each set's deltas only inside its mask."),
+                                       "regional = each set's deltas only inside its mask; "
+                                       "regional_auto = regions from the class words' maps."),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.01,
                                tooltip="Scale of the K/V deltas."),
                 *ksampler_inputs(),
@@ -85,19 +91,48 @@ class ConceptSampler(io.ComfyNode):
                 io.Mask.Input("masks", optional=True,
                               tooltip="Regional mode: one mask per connected concept set, in order "
                                       "(a MASK batch); white = where that set acts."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="regional_auto: the CLIP that encoded 'positive' (with the "
+                                      "triggers, e.g. from Apply Concepts), to find the class words."),
+                io.String.Input("positive_text", multiline=True, default="", optional=True,
+                                tooltip="regional_auto: the text of the positive prompt, written "
+                                        "'V1 cat ... V2 dog' (each trigger before its class)."),
+                io.Float.Input("auto_steps", default=0.3, min=0.05, max=0.95, step=0.05, optional=True,
+                               tooltip="regional_auto: fraction of the steps sampled with all sets "
+                                       "everywhere while the class-word maps are recorded."),
+                io.Float.Input("region_threshold", default=0.4, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="regional_auto: a pixel joins its strongest class word's region "
+                                       "if that normalised map reaches this value, else background."),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[io.Latent.Output(display_name="LATENT"),
+                     io.Mask.Output(display_name="regions",
+                                    tooltip="Where each concept set acted (one mask per set): the "
+                                            "given masks, the automatic ones, all white when "
+                                            "combined, all black when off.")],
         )
 
     @classmethod
     def execute(cls, model, concepts_1, composition: str, strength: float, seed: int, steps: int,
                 cfg: float, sampler_name: str, scheduler: str, positive, negative, latent_image,
-                denoise: float, concepts_2=None, concepts_3=None, masks=None) -> io.NodeOutput:
+                denoise: float, concepts_2=None, concepts_3=None, masks=None, clip=None,
+                positive_text: str = "", auto_steps: float = 0.3,
+                region_threshold: float = 0.4) -> io.NodeOutput:
         sets = [s for s in (concepts_1, concepts_2, concepts_3) if s is not None]
         for concepts in sets:
             check_compatible(concepts, model, None)
-        patched = model
+        sampling = dict(seed=seed, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                        positive=positive, negative=negative, denoise=denoise)
+        size = latent_image["samples"].shape[-2:]
+        image_size = (size[0] * 8, size[1] * 8)
+        if composition == "regional_auto":
+            per_set = cls._class_words(clip, positive_text, positive, sets)
+            latent, regions = sample_auto_regional(run_ksampler, model, sets, strength, per_set, steps,
+                                                   auto_steps, region_threshold, latent_image, **sampling)
+            regions = regions.reshape(-1, *regions.shape[-2:])
+            return io.NodeOutput(latent, F.interpolate(regions[None], size=image_size, mode="nearest")[0])
+        patched, regions = model, torch.zeros(len(sets), *image_size)
         if composition == "combined":
+            regions = torch.ones(len(sets), *image_size)
             for concepts in sets:
                 patched, _ = apply_concepts(patched, None, concepts, strength)
         elif composition == "regional":
@@ -112,7 +147,20 @@ class ConceptSampler(io.ComfyNode):
             patched = model.clone()
             install_regional(patched, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
                              masks.float())
+            regions = masks.float()
         elif composition != "off":
             raise ValueError(f"unknown composition {composition!r}; use one of {MODES}")
-        return io.NodeOutput(run_ksampler(patched, seed, steps, cfg, sampler_name, scheduler,
-                                          positive, negative, latent_image, denoise))
+        return io.NodeOutput(run_ksampler(patched, steps=steps, latent=latent_image, **sampling), regions)
+
+    @staticmethod
+    def _class_words(clip, positive_text: str, positive, sets) -> list[list[int]]:
+        """Class-word positions per set, after checking that the text is the positive prompt."""
+        if clip is None or not positive_text.strip():
+            raise ValueError("regional_auto needs 'clip' and 'positive_text' (the positive prompt's "
+                             "text) to find the class words; or use 'regional' with masks")
+        encoded = clip.encode_from_tokens_scheduled(clip.tokenize(positive_text))[0][0]
+        given = positive[0][0]
+        if encoded.shape != given.shape or not torch.allclose(encoded.float(), given.float(), atol=1e-3, rtol=1e-3):
+            raise ValueError("'positive_text' encoded with 'clip' does not give the 'positive' "
+                             "conditioning: connect the same text and CLIP that made 'positive'")
+        return class_word_positions(clip, positive_text, sets)

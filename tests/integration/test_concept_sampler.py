@@ -107,3 +107,85 @@ def test_regional_mode_chains_with_another_packs_attn2_replace_and_a_lora_patch(
                                    **ksampler_args(sd15)).result[0]["samples"]
     assert torch.equal(empty, sample(sd15, model))  # empty regions: exactly the patched model
     assert not torch.allclose(out, empty)
+
+
+AUTO_PROMPT = "a photo of a V1 cat and a V2 dog"
+
+
+@pytest.fixture(scope="module")
+def auto_sets(sd15):
+    return (synthetic_set(sd15.bundle, ["V1"], 1, scale=0.3, classes=("cat",)),
+            synthetic_set(sd15.bundle, ["V2"], 2, scale=0.3, classes=("dog",)))
+
+
+
+def auto_args(sd15, sets, text=AUTO_PROMPT, **extra):
+    from concept_attention.training.apply import apply_concepts as apply
+
+    clip = sd15.bundle.clip
+    for concepts in sets:
+        _, clip = apply(None, clip, concepts)
+    args = ksampler_args(sd15)
+    args["positive"] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    args["steps"] = 4
+    return dict(model=sd15.bundle.model, concepts_1=sets[0], concepts_2=sets[1], composition="regional_auto",
+                strength=1.0, clip=clip, positive_text=text, **{**args, **extra})
+
+
+def test_class_words_after_their_triggers_are_found(sd15, auto_sets):
+    from concept_attention.training.auto_regions import class_word_positions
+
+    clip = auto_args(sd15, auto_sets)["clip"]
+    per_set = class_word_positions(clip, AUTO_PROMPT, auto_sets)
+    stream = clip.tokenize(AUTO_PROMPT)["l"][0]
+    assert [len(p) for p in per_set] == [1, 1]
+    cat, dog = per_set[0][0], per_set[1][0]
+    assert dog > cat > 0
+    # the class word follows the trigger's spliced vector
+    assert torch.is_tensor(stream[cat - 1][0]) and torch.is_tensor(stream[dog - 1][0])
+    with pytest.raises(ValueError, match="class after each trigger"):
+        class_word_positions(clip, "a cat and a photo of a V1", auto_sets)
+
+
+def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_sets):
+    from concept_attention.attention.patching import install_regional
+
+    args = auto_args(sd15, auto_sets)
+    latent, regions = ConceptSampler.execute(**args).result
+    assert regions.shape == (2, 128, 128)
+    assert set(regions.unique().tolist()) <= {0.0, 1.0}
+    assert bool((regions.sum(0) <= 1).all())
+    assert regions[0].sum() > 0 and regions[1].sum() > 0
+    # stage two is exactly regional sampling with those masks, started from stage one's latent
+    sampling = {k: args[k] for k in ("seed", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                                     "denoise")}
+    combined = sd15.bundle.model
+    for concepts in auto_sets:
+        combined, _ = apply_concepts(combined, None, concepts)
+    first = run_ksampler(combined, steps=4, latent=args["latent_image"], last_step=1,
+                         force_full_denoise=False, **sampling)
+    masks = torch.nn.functional.interpolate(regions[None], size=(16, 16), mode="nearest")[0]
+    model = sd15.bundle.model.clone()
+    install_regional(model, [s.kv_deltas for s in auto_sets], masks)
+    second = run_ksampler(model, steps=4, latent=first, start_step=1, disable_noise=True,
+                          force_full_denoise=True, **sampling)
+    torch.testing.assert_close(latent["samples"], second["samples"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_set_absent_from_the_prompt_gets_no_region(sd15, auto_sets):
+    args = auto_args(sd15, auto_sets, text="a photo of a V1 cat and a dog")
+    regions = ConceptSampler.execute(**args).result[1]
+    assert regions[0].sum() > 0 and regions[1].sum() == 0
+
+
+def test_auto_mode_checks_its_text_inputs(sd15, auto_sets):
+    args = auto_args(sd15, auto_sets)
+    with pytest.raises(ValueError, match="does not give the 'positive'"):
+        ConceptSampler.execute(**{**args, "positive_text": "a photo of a V2 dog and a V1 cat"})
+    with pytest.raises(ValueError, match="needs 'clip' and 'positive_text'"):
+        ConceptSampler.execute(**{**args, "clip": None})
+    with pytest.raises(ValueError, match="none of the concepts"):
+        text = "a photo of a cat"
+        clip = args["clip"]
+        ConceptSampler.execute(**{**args, "positive_text": text,
+                                  "positive": clip.encode_from_tokens_scheduled(clip.tokenize(text))})

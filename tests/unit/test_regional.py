@@ -1,6 +1,7 @@
 """Regional K/V deltas: each region's queries see their own keys/values, the rest the base ones."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +87,23 @@ def test_per_image_masks_repeat_over_cond_and_uncond_rows():
     patched = attend(q, context @ (w_k + deltas[0][0]).T, context @ (w_v + deltas[0][1]).T)
     torch.testing.assert_close(out[[0, 2]], base[[0, 2]])
     torch.testing.assert_close(out[[1, 3]], patched[[1, 3]])
+
+
+def test_regions_from_maps_follow_the_strongest_calibrated_map() -> None:
+    from concept_attention.attention.regional import regions_from_maps
+
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 1:4, 1:4] = 1.0  # region 0 top left
+    maps[1, 5:8, 4:8] = 0.2  # region 1 bottom right, weaker in absolute terms
+    maps[1, 0, 0] = 0.05
+    masks = regions_from_maps(maps, threshold=0.4)
+    assert masks.shape == (2, 8, 8)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert bool((masks.sum(0) <= 1).all())  # disjoint
+    assert masks[0, 2, 2] == 1 and masks[1, 2, 2] == 0
+    assert masks[1, 6, 6] == 1 and masks[0, 6, 6] == 0  # min-max makes the weak map count
+    assert masks[:, 0, 7].sum() == 0  # far from both: background
+    batched = regions_from_maps(torch.stack([maps, maps.flip(0)]), threshold=0.4)
+    assert torch.equal(batched[0], masks) and torch.equal(batched[1], masks.flip(0))
+    with pytest.raises(ValueError, match="expected class maps"):
+        regions_from_maps(torch.zeros(8, 8))

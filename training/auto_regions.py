@@ -1,0 +1,92 @@
+"""Regions found by the concepts themselves: class-word maps over the first sampling steps.
+
+Sampling is split like KSamplerAdvanced: the first steps run with every concept set applied
+everywhere while the class words' cross-attention maps are recorded; the maps are calibrated as
+in training and turned into one region per set (:func:`~..attention.regional.regions_from_maps`);
+the remaining steps run with each set's K/V deltas only inside its region and the base weights
+in the background.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..attention.patching import install_hook, install_regional
+from ..attention.recorder import AttentionRecorder, MapStore
+from ..attention.regional import regions_from_maps
+from ..attention.tokens import find_subsequence, flatten_tokens, phrase_ids
+from .apply import apply_concepts
+from .concepts import ConceptSet
+from .triggers import locate_words_and_triggers
+
+log = logging.getLogger(__name__)
+
+Sampler = Callable[..., dict]
+
+
+def class_word_positions(clip: Any, text: str, sets: Sequence[ConceptSet]) -> list[list[int]]:
+    """Per set, token positions of its concepts' class phrases that follow their triggers in ``text``."""
+    stream = flatten_tokens(clip.tokenize(text))
+    per_set = []
+    for concepts in sets:
+        positions: list[int] = []
+        for concept in concepts.concepts:
+            try:
+                trigger = locate_words_and_triggers(clip, text, [concept.trigger])[0]
+            except ValueError:
+                continue  # this concept is not in the prompt
+            ids = phrase_ids(clip, concept.class_phrase)
+            starts = [s for s in find_subsequence(stream, ids) if s > trigger[-1]]
+            if not starts:
+                raise ValueError(f"automatic regions need the class after each trigger: write "
+                                 f"'{concept.trigger} {concept.class_phrase}' in the prompt")
+            positions += range(starts[0], starts[0] + len(ids))
+        if not positions:
+            log.warning("no trigger of %s occurs in the prompt: that set gets no region", concepts.describe())
+        per_set.append(positions)
+    if not any(per_set):
+        raise ValueError(f"none of the concepts' triggers ({', '.join(t for s in sets for t in s.triggers)}) "
+                         "occurs in the prompt text: automatic regions need them")
+    return per_set
+
+
+def set_maps(store: MapStore, per_set: Sequence[Sequence[int]], size: tuple[int, int]) -> torch.Tensor:
+    """Recorded maps averaged over steps, layers and each set's class tokens: ``[rows, R, H, W]``."""
+    maps = store.aggregate(size=size)  # [rows, T, H, W] in the order the tokens were recorded
+    out, start = [], 0
+    for positions in per_set:
+        if positions:
+            out.append(maps[:, start:start + len(positions)].mean(1))
+        else:
+            out.append(torch.zeros_like(maps[:, 0]))
+        start += len(positions)
+    return torch.stack(out, dim=1)
+
+
+def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet], strength: float,
+                         per_set: Sequence[Sequence[int]], steps: int, auto_fraction: float,
+                         threshold: float, latent: dict, **sampling: Any) -> tuple[dict, torch.Tensor]:
+    """Two-stage sampling with regions from class-word maps; returns (latent, masks ``[B, R, h, w]``)."""
+    split = min(steps - 1, max(1, round(auto_fraction * steps)))
+    if steps < 2:
+        raise ValueError("automatic regions need at least 2 sampling steps")
+    combined = model
+    for concepts in sets:
+        combined, _ = apply_concepts(combined, None, concepts, strength)
+    combined = combined.clone()
+    store = MapStore()
+    store.set_tokens([p for positions in per_set for p in positions])
+    install_hook(combined, AttentionRecorder(store=store), "all")
+    first = sample(combined, steps=steps, latent=latent, last_step=split, force_full_denoise=False, **sampling)
+
+    samples = first["samples"]
+    masks = regions_from_maps(set_maps(store, per_set, tuple(samples.shape[-2:])), threshold)
+    masks = masks[: samples.shape[0]]
+    regional = model.clone()
+    install_regional(regional, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
+                     masks if masks.shape[0] > 1 else masks[0])
+    second = sample(regional, steps=steps, latent=first, start_step=split, disable_noise=True,
+                    force_full_denoise=True, **sampling)
+    return second, masks
