@@ -6,9 +6,14 @@ Safetensors only; nothing here ever unpickles. Layout:
   ``kv.diffusion_model.input_blocks.7.1.transformer_blocks.0.attn2.to_k.weight`` ([out, in]);
 * tensors ``emb.<index>.<encoder key>`` -- the token vectors of concept ``index`` for one text
   encoder (``clip_l``, ``clip_g``), [n_tokens, width];
+* tensors ``bank.<index>`` -- concept ``index``'s nested-attention token bank, if it has one,
+  [M, context width] (the text encoders' widths together: 768 for SD1.x, 2048 for SDXL);
 * header metadata (strings): ``format`` = ``concept-attention``, ``format_version``, and JSON in
   ``architecture`` (see ``architecture_fingerprint``), ``concepts`` (list of ``{trigger,
-  class_phrase, index, n_tokens}`` in training order) and ``metadata`` (training settings, ...).
+  class_phrase, index, n_tokens}`` in training order, plus ``bank_tokens`` = M for a concept with
+  a bank) and ``metadata`` (training settings, ...).
+
+Version 2 added the banks; version 1 files (no banks) load with ``bank`` None.
 
 :func:`load_concepts` trusts nothing: sizes are checked before anything is read, the header is
 validated against this schema and the tensors for finiteness, and every problem raises
@@ -26,12 +31,14 @@ from typing import Any
 
 import torch
 
-from .concepts import ENCODER_KEYS, FORMAT_VERSION, Concept, ConceptSet, kv_digest
+from .concepts import ENCODER_KEYS, FORMAT_VERSION, Concept, ConceptSet, context_width, kv_digest
 from .io_utils import atomic_write_safetensors
 
 FORMAT_NAME = "concept-attention"
 KV_PREFIX = "kv."
 EMB_PREFIX = "emb."
+BANK_PREFIX = "bank."
+MAX_BANK_TOKENS = 4096
 MAX_METADATA_BYTES = 1 << 20  # all header metadata strings together
 MAX_HEADER_BYTES = 16 << 20  # the whole safetensors header: tensor table plus metadata
 FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -41,6 +48,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 _ITEM_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _KV_KEY = re.compile(r"diffusion_model\.[A-Za-z0-9_.]+\.attn2\.to_[kv]\.weight")
 _EMB_KEY = re.compile(r"emb\.(0|[1-9][0-9]{0,5})\.([A-Za-z0-9_]+)")
+_BANK_KEY = re.compile(r"bank\.(0|[1-9][0-9]{0,5})")
 
 ADVICE_DAMAGED = ("The file is damaged or incomplete (an interrupted copy or download?): copy it "
                   "again, or train and save the concepts again.")
@@ -133,6 +141,11 @@ def _check_concept_entries(entries: list[Any]) -> list[dict[str, Any]]:
         n_tokens = entry.get("n_tokens")
         if not _is_int(n_tokens) or not 1 <= n_tokens <= 75:
             raise _Problem(f"concept {trigger!r} has an invalid token count {n_tokens!r}")
+        bank_tokens = entry.get("bank_tokens")
+        if "bank_tokens" in entry and (not _is_int(bank_tokens)
+                                       or not 1 <= bank_tokens <= MAX_BANK_TOKENS):
+            raise _Problem(f"concept {trigger!r} has an invalid token-bank size {bank_tokens!r} "
+                           f"(1 to {MAX_BANK_TOKENS})")
     return entries
 
 
@@ -162,6 +175,8 @@ def _parse_metadata(meta: Any) -> dict[str, Any]:
     concepts = _check_concept_entries(_parse_json(meta, "concepts", list))
     if concepts and not architecture.get("encoders"):
         raise _Problem("it declares concepts but its architecture lists no text encoders")
+    if version < 2 and any("bank_tokens" in entry for entry in concepts):
+        raise _Problem(f"it declares token banks, which format version {version} does not have")
     metadata = _parse_json(meta, "metadata", dict) if "metadata" in meta else {}
     return {"format_version": version, "architecture": architecture, "concepts": concepts,
             "metadata": metadata}
@@ -178,6 +193,7 @@ def _check_tensor_table(parsed: dict[str, Any], table: Mapping[str, tuple[str, t
     declared = {entry["index"]: entry for entry in parsed["concepts"]}
     kv_shapes: dict[str, tuple[int, ...]] = {}
     embeddings: set[tuple[int, str]] = set()
+    banks: set[int] = set()
     for key, (dtype, shape) in table.items():
         if dtype not in FLOAT_DTYPES:
             raise _Problem(f"tensor {key!r} has dtype {dtype}; only floating-point tensors "
@@ -190,10 +206,14 @@ def _check_tensor_table(parsed: dict[str, Any], table: Mapping[str, tuple[str, t
                                "[out, in] matrix")
             kv_shapes[key[len(KV_PREFIX):]] = tuple(shape)
             continue
+        bank = _BANK_KEY.fullmatch(key)
+        if bank is not None:
+            banks.add(_check_bank(key, int(bank.group(1)), shape, declared, architecture))
+            continue
         match = _EMB_KEY.fullmatch(key)
         if match is None:
             raise _Problem(f"tensor {key!r} does not match the schema (expected 'kv.<weight key of "
-                           "an attn2 to_k/to_v>' or 'emb.<index>.<clip_l|clip_g>')")
+                           "an attn2 to_k/to_v>', 'emb.<index>.<clip_l|clip_g>' or 'bank.<index>')")
         index, encoder = int(match.group(1)), match.group(2)
         if index not in declared:
             raise _Problem(f"tensor {key!r} belongs to no declared concept "
@@ -213,6 +233,9 @@ def _check_tensor_table(parsed: dict[str, Any], table: Mapping[str, tuple[str, t
             if (index, encoder) not in embeddings:
                 raise _Problem(f"the embedding '{EMB_PREFIX}{index}.{encoder}' of concept "
                                f"{entry['trigger']!r} is missing")
+        if "bank_tokens" in entry and index not in banks:
+            raise _Problem(f"the token bank '{BANK_PREFIX}{index}' of concept {entry['trigger']!r} "
+                           "is missing")
     expected_kv = 2 * architecture["kv_layers"]
     if len(kv_shapes) != expected_kv:
         raise _Problem(f"it has {len(kv_shapes)} K/V deltas but its architecture has "
@@ -228,6 +251,23 @@ def _check_tensor_table(parsed: dict[str, Any], table: Mapping[str, tuple[str, t
     if digest is not None and kv_shapes and kv_digest(kv_shapes) != digest:
         raise _Problem(f"the shapes of its K/V deltas do not match its architecture digest "
                        f"{digest} (got {kv_digest(kv_shapes)})")
+
+
+def _check_bank(key: str, index: int, shape: tuple[int, ...], declared: Mapping[int, dict[str, Any]],
+                architecture: Mapping[str, Any]) -> int:
+    """A ``bank.<index>`` tensor belongs to a concept declaring ``bank_tokens`` and has its shape."""
+    entry = declared.get(index)
+    if entry is None:
+        raise _Problem(f"tensor {key!r} belongs to no declared concept (there are {len(declared)})")
+    if "bank_tokens" not in entry:
+        raise _Problem(f"tensor {key!r} is a token bank but concept {entry['trigger']!r} declares "
+                       "none (no 'bank_tokens')")
+    expected = [entry["bank_tokens"], context_width(architecture)]
+    if list(shape) != expected:
+        raise _Problem(f"token bank {key!r} of concept {entry['trigger']!r} has shape {list(shape)}; "
+                       f"expected [bank_tokens, context width] = {expected} (the context width is "
+                       "the text encoders' widths together)")
+    return index
 
 
 def _check_finite(key: str, tensor: torch.Tensor) -> None:
@@ -372,7 +412,8 @@ def load_concepts(path: str | os.PathLike[str], dtype: torch.dtype | None = torc
     concepts = [
         Concept(trigger=entry["trigger"], class_phrase=entry["class_phrase"],
                 embeddings={encoder: convert(tensors[f"{EMB_PREFIX}{entry['index']}.{encoder}"])
-                            for encoder in encoders})
+                            for encoder in encoders},
+                bank=convert(tensors[f"{BANK_PREFIX}{entry['index']}"]) if "bank_tokens" in entry else None)
         for entry in parsed["concepts"]
     ]
     kv_deltas = {key[len(KV_PREFIX):]: convert(tensor) for key, tensor in tensors.items()
@@ -421,6 +462,12 @@ def concept_file_contents(concepts: ConceptSet, dtype: torch.dtype | None = None
                         "index": index, "n_tokens": n_tokens.pop() if n_tokens else 0})
         for encoder, embedding in concept.embeddings.items():
             tensors[f"{EMB_PREFIX}{index}.{encoder}"] = convert(embedding)
+        if concept.bank is not None:
+            if concept.bank.ndim != 2:
+                raise _Problem(f"the token bank of concept {concept.trigger!r} has shape "
+                               f"{list(concept.bank.shape)}; expected [bank_tokens, context width]")
+            entries[-1]["bank_tokens"] = int(concept.bank.shape[0])
+            tensors[f"{BANK_PREFIX}{index}"] = convert(concept.bank)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional nested-attention token banks per concept
 ENCODER_KEYS = ("clip_l", "clip_g")  # ComfyUI's textual-inversion keys, one per text encoder
 
 
@@ -51,6 +51,11 @@ class ConceptSet:
         """One line for logs and errors: triggers, classes and architecture."""
         pairs = ", ".join(f"{c.trigger} {c.class_phrase}" for c in self.concepts)
         return f"[{pairs}] for {self.architecture.get('model', '?')}"
+
+
+def context_width(architecture: Mapping[str, Any]) -> int:
+    """Width of the text features the UNet sees: the encoders' widths together (SDXL: l + g)."""
+    return sum(int(w) for w in architecture.get("encoders", {}).values())
 
 
 def encoder_widths(clip: Any) -> dict[str, int]:

@@ -348,3 +348,101 @@ def test_safetensors_errors_become_concept_file_errors(tmp_path: Path,
     with pytest.raises(ConceptFileError, match=r"'pets\.safetensors'.*safetensors cannot read it "
                                                r"\(SafetensorError: .*InvalidOffset\).*damaged"):
         load_concepts(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested-attention token banks (format version 2)
+
+
+def banked_set(seed: int = 0, sdxl: bool = True, m: int = 4) -> ConceptSet:
+    """make_set with a token bank [m, context width] on the second concept only."""
+    concepts = make_set(seed, sdxl)
+    width = sum(concepts.architecture["encoders"].values())
+    concepts.concepts[1].bank = torch.randn(m, width, generator=torch.Generator().manual_seed(seed + 1))
+    return concepts
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_token_banks_round_trip_exactly(tmp_path: Path, sdxl: bool) -> None:
+    original = banked_set(sdxl=sdxl)
+    path = tmp_path / "banked.safetensors"
+    save_concepts(path, original)
+    loaded = load_concepts(path)
+    assert_same(original, loaded)
+    assert loaded.concepts[0].bank is None
+    assert torch.equal(loaded.concepts[1].bank, original.concepts[1].bank)
+    assert loaded.concepts[1].bank.shape == (4, 80 if sdxl else 32)
+    with safetensors.safe_open(str(path), "pt") as handle:
+        keys, meta = set(handle.keys()), handle.metadata()
+    assert "bank.1" in keys and "bank.0" not in keys
+    entries = json.loads(meta["concepts"])
+    assert "bank_tokens" not in entries[0] and entries[1]["bank_tokens"] == 4
+    assert concept_file_info(path)["concepts"][1]["bank_tokens"] == 4
+    half = tmp_path / "half.safetensors"
+    save_concepts(half, original, dtype=torch.float16)
+    assert torch.equal(load_concepts(half).concepts[1].bank, original.concepts[1].bank.half().float())
+
+
+def test_version_1_files_without_banks_still_load(tmp_path: Path) -> None:
+    tensors, metadata = valid_parts()
+    metadata["format_version"] = "1"
+    path = tmp_path / "old.safetensors"
+    write_raw(path, tensors, metadata)
+    loaded = load_concepts(path)
+    assert_same(make_set(), loaded)
+    assert all(c.bank is None for c in loaded.concepts)
+
+
+def test_save_refuses_a_bank_of_the_wrong_width(tmp_path: Path) -> None:
+    wrong = banked_set()
+    wrong.concepts[1].bank = torch.zeros(4, 48)  # clip_g alone, not clip_l + clip_g
+    with pytest.raises(ConceptFileError, match=r"expected \[bank_tokens, context width\] = \[4, 80\]"):
+        save_concepts(tmp_path / "w.safetensors", wrong)
+    flat = banked_set()
+    flat.concepts[1].bank = torch.zeros(80)
+    with pytest.raises(ConceptFileError, match="token bank of concept 'V1' has shape"):
+        save_concepts(tmp_path / "w.safetensors", flat)
+    assert list(tmp_path.iterdir()) == []
+
+
+def banked_mutate(change: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        tensors, metadata = concept_file_contents(banked_set())
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        metadata = dict(metadata)
+        change(tensors, metadata)
+        write_raw(path, tensors, metadata)
+    return build
+
+
+def _bank_nan(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors["bank.1"][2, 5] = float("nan")
+
+
+BANK_INVALID: list[tuple[str, Callable[[Path], None], str]] = [
+    ("bank wrong width", banked_mutate(lambda t, m: t.__setitem__("bank.1", torch.zeros(4, 81))),
+     "has shape [4, 81]; expected [bank_tokens, context width] = [4, 80]"),
+    ("bank wrong count", banked_mutate(lambda t, m: t.__setitem__("bank.1", torch.zeros(5, 80))),
+     "expected [bank_tokens, context width] = [4, 80]"),
+    ("bank missing", banked_mutate(lambda t, m: t.pop("bank.1")), "token bank 'bank.1' of concept 'V1' is missing"),
+    ("bank undeclared", banked_mutate(lambda t, m: t.__setitem__("bank.0", torch.zeros(4, 80))),
+     "is a token bank but concept 'V2' declares none"),
+    ("bank of no concept", banked_mutate(lambda t, m: t.__setitem__("bank.5", torch.zeros(4, 80))),
+     "'bank.5' belongs to no declared concept"),
+    ("bank size invalid", banked_mutate(edit_json("concepts", lambda c: [c[0], {**c[1], "bank_tokens": 0}])),
+     "invalid token-bank size 0"),
+    ("bank in version 1", banked_mutate(set_meta("format_version", "1")),
+     "declares token banks, which format version 1 does not have"),
+    ("bank NaN", banked_mutate(_bank_nan), "'bank.1' contains 1 NaN or infinite"),
+]
+
+
+@pytest.mark.parametrize("case,build,message", BANK_INVALID, ids=[c[0] for c in BANK_INVALID])
+def test_invalid_banks_are_refused_helpfully(tmp_path: Path, case: str, build: Callable[[Path], None],
+                                             message: str) -> None:
+    path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+    build(path)
+    with pytest.raises(ConceptFileError) as caught:
+        load_concepts(path)
+    text = str(caught.value)
+    assert path.name in text and message in text, text
