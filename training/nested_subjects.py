@@ -13,7 +13,7 @@ import torch
 
 from ..attention.layers import CrossAttentionLayer, LayerKey
 from ..attention.nested_hook import NestedSource
-from ..attention.tokens import locate_words
+from .triggers import locate_words_and_triggers
 
 LayerKV = Mapping[LayerKey, tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,8 +47,11 @@ def encode_prompt(clip: Any, text: str) -> tuple[list, torch.Tensor]:
 
 
 def subject_position(clip: Any, text: str, word: str) -> int:
-    """Row of the subject word's last token in the encoded prompt (its first occurrence)."""
-    positions = locate_words(clip, text, [word])[0]
+    """Row of the subject word's last token in the encoded prompt (its first occurrence).
+
+    A learned trigger (a CLIP from Apply/Train Concepts) is found where its vector was spliced in.
+    """
+    positions = locate_words_and_triggers(clip, text, [word])[0]
     return positions[-1]
 
 
