@@ -12,7 +12,7 @@ from ..attention.visualize import colorize, upscale_maps
 from ..training.apply import apply_concepts
 from ..training.concept_file import load_concepts, save_concepts
 from ..training.data import parse_concept_specs
-from ..training.export import check_file_stem, save_embeddings, save_lora
+from ..training.export import check_file_stem, concepts_with_banks, save_embeddings, save_lora
 from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
 from ..training.prior import captions_for, generate_prior_images
@@ -102,6 +102,10 @@ class TrainConcepts(io.ComfyNode):
                                 tooltip="Cross-attention layers whose maps are calibrated: "
                                         "'latent/4' (16x16 at 512 px, as DisenDiff), 'latent/2', "
                                         "'all', or keys like 'output:3:0'."),
+                io.Int.Input("token_bank", default=0, min=0, max=64, optional=True,
+                             tooltip="Also learn this many nested-attention tokens per concept "
+                                     "(4 to 16 is typical; 0 = off). Use them with Nested Subject "
+                                     "(Concept Token Bank) -> Apply Nested Attention."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Model with the learned K/V deltas."),
@@ -122,7 +126,7 @@ class TrainConcepts(io.ComfyNode):
                 precision: str = "fp32", gradient_checkpointing: bool = False,
                 masks=None, prior_images=None, prior_captions: str = "",
                 generated_priors: int = 0, caption: str = "",
-                map_layers: str = "latent/4") -> io.NodeOutput:
+                map_layers: str = "latent/4", token_bank: int = 0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
@@ -135,7 +139,7 @@ class TrainConcepts(io.ComfyNode):
                                             use_separation=calibration),
             autocast={"fp32": "none"}.get(precision, precision),
             gradient_checkpointing=gradient_checkpointing, caption=caption.strip(),
-            map_layers=map_layers.strip() or "latent/4")
+            map_layers=map_layers.strip() or "latent/4", token_bank=token_bank)
         prior = captions_for(prior_images, prior_captions) if prior_images is not None else []
         if generated_priors:
             class_prompt = "a photo of " + " and ".join(f"a {s.class_phrase}" for s in specs)
@@ -278,5 +282,8 @@ class ExportConcepts(io.ComfyNode):
         report = (f"LoRA: {lora_path} (rank {'full' if not rank else rank}, worst relative error "
                   f"{worst:.4f}); embeddings: {', '.join(str(p) for p in written)}; prompt with "
                   + ", ".join(f"'embedding:{c.trigger} {c.class_phrase}'" for c in concepts.concepts))
+        dropped = concepts_with_banks(concepts)
+        if dropped:
+            report += f"; token banks of {', '.join(dropped)} not exported (they need this pack)"
         log.info(report)
         return io.NodeOutput(report)

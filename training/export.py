@@ -16,10 +16,13 @@
   a stock CLIPTextEncode as ``embedding:<trigger>`` (``comfy/sd1_clip.py`` ``load_embed``):
   ``{"emb_params": [n, 768]}`` for SD1.x (A1111's layout; ComfyUI takes the only tensor) and
   ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` for SDXL (each tokenizer picks its own key).
+* Nested-attention token banks have no stock counterpart (neither a LoRA nor an embedding can
+  express a query-dependent value), so they are left out, with a warning in the log.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -28,6 +31,8 @@ import torch
 
 from .concepts import Concept, ConceptSet
 from .io_utils import atomic_write_safetensors
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIX = ".weight"
 # Characters that break file names on some system or the prompt syntax around `embedding:NAME`.
@@ -174,12 +179,23 @@ def check_file_stem(name: str) -> str:
     return name
 
 
+def concepts_with_banks(concepts: ConceptSet) -> list[str]:
+    """Triggers of the concepts that carry a nested-attention token bank (which export drops)."""
+    return [c.trigger for c in concepts.concepts if c.bank is not None]
+
+
 def save_embeddings(folder: str | os.PathLike[str], concepts: ConceptSet,
                     prefix: str = "") -> list[Path]:
     """Write one ``<prefix><trigger>.safetensors`` per concept into ``folder`` (atomically each).
 
-    All names are checked before anything is written. Returns the paths in concept order.
+    All names are checked before anything is written. Returns the paths in concept order. Token
+    banks are not written (a warning names the concepts that had one).
     """
+    dropped = concepts_with_banks(concepts)
+    if dropped:
+        log.warning("the nested-attention token banks of %s cannot be exported as embeddings or a "
+                    "LoRA and are left out: use the concept file with this pack's nested nodes",
+                    ", ".join(dropped))
     folder = Path(folder)
     plans = []
     for concept in concepts.concepts:

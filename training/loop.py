@@ -4,6 +4,10 @@ Runs inside a ComfyUI node, so it leaves ``inference_mode`` itself, works on clo
 CLIP, and never changes the objects it received. Follows ``disendiff.md``: masked eps-MSE plus
 0.01 x (L_bind + L_s&s) on Gaussian-smoothed, min-max normalised latent/4 maps, SOT key/value
 detached, AdamW 8e-5, effective batch 8, 250 steps. Every piece can be switched off.
+
+With ``token_bank`` > 0 each concept also learns a nested-attention token bank
+(``nested_attention.md`` §6A): ``M`` vectors in text-feature space that every cross-attention
+layer projects with its own (delta-patched) ``to_k``/``to_v``, read by the trigger token.
 """
 from __future__ import annotations
 
@@ -22,15 +26,19 @@ import torch
 from ..attention.calibration import CalibrationSettings, calibration_loss, prepare_maps, soft_iou
 from ..attention.chain import AttentionHook
 from ..attention.maps import average_token_maps
-from ..attention.patching import install_hook, model_layers
+from ..attention.nested_hook import NestedSource
+from ..attention.patching import install_hook, install_nested, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.tokens import phrase_ids
 from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
 from .data import ConceptSpec, TrainingSample, augment, default_caption, prepare_image, prepare_masks
-from .triggers import TriggerTokenizer, concept_token_groups
+from .triggers import TriggerTokenizer, concept_token_groups, trigger_positions
 
 log = logging.getLogger(__name__)
 
+# A token bank starts at the trigger's text features plus this much seeded noise (relative to
+# the features' standard deviation), so its tokens differ but nested attention starts near stock.
+BANK_INIT_NOISE = 0.01
 # Rare CLIP vocabulary rows DisenDiff (after Custom Diffusion) copies new tokens from: ktn, pll, ucd.
 RARE_TOKEN_ROWS = (42170, 47629, 43514)
 
@@ -59,6 +67,8 @@ class TrainSettings:
     autocast: str = "none"  # "none", "fp16", "bf16"
     gradient_checkpointing: bool = False
     pool_size: int = 32  # augmented views encoded up front
+    token_bank: int = 0  # nested-attention tokens per concept (0: none, nothing changes)
+    bank_learning_rate: float = 5e-3  # AdamW learning rate of the token banks (nested_attention.md §6A)
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON-able form for the concept file."""
@@ -151,6 +161,8 @@ class ConceptTrainer:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.kv_deltas: dict[str, torch.Tensor] = {}
         self.embeddings: list[dict[str, torch.Tensor]] = []
+        self.banks: list[torch.Tensor] = []  # nested-attention token bank per concept (token_bank > 0)
+        self.bank_index = torch.full((len(specs), settings.micro_batch), -1, dtype=torch.long)
         self.store = MapStore()
         self.history: list[dict[str, float]] = []
         self.last_maps: torch.Tensor | None = None  # maps of the last step with a finite loss
@@ -211,12 +223,56 @@ class ConceptTrainer:
             install_hook(self.model, AttentionRecorder(store=self.store, keep_grad=True, rows="all"),
                          self.settings.map_layers)
 
+    def _init_banks(self) -> None:
+        """Token banks from the trigger's text features in the caption, plus seeded noise."""
+        if self.settings.token_bank <= 0:
+            return
+        with torch.no_grad():
+            cond, _, token_lists = self._encode_prompts([self.caption])
+            features = cond[0].detach().float().cpu()
+            rows = self._trigger_rows(token_lists[0])
+        generator = torch.Generator().manual_seed(self.settings.seed + 7919)
+        for spec, row in zip(self.specs, rows):
+            start = features[row]
+            noise = torch.randn(self.settings.token_bank, start.shape[-1], generator=generator)
+            bank = start[None] + BANK_INIT_NOISE * float(features.std()) * noise
+            self.banks.append(torch.nn.Parameter(bank))
+        log.info("token banks of %d tokens x %d for %s", self.settings.token_bank, features.shape[-1],
+                 ", ".join(s.trigger for s in self.specs))
+
+    def _install_banks(self) -> None:
+        """Nested attention on every layer, each trigger's token reading its bank."""
+        if not self.banks:
+            return
+        sources = [NestedSource(name=spec.trigger, bank=bank, index=index)
+                   for spec, bank, index in zip(self.specs, self.banks, self.bank_index)]
+        install_nested(self.model, sources, "all")
+
+    def _trigger_rows(self, tokens: dict) -> list[int]:
+        """Position of each concept's trigger (its last token) in one prompt, -1 if absent."""
+        rows = []
+        for vectors in self.embeddings:
+            found = trigger_positions(tokens, vectors[next(iter(vectors))])
+            rows.append(found[-1] if found else -1)
+        return rows
+
     def _parameters(self) -> list[torch.Tensor]:
         params = [d for d in self.kv_deltas.values() if d.requires_grad]
         params += [v for vectors in self.embeddings for v in vectors.values() if v.requires_grad]
+        params += self.banks
         if not params:
             raise ValueError("nothing to train: both K/V deltas and embeddings are switched off")
         return params
+
+    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """AdamW; the token banks (if any) in a group of their own with their learning rate."""
+        banks = {id(b) for b in self.banks}
+        rest = [p for p in params if id(p) not in banks]
+        if not banks:
+            return torch.optim.AdamW(rest, lr=self.settings.learning_rate)
+        return torch.optim.AdamW([{"params": rest},
+                                  {"params": list(self.banks), "lr": self.settings.bank_learning_rate}],
+                                 lr=self.settings.learning_rate)
 
     # ----- data -----------------------------------------------------------------------------
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -288,6 +344,12 @@ class ConceptTrainer:
         sigma = sigmas_table[t].to(device)
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
         xt = base.model_sampling.noise_scaling(sigma, noise, x0)
+        if self.banks:
+            rows = torch.tensor([self._trigger_rows(tokens) for tokens in token_lists]).T  # [C, B]
+            if rows.shape != self.bank_index.shape:
+                raise RuntimeError(f"token banks expect batches of {self.bank_index.shape[1]}, "
+                                   f"got {rows.shape[1]}")
+            self.bank_index.copy_(rows)  # the nested sources hold views of it
         if with_maps:
             groups = [self._token_groups(tokens) for tokens in token_lists]
             self.store.set_tokens(torch.tensor([[p for g in row for p in g] for row in groups]))
@@ -345,9 +407,11 @@ class ConceptTrainer:
         self._install()
         mm.load_models_gpu([self.model], force_full_load=True)
         self.clip.load_model()
+        self._init_banks()
+        self._install_banks()
         target_pool, prior_pool = self._build_pool(), self._prior_pool()
         params = self._parameters()
-        return target_pool, prior_pool, params, torch.optim.AdamW(params, lr=self.settings.learning_rate)
+        return target_pool, prior_pool, params, self._optimizer(params)
 
     def run(self, progress: Callable[[int, int, dict[str, float]], None] | None = None,
             on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
@@ -410,9 +474,10 @@ class ConceptTrainer:
 
     def result(self, stopped: str) -> TrainResult:
         """The current state as a ConceptSet (detached copies)."""
+        banks = [b.detach().clone() for b in self.banks] or [None] * len(self.specs)
         concepts = [Concept(spec.trigger, spec.class_phrase,
-                            {k: v.detach().clone() for k, v in vectors.items()})
-                    for spec, vectors in zip(self.specs, self.embeddings)]
+                            {k: v.detach().clone() for k, v in vectors.items()}, bank)
+                    for spec, vectors, bank in zip(self.specs, self.embeddings, banks)]
         metadata = {
             "format_version": FORMAT_VERSION,
             "method": "disendiff",

@@ -96,7 +96,11 @@ def _trigger_features(clip: Any, concepts: ConceptSet) -> Tensor:
 
 def merge_concept_sets(model: Any, clip: Any, sets: Sequence[ConceptSet],
                        captions: Sequence[str] | None = None, ridge: float = 1e-6) -> ConceptSet:
-    """One ConceptSet whose K/V deltas keep every set's trigger outputs (closed form, per layer)."""
+    """One ConceptSet whose K/V deltas keep every set's trigger outputs (closed form, per layer).
+
+    Each concept's token vectors and nested-attention token bank are per concept: they are kept
+    as they are (a bank is projected by the merged K/V weights from then on).
+    """
     if len(sets) < 2:
         raise ValueError("give at least two concept sets to merge")
     triggers = [t for s in sets for t in s.triggers]
