@@ -207,3 +207,39 @@ def test_merge_keeps_each_bank_and_export_drops_banks_with_a_warning(trained, sd
     assert len(warnings) == 1 and "token banks of V1, V2 cannot be exported" in warnings[0]
     from safetensors.torch import load_file
     assert set(load_file(str(written[0]))) == {"emb_params"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupt_and_non_finite_loss_keep_the_banks(sd15, monkeypatch):
+    settings = _settings(steps=3, micro_batch=1, pool_size=1)  # same pool as the 1-step reference
+    reference = _train(sd15.bundle, replace(settings, steps=1))
+    checkpoints = []
+
+    def progress(step, total, totals):
+        raise _Stop("cancel")
+
+    with pytest.raises(_Stop):
+        train_concepts(sd15.bundle.model, sd15.bundle.clip, sd15.bundle.vae, _picture(), SPECS, settings,
+                       progress=progress, on_checkpoint=checkpoints.append)
+    (partial,) = checkpoints
+    assert partial.metadata["stopped"] == "interrupted"
+    for a, b in zip(partial.concepts, reference.concepts.concepts):
+        assert torch.equal(a.bank, b.bank)
+
+    original, calls = ConceptTrainer._loss, []
+
+    def poisoned(self, batch, with_maps):
+        losses = original(self, batch, with_maps)
+        calls.append(1)
+        if len(calls) == 2:  # finite loss, NaN gradient on the banks only
+            losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(self.banks[0].sum() * 0)
+        return losses
+
+    monkeypatch.setattr(ConceptTrainer, "_loss", poisoned)
+    result = _train(sd15.bundle, settings)
+    assert result.stopped == "non-finite loss" and len(result.history) == 1
+    for a, b in zip(result.concepts.concepts, reference.concepts.concepts):
+        assert torch.equal(a.bank, b.bank) and bool(torch.isfinite(a.bank).all())
