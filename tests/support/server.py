@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - depends on how the caller set sys.path
 
 PACK_FOLDER_NAME = "comfyui-concept-attention"
 TEST_PACK_DIR = Path(__file__).resolve().parent / "custom_nodes" / "concept_test_nodes"
-MODEL_FOLDERS = ("concepts", "embeddings", "loras")
+MODEL_FOLDERS = ("concepts", "embeddings", "loras", "nested_adapters")
 STARTUP_TIMEOUT_S = 180.0  # generous: a loaded 2-core machine imports ComfyUI slowly
 
 

@@ -48,9 +48,29 @@ class TinyModelLoader(io.ComfyNode):
         return io.NodeOutput(bundle.model, bundle.clip, bundle.vae)
 
 
+class TinyClipVisionLoader(io.ComfyNode):
+    """A tiny random CLIP vision model (ComfyUI's clip_vision classes) for image-adapter workflows."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptTest_TinyClipVisionLoader",
+            display_name="Tiny CLIP Vision Loader (test only)",
+            category="testing/concept_attention",
+            description="Builds a tiny seeded random CLIP vision tower (56 px, width 24). For tests only.",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                 tooltip="Seed of the random weights.")],
+            outputs=[io.ClipVision.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_models.build_clip_vision(seed))
+
+
 class ConceptTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyModelLoader]
+        return [TinyModelLoader, TinyClipVisionLoader]
 
 
 async def comfy_entrypoint() -> ConceptTestExtension:
