@@ -196,3 +196,24 @@ def test_regional_mode_without_masks_is_a_clear_error(comfy_server, scene):
         assert comfy_server.run(train_prompt(scene, "e2e_sampler"), timeout=600).ok
     result = comfy_server.run(concept_sampler_prompt("e2e_sampler.safetensors", "regional"), timeout=300)
     assert not result.ok and "needs a MASK" in result.describe()
+
+
+def test_regional_auto_finds_a_region_from_the_class_words(comfy_server, scene):
+    concept_file = comfy_server.concepts_dir / "e2e_sampler.safetensors"
+    if not concept_file.is_file():
+        assert comfy_server.run(train_prompt(scene, "e2e_sampler"), timeout=600).ok
+    graph = concept_sampler_prompt("e2e_sampler.safetensors", "regional_auto")
+    graph["sampler"]["inputs"].update(clip=link("apply", 1), positive_text="a photo of V1 square and V2 circle",
+                                      steps=4, auto_steps=0.5)
+    graph["regions"] = node("MaskToImage", mask=link("sampler", 1))
+    graph["save_regions"] = node("SaveImage", images=link("regions"), filename_prefix="regions")
+    result = comfy_server.run(graph, timeout=300)
+    assert result.ok, result.describe()
+    pictures = {p.name.split("_")[0]: p for p in comfy_server.output_images(result)}
+    with Image.open(pictures["regions"]) as image:
+        region = np.asarray(image.convert("L"))
+    assert region.shape == (128, 128)
+    assert set(np.unique(region).tolist()) <= {0, 255}
+    assert 0 < (region == 255).mean() < 1  # a region and a background
+    with Image.open(pictures["concept"]) as image:
+        assert image.size == (128, 128)
