@@ -13,7 +13,10 @@ register_model_folders()
 
 
 async def comfy_entrypoint() -> ConceptAttentionExtension:
-    """V3 entry point: ComfyUI asks the extension for its node list."""
+    """V3 entry point: registers the front end's read-only routes, returns the node list's owner."""
+    from .nodes.web_api import register_routes
+
+    register_routes()
     return ConceptAttentionExtension()
 
 
