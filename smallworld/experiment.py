@@ -7,6 +7,8 @@ the scene with ``training.loop.train_concepts`` (the same code the node runs), t
   ComfyUI's sampler, cfg 1) with the caption; head-averaged cross-attention maps of each trigger
   and class word on the ``map_layers`` are averaged over the steps and compared with the object
   masks (soft IoU, ``evaluate.mask_iou``): own object (want high) and the other objects (want low);
+- the "+ token bank" variant also learns a 16-token nested-attention bank per concept and samples
+  with it (its trigger's value becomes query-dependent);
 - generation: "a Vi shape on a grey background" per concept and the combined caption, fixed seeds,
   read back with ``readout.read_scene``: fidelity (shape+colour+pattern of the learned object),
   leakage (another concept's colour/pattern on it), extra-object rate of single prompts, and text
@@ -28,6 +30,7 @@ from ..training.apply import apply_concepts
 from ..training.concepts import ConceptSet
 from ..training.data import ConceptSpec
 from ..training.loop import TrainResult, TrainSettings, train_concepts
+from ..training.nested_subjects import with_concept_banks
 from ..training.triggers import concept_token_groups
 from . import evaluate as ev
 from . import quality
@@ -40,7 +43,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no L_s&s": {"use_separation": False},
     "no suppression": {"suppression_power": None},
     "no Gaussian": {"gaussian": False},
+    "DisenDiff + token bank": {},
 }
+# Training switches beyond calibration: the nested-attention token bank (nested_attention.md §6A).
+TRAIN_OVERRIDES: dict[str, dict[str, Any]] = {"DisenDiff + token bank": {"token_bank": 16}}
 BACKGROUND_SWAP = "light blue"
 
 
@@ -80,7 +86,8 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
     train = TrainSettings(steps=settings.steps, learning_rate=settings.learning_rate,
                           micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                           resolution=scene.size, seed=settings.seed, calibration=calibration,
-                          map_layers=settings.map_layers, caption=caption_for(scene))
+                          map_layers=settings.map_layers, caption=caption_for(scene),
+                          **TRAIN_OVERRIDES.get(variant, {}))
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     with torch.inference_mode():  # as inside a node: the loop must cope with inference tensors
         base_model, base_clip = bundle.model.clone(), bundle.clip.clone()
@@ -95,6 +102,7 @@ def concept_maps(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
     model, clip = apply_concepts(bundle.model, bundle.clip, concepts)
     prompt = caption_for(scene)
     with torch.inference_mode():
+        model = with_concept_banks(model, clip, prompt, concepts)
         tokens = clip.tokenize(prompt)
         pairs = [(c.trigger, c.class_phrase, c.embeddings[next(iter(c.embeddings))]) for c in concepts.concepts]
         groups = concept_token_groups(clip, tokens, pairs)
@@ -139,13 +147,14 @@ def generation_metrics(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
                        settings: ExperimentSettings) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Fidelity, leakage, extra objects and text alignment from fixed-seed samples (and the images)."""
     model, clip = apply_concepts(bundle.model, bundle.clip, concepts)
-    patched = type(bundle)(model, clip, bundle.vae)
     seeds = list(settings.sample_seeds)
     objects = scene.objects
     targets = [_target(o) for o in objects]
     fidelity, leak, extra, align, images = [], [], [], [], {}
 
     def sample(prompt: str) -> list:
+        with torch.inference_mode():
+            patched = type(bundle)(with_concept_banks(model, clip, prompt, concepts), clip, bundle.vae)
         pictures = quality.generate(patched, prompt, seeds, steps=settings.sample_steps, cfg=settings.cfg)
         images[prompt] = pictures
         return [ev.read_scene(p) for p in pictures]

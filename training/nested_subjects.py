@@ -79,3 +79,27 @@ def build_sources(clip: Any, text: str, features: torch.Tensor, specs: Sequence[
             strength=spec.strength, token_weight=spec.token_weight, region=spec.region,
             sigma_max=spec.sigma_max, sigma_min=spec.sigma_min))
     return sources
+
+
+def with_concept_banks(model: Any, clip: Any, text: str, concepts: Any) -> Any:
+    """``model`` (a clone) with nested attention for every banked concept whose trigger is in ``text``.
+
+    ``clip`` must know the triggers (a CLIP from Apply/Train Concepts); the prompt's own encoding
+    locates them, so sample with conditioning encoded from the same ``clip`` and ``text``.
+    """
+    from ..attention.patching import install_nested, model_layers
+
+    specs = []
+    for concept in concepts.concepts:
+        if concept.bank is None:
+            continue
+        try:
+            subject_position(clip, text, concept.trigger)
+        except ValueError:
+            continue  # not in this prompt
+        specs.append(SubjectSpec(concept.trigger, bank=concept.bank))
+    patched = model.clone()
+    if specs:
+        _, features = encode_prompt(clip, text)
+        install_nested(patched, build_sources(clip, text, features, specs, model_layers(patched)))
+    return patched

@@ -1,0 +1,49 @@
+"""The toy-world experiment's plumbing on a random toy model (numbers come from the shipped one)."""
+from __future__ import annotations
+
+import pytest
+
+from concept_attention.smallworld import experiment as exp
+from concept_attention.smallworld import model as toy
+from concept_attention.smallworld import scenes as sw
+
+TINY = exp.ExperimentSettings(steps=2, micro_batch=1, grad_accumulation=1, sample_seeds=(1,),
+                              sample_steps=2, iou_steps=2)
+
+
+@pytest.fixture(scope="module")
+def random_toy():
+    return toy.ToyBundle(toy.build_model(seed=1), toy.build_clip(seed=1), toy.build_vae(seed=1))
+
+
+def test_token_bank_variant_trains_banks_and_samples_with_them(random_toy):
+    scene = sw.reference_scenes(1)[0]
+    result = exp.train_variant(random_toy, scene, "DisenDiff + token bank", TINY)
+    banks = [c.bank for c in result.concepts.concepts]
+    assert all(b is not None and b.shape == (16, 64) for b in banks)
+    plain = exp.train_variant(random_toy, scene, "DisenDiff", TINY)
+    assert all(c.bank is None for c in plain.concepts.concepts)
+    metrics, images = exp.generation_metrics(random_toy, scene, result.concepts, TINY)
+    assert set(metrics) == {"fidelity_single", "leakage_single", "extra_objects", "text_alignment",
+                            "fidelity_combined", "leakage_combined"}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert len(images) == 2 * len(scene.objects) + 1
+    maps = exp.concept_maps(random_toy, scene, result.concepts, TINY)
+    assert maps.shape[0] == 2 * len(scene.objects)
+
+
+def test_bank_changes_samples_only_for_prompts_with_its_trigger(random_toy):
+    import torch
+
+    from concept_attention.training.apply import apply_concepts
+    from concept_attention.training.nested_subjects import with_concept_banks
+
+    scene = sw.reference_scenes(1)[0]
+    concepts = exp.train_variant(random_toy, scene, "DisenDiff + token bank", TINY).concepts
+    model, clip = apply_concepts(random_toy.model, random_toy.clip, concepts)
+    with torch.inference_mode():
+        without = with_concept_banks(model, clip, "a square on a grey background", concepts)
+        with_v1 = with_concept_banks(model, clip, "a V1 square on a grey background", concepts)
+    assert "attn2_patch" not in without.model_options.get("transformer_options", {}).get("patches", {})
+    patches = with_v1.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert [s.name for s in patches[-1].subjects] == ["V1"]
