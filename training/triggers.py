@@ -32,6 +32,10 @@ class TriggerTokenizer:
     """Wraps a ComfyUI tokenizer so trigger words become their learned vectors."""
 
     def __init__(self, base: Any, vectors: Mapping[str, Mapping[str, torch.Tensor]]):
+        if isinstance(base, TriggerTokenizer):  # a CLIP that already knows triggers: merge, the new win
+            vectors = {**base.vectors, **vectors}
+            base = base.original
+        self.original = base  # the unwrapped tokenizer: wrapping never nests, however often it is done
         self.base = copy.copy(base)
         self.vectors = dict(vectors)  # trigger -> {encoder key: [n, width]}
         self._pattern = _trigger_pattern(list(self.vectors))
@@ -69,16 +73,15 @@ class TriggerTokenizer:
         return self.base.tokenize_with_weights(self.rewrite(text), return_word_ids, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("base", "original", "vectors", "_pattern") or name.startswith("__"):
+            raise AttributeError(name)  # not set yet (copy, pickle): never recurse through self.base
         return getattr(self.base, name)
 
 
 def with_triggers(clip: Any, vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> Any:
     """A clone of ``clip`` whose tokenizer knows the given triggers (the input is not changed)."""
     clone = clip.clone()
-    base = clip.tokenizer.base if isinstance(clip.tokenizer, TriggerTokenizer) else clip.tokenizer
-    known = dict(clip.tokenizer.vectors) if isinstance(clip.tokenizer, TriggerTokenizer) else {}
-    known.update(vectors)
-    clone.tokenizer = TriggerTokenizer(base, known)
+    clone.tokenizer = TriggerTokenizer(clip.tokenizer, vectors)
     return clone
 
 
