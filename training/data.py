@@ -1,9 +1,12 @@
 """Training data from one picture: validation, Custom-Diffusion-style augmentation, prompts."""
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,14 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MIN_IMAGE_SIZE = 64
+# Two concept masks may touch, but if their overlap covers more than this share of the smaller
+# one they describe the same region and the calibration losses cannot tell the concepts apart.
+MAX_MASK_OVERLAP = 0.5
+GENERIC_CAPTIONS = Path(__file__).resolve().parent / "data" / "generic_captions.txt"
+# Words every training prompt may contain besides the captions (DisenDiff's caption and the
+# augmentation prefixes); a trigger equal to one of them would replace it in every prompt.
+PROMPT_WORDS = frozenset("a an the of and photo far away very small zoomed in close up with on at "
+                         "to by for from is it this that".split())
 FAR_PREFIXES = ("a far away ", "very small ")
 ZOOM_PREFIXES = ("zoomed in ", "close up ")
 
@@ -35,8 +46,15 @@ class TrainingSample:
 
 def prepare_image(image: torch.Tensor) -> torch.Tensor:
     """A ComfyUI IMAGE batch of one picture -> ``[H, W, 3]`` float in [0, 1], or a clear error."""
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"the image input is a {type(image).__name__}, not an IMAGE: connect a "
+                         "Load Image node (or another IMAGE output)")
     if image.ndim != 4:
-        raise ValueError(f"IMAGE must be [batch, height, width, channels], got {tuple(image.shape)}")
+        raise ValueError(f"the image input must be an IMAGE [batch, height, width, channels], got "
+                         f"shape {tuple(image.shape)}: connect a Load Image node")
+    if image.shape[0] == 0:
+        raise ValueError("the image input is an empty batch (no picture): the trainer learns from "
+                         "ONE picture, connect a Load Image node")
     if image.shape[0] != 1:
         raise ValueError(f"the image input holds a batch of {image.shape[0]} pictures; the trainer "
                          "learns from ONE picture: pick one (e.g. with ImageFromBatch)")
@@ -44,16 +62,18 @@ def prepare_image(image: torch.Tensor) -> torch.Tensor:
     height, width, channels = picture.shape
     if min(height, width) < MIN_IMAGE_SIZE:
         raise ValueError(f"the image is {width}x{height} px; it must be at least "
-                         f"{MIN_IMAGE_SIZE} px on each side")
+                         f"{MIN_IMAGE_SIZE} px on each side: use a larger picture")
     if channels == 1:
         picture = picture.expand(height, width, 3)
     elif channels == 4:
         log.info("dropping the alpha channel of the training image")
         picture = picture[..., :3]
     elif channels != 3:
-        raise ValueError(f"the image has {channels} channels; expected RGB")
+        raise ValueError(f"the image has {channels} channels; expected RGB (3), greyscale (1) or "
+                         "RGBA (4): convert it to RGB")
     if not torch.isfinite(picture).all():
-        raise ValueError("the image contains NaN or infinite values")
+        raise ValueError("the image contains NaN or infinite values: reload the picture, or fix "
+                         "the node that produced it")
     return picture.clamp(0, 1).contiguous()
 
 
@@ -61,19 +81,44 @@ def prepare_masks(masks: torch.Tensor | None, picture: torch.Tensor, count: int)
     """MASK input -> ``[C, H, W]`` in [0, 1] matching the image, one per concept, or an error."""
     if masks is None:
         return None
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]  # [N, 1, H, W] from some mask nodes
     if masks.ndim == 2:
         masks = masks[None]
+    if masks.ndim != 3:
+        raise ValueError(f"the masks input must be a MASK batch [count, height, width], got shape "
+                         f"{tuple(masks.shape)}: give one mask per concept")
     if masks.shape[0] != count:
         raise ValueError(f"{masks.shape[0]} masks were given for {count} concepts: give one mask "
                          "per concept, in the order of the concepts")
     if tuple(masks.shape[-2:]) != tuple(picture.shape[:2]):
         raise ValueError(f"the masks are {masks.shape[-1]}x{masks.shape[-2]} px but the image is "
                          f"{picture.shape[1]}x{picture.shape[0]} px: make them the same size")
+    if not torch.isfinite(masks).all():
+        raise ValueError("the masks contain NaN or infinite values: redraw or reload them")
     masks = masks.float().clamp(0, 1)
     empty = [i for i in range(count) if float(masks[i].max()) <= 0]
     if empty:
         raise ValueError(f"mask {empty[0] + 1} is empty: each concept's mask must cover its object")
+    check_mask_overlap(masks)
     return masks
+
+
+def check_mask_overlap(masks: torch.Tensor) -> None:
+    """Refuse two concept masks that cover mostly the same pixels (e.g. both all white)."""
+    binary = masks > 0.5
+    areas = binary.flatten(1).sum(1)
+    for i in range(masks.shape[0]):
+        for j in range(i + 1, masks.shape[0]):
+            smaller = int(min(areas[i], areas[j]))
+            if smaller == 0:
+                continue
+            shared = int((binary[i] & binary[j]).sum())
+            if shared > MAX_MASK_OVERLAP * smaller:
+                raise ValueError(
+                    f"masks {i + 1} and {j + 1} overlap on {100 * shared // smaller}% of the smaller "
+                    f"one (at most {int(100 * MAX_MASK_OVERLAP)}% allowed): each concept's mask must "
+                    "cover its own object, not the whole picture or the other object")
 
 
 def default_caption(specs: list[ConceptSpec]) -> str:
@@ -165,8 +210,32 @@ def parse_concept_specs(text: str) -> list[ConceptSpec]:
         specs.append(ConceptSpec(trigger, phrase))
     if not specs:
         raise ValueError("no concepts given: write one per line as 'TRIGGER: class', e.g. 'V1: cat'")
+    check_specs(specs)
+    return specs
+
+
+@functools.lru_cache(maxsize=1)
+def common_words() -> frozenset[str]:
+    """Lower-case words a trigger must not be: prompt words and the shipped generic captions'."""
+    words = set(PROMPT_WORDS)
+    if GENERIC_CAPTIONS.is_file():
+        words.update(re.findall(r"[a-z0-9_]+", GENERIC_CAPTIONS.read_text(encoding="utf-8").lower()))
+    return frozenset(words)
+
+
+def check_specs(specs: list[ConceptSpec]) -> None:
+    """Refuse triggers that collide with each other, with a class word or with a common word."""
     names = [s.trigger.lower() for s in specs]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ValueError(f"trigger {duplicate!r} is used twice: give each concept its own trigger")
-    return specs
+    class_words = {w.lower(): s.trigger for s in specs for w in s.class_phrase.split()}
+    for spec in specs:
+        name = spec.trigger.lower()
+        if name in class_words:
+            raise ValueError(f"trigger {spec.trigger!r} is also a class word (of concept "
+                             f"{class_words[name]!r}): a trigger replaces every occurrence of its "
+                             "word in a prompt, so pick a made-up word such as V1 or sks")
+        if name in common_words():
+            raise ValueError(f"trigger {spec.trigger!r} is a common word: it would replace that "
+                             "word in every prompt; pick a made-up word such as V1 or sks")

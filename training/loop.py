@@ -31,7 +31,8 @@ from ..attention.patching import install_hook, install_nested, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.tokens import phrase_ids
 from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
-from .data import ConceptSpec, TrainingSample, augment, default_caption, prepare_image, prepare_masks
+from .data import (ConceptSpec, TrainingSample, augment, check_specs, default_caption, prepare_image,
+                   prepare_masks)
 from .triggers import TriggerTokenizer, concept_token_groups, trigger_positions
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,27 @@ class TrainSettings:
     def to_metadata(self) -> dict[str, Any]:
         """JSON-able form for the concept file."""
         return asdict(self)
+
+    def validate(self) -> None:
+        """Refuse settings no run can use, naming the input and a valid range."""
+        whole = {"steps": (self.steps, 1), "micro_batch": (self.micro_batch, 1),
+                 "grad_accumulation": (self.grad_accumulation, 1), "pool_size": (self.pool_size, 1),
+                 "token_bank": (self.token_bank, 0), "resolution": (self.resolution, 64)}
+        for name, (value, least) in whole.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 px (the VAE's factor), got "
+                             f"{self.resolution}: use e.g. 512 for SD1.x or 1024 for SDXL")
+        for name in ("learning_rate", "bank_learning_rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}: the "
+                                 "default is 8e-5 (5e-3 for token banks)")
+        if not math.isfinite(self.mask_map_weight) or self.mask_map_weight < 0:
+            raise ValueError(f"mask_map_weight must be finite and not negative, got {self.mask_map_weight!r}")
+        if self.autocast not in ("none", "fp16", "bf16"):
+            raise ValueError(f"precision/autocast must be 'none' (fp32), 'fp16' or 'bf16', got {self.autocast!r}")
 
 
 @dataclass
@@ -150,6 +172,8 @@ class ConceptTrainer:
                  prior: list[tuple[torch.Tensor, str]] | None = None):
         if not specs:
             raise ValueError("no concepts given: name at least one trigger and its class word")
+        settings.validate()
+        check_specs(specs)
         self.settings = settings
         self.specs = specs
         self.picture = prepare_image(image)
@@ -179,14 +203,38 @@ class ConceptTrainer:
 
     # ----- set-up -------------------------------------------------------------------------
     def _check_caption(self) -> None:
+        special = self._special_token_ids()
         for spec in self.specs:
             # Whole words only: "V1 cats" contains the text "V1 cat" but not the token "cat".
             pair = re.escape(f"{spec.trigger} {spec.class_phrase}")
             if not re.search(rf"(?<!\w){pair}(?!\w)", self.caption):
                 raise ValueError(f"the caption {self.caption!r} must contain "
                                  f"'{spec.trigger} {spec.class_phrase}' (trigger right before its class)")
-            if not phrase_ids(self.clip, spec.class_phrase):
-                raise ValueError(f"the class phrase {spec.class_phrase!r} gives no tokens")
+            uses = len(re.findall(rf"(?<![\w:]){re.escape(spec.trigger)}(?!\w)", self.caption))
+            if uses > 1:
+                raise ValueError(f"the caption {self.caption!r} uses the trigger {spec.trigger!r} "
+                                 f"{uses} times: write it once, right before its class word")
+            ids = phrase_ids(self.clip, spec.class_phrase)
+            if not ids or special & set(ids):
+                raise ValueError(f"the class phrase {spec.class_phrase!r} of {spec.trigger!r} gives "
+                                 "no ordinary tokens for this CLIP: use a plain word such as 'cat'")
+        windows = max(len(chunks) for chunks in self.clip.tokenize(self.caption).values())
+        if windows > 1:
+            raise ValueError(f"the caption {self.caption!r} is longer than CLIP's 75-token window "
+                             f"({len(self.specs)} concepts): a trigger and its class in different "
+                             "windows cannot be bound. Train fewer concepts per run (or use shorter "
+                             "class phrases / caption) and combine the sets with Merge Concepts")
+
+    def _special_token_ids(self) -> set[int]:
+        """Start, end and padding token ids of the CLIP's tokenizers (never a class word)."""
+        ids: set[int] = set()
+        for name in ("clip_l", "clip_g"):
+            sub = getattr(self.clip.tokenizer, name, None)
+            for attr in ("start_token", "end_token"):
+                value = getattr(sub, attr, None)
+                if isinstance(value, int):
+                    ids.add(value)
+        return ids
 
     def _init_parameters(self) -> None:
         encoders = {key: getattr(self.clip.cond_stage_model, key) for key in ENCODER_KEYS
@@ -441,7 +489,10 @@ class ConceptTrainer:
         except BaseException:
             # Interrupted (or failed) anywhere in the loop: hand over what was learned so far.
             if on_checkpoint is not None:
-                on_checkpoint(self.result("interrupted").concepts)
+                try:
+                    on_checkpoint(self.result("interrupted").concepts)
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    log.exception("could not keep the partial concepts of the interrupted run")
             raise
         return self.result(stopped)
 
