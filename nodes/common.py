@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from comfy_api.latest import io
 
 NODE_PREFIX = "ConceptAttention_"
@@ -55,3 +56,23 @@ def split_words(text: str) -> list[str]:
     if not words:
         raise ValueError("no words given: list the words of the prompt to look at, e.g. 'cat, dog'")
     return words
+
+
+def check_latent(latent: Any, name: str = "latent_image") -> dict:
+    """A LATENT input with finite 4-D/5-D samples, or an error naming the input and the fix."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"'{name}' is not a LATENT: connect an Empty Latent Image or VAE Encode")
+    if samples.ndim not in (4, 5) or samples.numel() == 0:
+        raise ValueError(f"'{name}' has samples of shape {tuple(samples.shape)}; expected a "
+                         "non-empty [batch, channels, height, width] latent")
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"'{name}' contains NaN or infinite values: re-encode the image or check "
+                         "the node that produced the latent (e.g. a VAE in fp16)")
+    return latent
+
+
+def check_masks_finite(masks: Any, name: str = "masks") -> None:
+    """Refuse a MASK input with NaN or infinite values, naming it."""
+    if isinstance(masks, torch.Tensor) and not torch.isfinite(masks).all():
+        raise ValueError(f"'{name}' contains NaN or infinite values: redraw or reload the masks")

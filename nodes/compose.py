@@ -13,7 +13,8 @@ from ..training.concept_file import save_concepts
 from ..training.concepts import check_compatible
 from ..training.auto_regions import class_word_positions, sample_auto_regional
 from ..training.merge import merge_concept_sets
-from .common import CATEGORY, NODE_PREFIX, ksampler_inputs, run_ksampler
+from .common import (CATEGORY, NODE_PREFIX, check_latent, check_masks_finite, ksampler_inputs,
+                     run_ksampler)
 from .concepts import Concepts, concept_path
 
 MODES = ("off", "combined", "regional", "regional_auto")
@@ -120,6 +121,8 @@ class ConceptSampler(io.ComfyNode):
         sets = [s for s in (concepts_1, concepts_2, concepts_3) if s is not None]
         for concepts in sets:
             check_compatible(concepts, model, None)
+        check_latent(latent_image)
+        check_masks_finite(masks)
         sampling = dict(seed=seed, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                         positive=positive, negative=negative, denoise=denoise)
         size = latent_image["samples"].shape[-2:]

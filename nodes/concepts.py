@@ -10,9 +10,10 @@ from comfy_api.latest import io
 from ..attention.calibration import CalibrationSettings
 from ..attention.visualize import colorize, upscale_maps
 from ..training.apply import apply_concepts
-from ..training.concept_file import load_concepts, save_concepts
+from ..training.concept_file import load_concepts, save_concepts, save_partial_concepts
 from ..training.data import parse_concept_specs
-from ..training.export import check_file_stem, concepts_with_banks, save_embeddings, save_lora
+from ..training.export import (NAME_ADVICE, check_file_stem, concepts_with_banks, save_embeddings,
+                               save_lora)
 from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
 from ..training.prior import captions_for, generate_prior_images
@@ -25,11 +26,12 @@ Concepts = io.Custom("CONCEPTS")
 CONCEPTS_FOLDER = "concepts"
 
 
-def concept_path(name: str) -> str:
-    """Where Save/Train write ``name`` in the first concepts folder (refusing path tricks)."""
+def concept_path(name: str, what: str = "save_name") -> str:
+    """Where Save/Train/Merge write ``name`` in the first concepts folder (refusing path tricks)."""
     import folder_paths
 
-    stem = check_file_stem(name.removesuffix(".safetensors"))
+    stem = check_file_stem(name.strip().removesuffix(".safetensors"), f"the {what} (a concept file name)",
+                           NAME_ADVICE)
     return os.path.join(folder_paths.get_folder_paths(CONCEPTS_FOLDER)[0], f"{stem}.safetensors")
 
 
@@ -75,7 +77,8 @@ class TrainConcepts(io.ComfyNode):
                                tooltip="Weight of the attention losses (official code: 0.01)."),
                 io.String.Input("save_name", default="",
                                 tooltip="If set, save to models/concepts/<name>.safetensors (also a "
-                                        "partial file when interrupted)."),
+                                        "partial file when interrupted; it never replaces a "
+                                        "finished file: then it is <name>_partial)."),
                 io.Int.Input("micro_batch", default=2, min=1, max=64, optional=True,
                              tooltip="Images per forward pass."),
                 io.Int.Input("grad_accumulation", default=4, min=1, max=64, optional=True,
@@ -159,8 +162,8 @@ class TrainConcepts(io.ComfyNode):
 
         def keep_partial(partial) -> None:
             if path is not None:
-                save_concepts(path, partial)
-                log.info("training interrupted: partial concepts saved to %s", path)
+                written = save_partial_concepts(path, partial)
+                log.info("training interrupted: partial concepts saved to %s", written)
 
         result = train_concepts(model, clip, vae, image, specs, settings, masks=masks,
                                 prior=prior, progress=progress, on_checkpoint=keep_partial)
@@ -247,7 +250,7 @@ class SaveConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, concepts, name: str) -> io.NodeOutput:
-        path = concept_path(name)
+        path = concept_path(name, "name")
         save_concepts(path, concepts)
         return io.NodeOutput(path)
 
@@ -276,7 +279,7 @@ class ExportConcepts(io.ComfyNode):
         import comfy.model_management
         import folder_paths
 
-        stem = check_file_stem(name)
+        stem = check_file_stem(name.strip(), "the name (a LoRA file name)", NAME_ADVICE)
         lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{stem}.safetensors")
         errors = save_lora(lora_path, concepts, rank or None,
                            device=comfy.model_management.get_torch_device())

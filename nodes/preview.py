@@ -11,7 +11,8 @@ from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.visualize import colorize, overlay, upscale_maps
 from ..training.triggers import locate_words_and_triggers
-from .common import CATEGORY, NODE_PREFIX, ksampler_inputs, run_ksampler, split_words
+from .common import (CATEGORY, NODE_PREFIX, check_latent, ksampler_inputs, run_ksampler,
+                     split_words)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class AttentionMapSampler(io.ComfyNode):
     def execute(cls, model, clip, positive_text: str, words: str, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, negative, latent_image, denoise: float,
                 layers: str, step_start: float, step_end: float, vae=None) -> io.NodeOutput:
+        check_latent(latent_image)
         word_list = split_words(words)
         positions = locate_words_and_triggers(clip, positive_text, word_list)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(positive_text))

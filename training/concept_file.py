@@ -497,3 +497,22 @@ def save_concepts(path: str | os.PathLike[str], concepts: ConceptSet,
     except _Problem as problem:
         raise _save_error(path, problem) from None
     atomic_write_safetensors(path, tensors, metadata)
+
+
+def save_partial_concepts(path: str | os.PathLike[str], concepts: ConceptSet) -> Path:
+    """Save an interrupted run's concepts without ever replacing a finished file; returns the path.
+
+    If ``path`` already holds a complete concept file (an earlier finished run), the partial set
+    goes next to it as ``<stem>_partial.safetensors``; otherwise to ``path`` itself.
+    """
+    path = Path(path)
+    target = path
+    if path.exists():
+        try:
+            finished = concept_file_info(path)["metadata"].get("complete", True) is not False
+        except ConceptFileError:
+            finished = False  # a damaged file is no work to keep
+        if finished:
+            target = path.with_name(f"{path.stem}_partial{path.suffix}")
+    save_concepts(target, concepts)
+    return target

@@ -155,8 +155,18 @@ def embedding_state_dict(concept: Concept) -> dict[str, torch.Tensor]:
                      "(clip_l) and SDXL (clip_l + clip_g) concepts can be exported as embeddings")
 
 
-def check_file_stem(name: str) -> str:
-    """Refuse names that are not a safe file name usable as ``embedding:NAME``; returns it."""
+TRIGGER_ADVICE = "Rename the trigger (letters, digits, '_', '-' and single dots are safe)"
+NAME_ADVICE = "Use letters, digits, '_', '-' and single dots only (no folders)"
+
+
+def check_file_stem(name: str, what: str = "an embedding file name",
+                    advice: str = TRIGGER_ADVICE) -> str:
+    """Refuse names that are not a safe file name (no folders, no '..'); returns it.
+
+    ``what`` names the input in the message, ``advice`` says what to do.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be text, got a {type(name).__name__}. {advice}")
     problem = None
     if not name:
         problem = "it is empty"
@@ -174,8 +184,7 @@ def check_file_stem(name: str) -> str:
     elif len(name.encode("utf-8")) > 200:
         problem = "it is longer than 200 bytes"
     if problem is not None:
-        raise ValueError(f"{name!r} cannot be used as an embedding file name: {problem}. Rename "
-                         "the trigger (letters, digits, '_', '-' and single dots are safe)")
+        raise ValueError(f"{name!r} cannot be used as {what}: {problem}. {advice}")
     return name
 
 
