@@ -12,6 +12,23 @@ COMFY_DIR="${COMFYUI_PATH:-$ROOT/.comfyui}"
 
 log() { echo "[setup] $*" >&2; }
 
+# The browser tests (tests/browser) drive Debian's Chromium; they skip, saying why, without it.
+# Checked on every run (cheap), so a machine that lost it gets it back even with a fresh stamp.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
+  fi
+  if [ "$SUDO" = none ]; then
+    log "no /usr/bin/chromium and no root: the browser tests will be skipped"
+  else
+    log "installing chromium (Debian package) for the browser tests"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null; }; then
+      log "could not install chromium: the browser tests will be skipped"
+    fi
+  fi
+fi
+
 stamp_inputs() {
   cat "$ROOT/scripts/setup_env.sh" "$ROOT/requirements.txt" "$ROOT/tests/requirements.txt"
   echo "$COMFY_DIR"
