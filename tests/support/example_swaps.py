@@ -1,0 +1,62 @@
+"""Make an example workflow's API prompt runnable on CPU in seconds: tiny models, few steps, small sizes.
+
+The example workflows name real model files (an SD1.5 / SDXL checkpoint, ViT-H CLIP vision,
+IP-Adapter-Plus, a style LoRA); here those loaders become the test-only tiny ones (or the test's
+tiny files), and steps and resolutions shrink. The graph's structure is left as the example has it.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .workflows import TINY_LOADER, Prompt
+
+TINY_ADAPTER = "examples_tiny_plus.safetensors"  # written into models/nested_adapters by the test
+TINY_LORA = "my_pair.safetensors"  # what sd15_export_concepts writes (from tiny-model concepts)
+SIZE = 64  # pixels of every latent and training image
+SAMPLER_STEPS = 4
+TRAIN_STEPS = 2
+SCALED_BY_8 = {"SolidMask": ("width", "height"), "MaskComposite": ("x", "y")}  # 512 px -> 64 px
+
+
+def for_tiny_models(prompt: Prompt) -> Prompt:
+    """A copy of ``prompt`` with tiny models, few steps and 64 px images."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            arch = "sdxl" if "xl" in inputs["ckpt_name"].lower() else "sd15"
+            node.update(class_type=TINY_LOADER, inputs={"architecture": arch, "seed": 0})
+        elif kind == "CLIPVisionLoader":
+            node.update(class_type="ConceptTest_TinyClipVisionLoader", inputs={"seed": 0})
+        elif kind == "ConceptAttention_LoadNestedAdapter":
+            inputs["adapter_name"] = TINY_ADAPTER
+        elif kind == "LoraLoader":
+            inputs["lora_name"] = TINY_LORA
+        elif kind == "ConceptAttention_TrainConcepts":
+            inputs.update(steps=TRAIN_STEPS, resolution=SIZE, micro_batch=1, grad_accumulation=1)
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=SIZE, height=SIZE, batch_size=1)
+        elif kind in SCALED_BY_8:
+            inputs.update({k: max(1, inputs[k] // 8) for k in SCALED_BY_8[kind]})
+        if "steps" in inputs and kind != "ConceptAttention_TrainConcepts":
+            inputs["steps"] = SAMPLER_STEPS
+    return prompt
+
+
+def write_example_inputs(input_dir: Path) -> None:
+    """The pictures the examples load: a two-object scene, a photo with a painted mask, a reference."""
+    input_dir.mkdir(parents=True, exist_ok=True)
+    scene = np.full((SIZE, SIZE, 3), 128, dtype=np.uint8)
+    scene[8:30, 6:28] = (220, 30, 30)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    scene[(yy - 44) ** 2 + (xx - 44) ** 2 < 12 ** 2] = (30, 60, 220)
+    Image.fromarray(scene).save(input_dir / "my_two_concepts.png")
+    photo = np.concatenate([scene[::-1], np.full((SIZE, SIZE, 1), 255, dtype=np.uint8)], axis=2)
+    photo[16:48, 16:48, 3] = 0  # LoadImage's MASK is 1 - alpha: the painted (transparent) square
+    Image.fromarray(photo, "RGBA").save(input_dir / "photo.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(input_dir / "reference_cat.png")
