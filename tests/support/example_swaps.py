@@ -7,12 +7,23 @@ tiny files), and steps and resolutions shrink. The graph's structure is left as 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import safetensors.torch
 from PIL import Image
 
+from .comfy_env import REPO_ROOT
+from .tiny_adapters import tiny_sd15_plus
+from .ui_workflows import ui_to_api
 from .workflows import TINY_LOADER, Prompt
+
+EXAMPLES_DIR = REPO_ROOT / "example_workflows"
+UI_WORKFLOWS = sorted(p.name for p in EXAMPLES_DIR.glob("*.json") if not p.name.endswith("_api.json"))
+# Concept files other examples load, made by training through the learn example itself.
+CONCEPT_FILES = {"my_pair": "V1: cat\nV2: dog", "my_cat": "V1: cat", "my_dog": "V2: dog"}
 
 TINY_ADAPTER = "examples_tiny_plus.safetensors"  # written into models/nested_adapters by the test
 TINY_LORA = "my_pair.safetensors"  # what sd15_export_concepts writes (from tiny-model concepts)
@@ -60,3 +71,33 @@ def write_example_inputs(input_dir: Path) -> None:
     Image.fromarray(photo, "RGBA").save(input_dir / "photo.png")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(input_dir / "reference_cat.png")
+
+
+def load_example(name: str) -> dict[str, Any]:
+    """The UI-format workflow ``example_workflows/<name>``."""
+    return json.loads((EXAMPLES_DIR / name).read_text(encoding="utf-8"))
+
+
+def example_prompt(name: str, object_info: dict[str, Any]) -> Prompt:
+    """The example's API prompt (converted as the front end does), on tiny models."""
+    return for_tiny_models(ui_to_api(load_example(name), object_info))
+
+
+def prepare_server(server: Any, object_info: dict[str, Any]) -> dict[str, Any]:
+    """Input pictures, the tiny adapter, the concept files (trained by the learn example) and the
+    exported LoRA that the examples load; returns the learn and export runs by file name."""
+    write_example_inputs(server.input_dir)
+    adapter = server.model_dirs["nested_adapters"] / TINY_ADAPTER
+    safetensors.torch.save_file(tiny_sd15_plus(seed=1), str(adapter))
+    results = {}
+    for stem, lines in CONCEPT_FILES.items():
+        prompt = example_prompt("sd15_learn_two_concepts.json", object_info)
+        (train,) = [n for n in prompt.values() if n["class_type"] == "ConceptAttention_TrainConcepts"]
+        train["inputs"].update(concepts=lines, save_name=stem)
+        result = server.run(prompt, timeout=600)
+        assert result.ok, f"training {stem}: {result.describe()}"
+        results.setdefault("sd15_learn_two_concepts.json", result)
+    export = server.run(example_prompt("sd15_export_concepts.json", object_info), timeout=300)
+    assert export.ok, export.describe()
+    results["sd15_export_concepts.json"] = export
+    return results

@@ -1,0 +1,55 @@
+"""Every UI example workflow loaded in the real front end, converted by its own ``app.graphToPrompt()``
+and queued (tiny models swapped in) until it completes."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from support.example_swaps import UI_WORKFLOWS, for_tiny_models, load_example, prepare_server
+from support.server import ComfyServer
+from support.ui_workflows import ui_to_api
+
+RUN_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def examples_ready(browser_server: ComfyServer) -> dict[str, Any]:
+    """The server's node definitions, once the files the examples load are in place."""
+    object_info = browser_server.object_info()
+    prepare_server(browser_server, object_info)
+    return browser_server.object_info()  # again: the concept/LoRA lists now hold the new files
+
+
+def front_end_prompt(comfy_page: Any, workflow: dict[str, Any]) -> dict[str, Any]:
+    """Load ``workflow`` in the page and return ``app.graphToPrompt()``'s API prompt."""
+    return comfy_page.js("""async (workflow) => {
+        await app.loadGraphData(workflow, true, true, null);
+        const {output} = await app.graphToPrompt();
+        return output;
+    }""", workflow)
+
+
+def comparable(prompt: dict[str, Any]) -> dict[str, Any]:
+    """Class and inputs of each node (the front end also sends titles as '_meta')."""
+    return {key: {"class_type": n["class_type"], "inputs": n["inputs"]} for key, n in prompt.items()}
+
+
+def test_every_example_loads_converts_and_runs_from_the_front_end(examples_ready, comfy_page):
+    """One page for all examples (a page load costs more than a tiny run); every failure is listed."""
+    failures = []
+    for name in UI_WORKFLOWS:
+        workflow = load_example(name)
+        prompt = comparable(front_end_prompt(comfy_page, workflow))
+        if prompt != comparable(ui_to_api(workflow, examples_ready)):
+            failures.append(f"{name}: the front end converts it differently from "
+                            f"tests/support/ui_workflows.py: {prompt}")
+            continue
+        result = comfy_page.server.run(for_tiny_models(prompt), timeout=RUN_TIMEOUT_S)
+        if not result.ok:
+            failures.append(f"{name}: {result.describe()}")
+        elif (any(n["class_type"] in ("SaveImage", "PreviewImage") for n in prompt.values())
+              and not comfy_page.server.output_images(result)):
+            failures.append(f"{name}: no images")
+    assert not failures, "\n".join(failures)
+    assert comfy_page.log.pack_errors() == []
