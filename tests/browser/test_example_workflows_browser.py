@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from support.example_swaps import UI_WORKFLOWS, for_tiny_models, load_example, prepare_server
-from support.server import ComfyServer
+from support.server import PACK_FOLDER_NAME, ComfyServer
 from support.ui_workflows import ui_to_api
 
 RUN_TIMEOUT_S = 600
@@ -21,13 +21,14 @@ def examples_ready(browser_server: ComfyServer) -> dict[str, Any]:
     return browser_server.object_info()  # again: the concept/LoRA lists now hold the new files
 
 
-def front_end_prompt(comfy_page: Any, workflow: dict[str, Any]) -> dict[str, Any]:
-    """Load ``workflow`` in the page and return ``app.graphToPrompt()``'s API prompt."""
-    return comfy_page.js("""async (workflow) => {
+def front_end_prompt(comfy_page: Any, name: str) -> dict[str, Any]:
+    """Fetch ``name`` as the template browser does, load it, and return ``app.graphToPrompt()``'s prompt."""
+    return comfy_page.js("""async (url) => {
+        const workflow = await (await fetch(url)).json();
         await app.loadGraphData(workflow, true, true, null);
         const {output} = await app.graphToPrompt();
         return output;
-    }""", workflow)
+    }""", f"/api/workflow_templates/{PACK_FOLDER_NAME}/{name}")
 
 
 def comparable(prompt: dict[str, Any]) -> dict[str, Any]:
@@ -37,10 +38,12 @@ def comparable(prompt: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_example_loads_converts_and_runs_from_the_front_end(examples_ready, comfy_page):
     """One page for all examples (a page load costs more than a tiny run); every failure is listed."""
+    listed = comfy_page.js("async () => (await (await fetch('/api/workflow_templates')).json())")
+    assert set(UI_WORKFLOWS) <= {f"{n}.json" for n in listed.get(PACK_FOLDER_NAME, [])}, listed
     failures = []
     for name in UI_WORKFLOWS:
         workflow = load_example(name)
-        prompt = comparable(front_end_prompt(comfy_page, workflow))
+        prompt = comparable(front_end_prompt(comfy_page, name))
         if prompt != comparable(ui_to_api(workflow, examples_ready)):
             failures.append(f"{name}: the front end converts it differently from "
                             f"tests/support/ui_workflows.py: {prompt}")
