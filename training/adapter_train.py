@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..attention.nested_hook import NestedSource
 from ..attention.patching import install_nested, model_layers
 from .adapter_data import AdapterRecord, load_picture
-from .io_utils import atomic_write_safetensors
+from .io_utils import atomic_write_safetensors, atomic_write_text
 from .nested_adapter import AdapterConfig, NestedAdapter, config_for_layers, save_adapter
 from .nested_subjects import subject_position
 
@@ -296,7 +296,5 @@ class AdapterTrainer:
 
 
 def atomic_write_json(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    """Write ``text`` to ``path`` atomically (temp file, fsync, ``os.replace``; no temp left on failure)."""
+    atomic_write_text(path, text)
