@@ -228,6 +228,9 @@ class LoadConcepts(io.ComfyNode):
     def execute(cls, concept_name: str) -> io.NodeOutput:
         import folder_paths
 
+        if concept_name not in folder_paths.get_filename_list(CONCEPTS_FOLDER):
+            raise ValueError(f"concept_name {concept_name!r} is not a file in models/concepts: choose "
+                             "one of the listed files (refresh the list if you just added it)")
         return io.NodeOutput(load_concepts(folder_paths.get_full_path_or_raise(CONCEPTS_FOLDER,
                                                                                concept_name)))
 
