@@ -30,7 +30,13 @@ def add_node(page, class_type: str, x: int = 100, y: int = 100) -> int:
     }""", [class_type, x, y])
 
 
+def empty_graph(page) -> None:
+    """Start from an empty graph (the front end restores the profile's last workflow)."""
+    page.js("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+
+
 def test_extension_loads_without_errors_and_ignores_foreign_messages(comfy_page):
+    empty_graph(comfy_page)
     listed = requests.get(f"{comfy_page.server.url}/extensions", timeout=30).json()
     assert SCRIPT in listed
     assert comfy_page.js("(name) => app.extensions.some(e => e.name === name)", EXTENSION)
@@ -45,6 +51,17 @@ def test_extension_loads_without_errors_and_ignores_foreign_messages(comfy_page)
     }""", [stock, 9999])
     assert comfy_page.js("() => document.querySelectorAll('.concept-attention-live').length") == 0
     assert comfy_page.js("() => window.conceptAttention.lastUpdate(9999).step") == 1
+    # The panel is display only: never in the API prompt, nor in the saved widget values.
+    train = add_node(comfy_page, "ConceptAttention_TrainConcepts", 400, 80)
+    saved = comfy_page.js("""async (id) => {
+        const node = app.graph.getNodeById(id);
+        const prompt = await app.graphToPrompt();
+        return {inputs: Object.keys(prompt.output[String(id)].inputs),
+                values: node.serialize().widgets_values.length,
+                widgets: node.widgets.filter(w => w.name !== 'live_training').length};
+    }""", train)
+    assert "live_training" not in saved["inputs"] and "steps" in saved["inputs"]
+    assert saved["values"] == saved["widgets"]
     time.sleep(0.5)
     assert comfy_page.log.pack_errors() == []
 
@@ -62,8 +79,10 @@ def scene(browser_server) -> str:
 
 
 def test_live_panel_shows_loss_and_maps_of_a_training_run(comfy_page, scene, tmp_path):
+    empty_graph(comfy_page)
     train_id = add_node(comfy_page, "ConceptAttention_TrainConcepts", 400, 80)
     assert comfy_page.js("() => document.querySelectorAll('.concept-attention-live').length") == 1
+    panel_of = "app.graph.getNodeById(id).conceptAttentionPanel"
     prompt = {
         "900": node(TINY_LOADER, architecture="sd15", seed=0),
         "901": node("LoadImage", image=scene),
@@ -80,23 +99,22 @@ def test_live_panel_shows_loss_and_maps_of_a_training_run(comfy_page, scene, tmp
         return [r.status, await r.json()];
     }""", prompt)
     assert status == 200, body
-    comfy_page.page.wait_for_function(
-        "() => document.querySelector('.concept-attention-live')?.dataset.done === 'true'",
-        timeout=RUN_TIMEOUT_S * 1000)
+    comfy_page.page.wait_for_function(f"(id) => {panel_of}.dataset.done === 'true'", arg=train_id,
+                                      timeout=RUN_TIMEOUT_S * 1000)
 
     deadline = time.monotonic() + 60
     while (entry := comfy_page.server.history(body["prompt_id"])) is None or not entry.get("status", {}).get("completed"):
         assert time.monotonic() < deadline, f"the prompt did not finish: {entry}"
         time.sleep(0.5)
     time.sleep(0.5)  # the run is over: the panel must keep what it showed
-    panel = comfy_page.js("""() => {
-        const p = document.querySelector('.concept-attention-live');
-        return {data: {...p.dataset}, status: p.querySelector('.ca-status').textContent,
+    panel = comfy_page.js(f"""(id) => {{
+        const p = {panel_of};
+        return {{data: {{...p.dataset}}, status: p.querySelector('.ca-status').textContent,
                 maps: [...p.querySelectorAll('img')].map(i => [i.alt, i.naturalWidth]),
-                inked: (() => { const c = p.querySelector('canvas');
+                inked: (() => {{ const c = p.querySelector('canvas');
                                 const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                                let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()};
-    }""")
+                                let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; }})()}};
+    }}""", train_id)
     comfy_page.page.screenshot(path=str(tmp_path / "live_panel.png"))
     assert panel["data"]["step"] == str(TRAIN_STEPS) and panel["data"]["points"] == str(TRAIN_STEPS)
     assert f"step {TRAIN_STEPS}/{TRAIN_STEPS}" in panel["status"] and "loss" in panel["status"]
@@ -136,6 +154,7 @@ def test_concept_route_lists_triggers_and_rejects_other_names(browser_server, co
 
 
 def test_prompt_box_offers_trigger_completions(concept_files, comfy_page):
+    empty_graph(comfy_page)
     encode = add_node(comfy_page, "CLIPTextEncode", 120, 420)
     comfy_page.js("""(id) => {
         const box = app.graph.getNodeById(id).widgets.find(w => w.name === 'text').inputEl;
