@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,20 @@ class ComfyPage:
         return self.js("() => window.comfyAPI.api.api.clientId")
 
 
+def wait_for_settled_graph(page: Any, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
+    """Wait until the graph's nodes stop changing (the start-up graph has finished loading)."""
+    signature = "() => app.graph.nodes.map(n => `${n.id}:${n.type}`).join(',')"
+    deadline = time.monotonic() + timeout_s
+    last, since = page.evaluate(signature), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = page.evaluate(signature)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+
+
 @pytest.fixture
 def comfy_page(browser_server: ComfyServer, browser_context: Any,
                request: pytest.FixtureRequest) -> Iterator[ComfyPage]:
@@ -125,10 +140,14 @@ def comfy_page(browser_server: ComfyServer, browser_context: Any,
     page = browser_context.new_page()
     page.on("console", lambda m: log.console.append((m.type, m.text, m.location.get("url", ""))))
     page.on("pageerror", lambda e: log.uncaught.append(f"{e}\n{getattr(e, 'stack', '')}"))
+    # The front end reopens the profile's last workflows (kept in localStorage) after it starts,
+    # asynchronously; every test begins from the default graph instead.
+    page.add_init_script("try { window.localStorage.clear(); } catch (e) {}")
     try:
         page.goto(browser_server.url, wait_until="load")
         page.wait_for_function("() => window.app && window.app.graph && window.conceptAttention "
                                "&& window.comfyAPI.api.api.clientId", timeout=PAGE_READY_TIMEOUT_MS)
+        wait_for_settled_graph(page)
         yield ComfyPage(page, log, browser_server)
     finally:
         report = getattr(request.node, "rep_call", None)

@@ -49,7 +49,7 @@ def test_extension_loads_without_errors_and_ignores_foreign_messages(comfy_page)
         }
         window.comfyAPI.api.api.dispatchCustomEvent("concept_attention.training", null);
     }""", [stock, 9999])
-    assert comfy_page.js("() => document.querySelectorAll('.concept-attention-live').length") == 0
+    assert comfy_page.js("() => app.graph.nodes.filter(n => n.conceptAttentionPanel).length") == 0
     assert comfy_page.js("() => window.conceptAttention.lastUpdate(9999).step") == 1
     # The panel is display only: never in the API prompt, nor in the saved widget values.
     train = add_node(comfy_page, "ConceptAttention_TrainConcepts", 400, 80)
