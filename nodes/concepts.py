@@ -18,7 +18,7 @@ from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
 from ..training.prior import captions_for, generate_prior_images
 from .common import CATEGORY, NODE_PREFIX
-from .web_api import LiveTraining, trainer_maps_of_caller
+from .web_api import LiveTraining
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,11 @@ class TrainConcepts(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         live = LiveTraining(node_id, [s.trigger for s in specs] + [s.class_phrase for s in specs])
 
-        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        def progress(step: int, total: int, losses: dict[str, float], maps) -> None:
             bar.update_absolute(step, total)
             if node_id is not None:
                 report_progress_text(node_id, f"step {step}/{total}  loss {losses['loss']:.4f}")
-                live.update(step, total, losses, trainer_maps_of_caller())
+                live.update(step, total, losses, maps)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         def keep_partial(partial) -> None:

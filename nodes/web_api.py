@@ -215,20 +215,3 @@ class LiveTraining:
                 self.sent += 1
         except Exception:  # noqa: BLE001 - a display problem must never stop training
             log.warning("could not send the live training view", exc_info=True)
-
-
-def trainer_maps_of_caller(depth: int = 2) -> torch.Tensor | None:
-    """The training loop's current maps, seen from inside its ``progress`` callback.
-
-    ``training.loop`` calls ``progress(step, total, losses)`` from ``ConceptTrainer.run``, which
-    has just stored the step's maps in ``self.last_maps``; the callback's signature has no maps, so
-    they are read from that frame. Returns None if the caller is anything else.
-    """
-    import sys
-
-    try:
-        frame = sys._getframe(depth)
-    except ValueError:
-        return None
-    maps = getattr(frame.f_locals.get("self"), "last_maps", None)
-    return maps if isinstance(maps, torch.Tensor) else None

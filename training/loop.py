@@ -461,7 +461,7 @@ class ConceptTrainer:
         params = self._parameters()
         return target_pool, prior_pool, params, self._optimizer(params)
 
-    def run(self, progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    def run(self, progress: Callable[[int, int, dict[str, float], torch.Tensor | None], None] | None = None,
             on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
         """Train; ``progress`` may raise to interrupt: ``on_checkpoint`` then gets the partial
         result and the exception propagates."""
@@ -485,7 +485,7 @@ class ConceptTrainer:
                     totals["step"] = step + 1
                     self.history.append(totals)
                     if progress is not None:
-                        progress(step + 1, self.settings.steps, totals)
+                        progress(step + 1, self.settings.steps, totals, self.last_maps)
         except BaseException:
             # Interrupted (or failed) anywhere in the loop: hand over what was learned so far.
             if on_checkpoint is not None:
@@ -565,7 +565,7 @@ def _checkpointed(diffusion_model: torch.nn.Module):
 def train_concepts(model: Any, clip: Any, vae: Any, image: torch.Tensor, specs: list[ConceptSpec],
                    settings: TrainSettings | None = None, masks: torch.Tensor | None = None,
                    prior: list[tuple[torch.Tensor, str]] | None = None,
-                   progress: Callable[[int, int, dict[str, float]], None] | None = None,
+                   progress: Callable[[int, int, dict[str, float], torch.Tensor | None], None] | None = None,
                    on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
     """Learn ``specs`` from one picture; safe to call from a node running under inference_mode."""
     with torch.inference_mode(False), torch.enable_grad():

@@ -218,7 +218,7 @@ def test_interrupt_and_non_finite_loss_keep_the_banks(sd15, monkeypatch):
     reference = _train(sd15.bundle, replace(settings, steps=1))
     checkpoints = []
 
-    def progress(step, total, totals):
+    def progress(step, total, totals, maps):
         raise _Stop("cancel")
 
     with pytest.raises(_Stop):

@@ -639,7 +639,7 @@ def test_interrupt_propagates_after_checkpoint(bundles):
     reference = _train(bundle, replace(settings, steps=2))
     seen, checkpoints = [], []
 
-    def progress(step, total, totals):
+    def progress(step, total, totals, maps):
         seen.append((step, total, sorted(totals)))
         if step == 2:
             raise _Stop("user pressed cancel")

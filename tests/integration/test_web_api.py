@@ -96,12 +96,12 @@ def test_live_training_collects_and_sends(monkeypatch):
     web_api.LiveTraining(None, []).update(1, 1, {"loss": 1.0})  # headless: nothing, no error
 
 
-def test_progress_callback_sees_the_trainers_current_maps(sd15):
-    """Guards the frame lookup in ``trainer_maps_of_caller`` against changes of training/loop.py."""
+def test_progress_callback_gets_the_trainers_current_maps(sd15):
+    """The training loop hands each step's calibrated maps to ``progress`` (the live panel shows them)."""
     seen = []
 
-    def progress(step: int, total: int, losses: dict[str, float]) -> None:
-        seen.append(web_api.trainer_maps_of_caller())
+    def progress(step: int, total: int, losses: dict[str, float], maps) -> None:
+        seen.append(maps)
 
     settings = TrainSettings(steps=2, resolution=64, micro_batch=1, grad_accumulation=1, pool_size=1,
                              learning_rate=1e-3)
@@ -112,4 +112,3 @@ def test_progress_callback_sees_the_trainers_current_maps(sd15):
     assert len(seen) == 2
     for maps in seen:
         assert isinstance(maps, torch.Tensor) and maps.ndim == 3 and maps.shape[0] == 4
-    assert web_api.trainer_maps_of_caller(depth=1) is None  # the test function has no trainer
