@@ -8,7 +8,7 @@ descriptions; state that must be collected (maps) lives in objects the hook poin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -74,6 +74,9 @@ class AttentionHook:
     sigma_max: float = float("inf")
     sigma_min: float = 0.0
     rows: str = "all"
+    # Whether the hook (and so the chain below it) works on any subset of the queries, so a hook
+    # above may call it on just some of them; hooks that need the whole feature map say False.
+    query_subsets: ClassVar[bool] = False
 
     def is_active(self, ctx: AttentionContext) -> bool:
         """Whether this hook does anything in this call."""
@@ -106,6 +109,8 @@ class AttentionChain:
         ctx = AttentionContext(extra_options, q.shape[0])
         active = [hook for hook in self.hooks if hook.is_active(ctx)]
         call: AttentionFn = base
+        # Stock attention is per query; another pack's function may need the whole feature map.
+        call.query_subsets = self.inner is None  # type: ignore[attr-defined]
         for hook in reversed(active):
             call = _bind(hook, ctx, call)
         return call(q, k, v)
@@ -129,4 +134,10 @@ def _bind(hook: AttentionHook, ctx: AttentionContext, proceed: AttentionFn) -> A
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return hook.apply(q, k, v, ctx, proceed)
 
+    run.query_subsets = hook.query_subsets and accepts_query_subsets(proceed)  # type: ignore[attr-defined]
     return run
+
+
+def accepts_query_subsets(proceed: AttentionFn) -> bool:
+    """Whether ``proceed`` may be called with only some of the layer's queries."""
+    return bool(getattr(proceed, "query_subsets", False))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import CalibrationSettings, prepare_maps
-from .chain import AttentionContext, AttentionFn, AttentionHook
+from .chain import AttentionContext, AttentionFn, AttentionHook, accepts_query_subsets
 
 CONTEXT_KEY = "concept_attention_context"
 VALUE_KEY = "concept_attention_value"
@@ -83,6 +83,8 @@ class RegionalKV(AttentionHook):
             repeat = q.shape[0] // weights.shape[0]
             weights, background = weights.repeat(repeat, 1, 1), background.repeat(repeat, 1)
         per_row = weights.dim() == 3
+        if not per_row and accepts_query_subsets(proceed):
+            return self._on_query_subsets(q, k, v, context, value, weights, background, proceed)
         out = proceed(q, k, v) * (background[..., None] if per_row else background[None, :, None])
         for r, (d_k, d_v) in enumerate(self.deltas):
             w = weights[:, r, :, None] if per_row else weights[r][None, :, None]
@@ -92,3 +94,35 @@ class RegionalKV(AttentionHook):
             v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
             out = out + proceed(q, k_r, v_r) * w
         return out
+
+    def _on_query_subsets(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: torch.Tensor,
+                          value: torch.Tensor, weights: torch.Tensor, background: torch.Tensor,
+                          proceed: AttentionFn) -> torch.Tensor:
+        """Same result, but each attention call sees only the queries with weight there.
+
+        With hard (0/1) regions every query is attended once instead of once per region plus
+        the background, so regional sampling costs about what stock sampling does.
+        """
+        n_query = q.shape[1]
+        out = None
+        parts = [(background, k, v)]
+        for r, (d_k, d_v) in enumerate(self.deltas):
+            k_r = k if d_k is None else k + context.to(k.dtype) @ d_k.to(k).T
+            v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
+            parts.append((weights[r], k_r, v_r))
+        for w, k_part, v_part in parts:
+            index = (w > 0).nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            if index.numel() == n_query:
+                term = proceed(q, k_part, v_part) * w[None, :, None]
+                out = term if out is None else out + term
+                continue
+            term = proceed(q.index_select(1, index), k_part, v_part) * w.index_select(0, index)[None, :, None]
+            if out is None:
+                out = term.new_zeros(q.shape[0], n_query, term.shape[-1])
+            out = out.index_add(1, index, term)
+        if out is None:  # no weight anywhere cannot happen (background fills the rest); stay safe
+            out = proceed(q, k, v)
+        return out
+

@@ -107,3 +107,28 @@ def test_regions_from_maps_follow_the_strongest_calibrated_map() -> None:
     assert torch.equal(batched[0], masks) and torch.equal(batched[1], masks.flip(0))
     with pytest.raises(ValueError, match="expected class maps"):
         regions_from_maps(torch.zeros(8, 8))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_query_subsets_give_the_same_output_and_attend_each_hard_pixel_once(soft):
+    q, k, v, context, w_k, w_v, options, deltas = setup(seed=3)
+    masks = torch.zeros(2, H, W)
+    masks[0, :, :3] = 1
+    masks[1, :2, 3:] = 1
+    if soft:
+        masks[0, :, 2] = 0.5
+    attended = []
+
+    def per_query(q_, k_, v_):
+        attended.append(q_.shape[1])
+        return attend(q_, k_, v_)
+
+    per_query.query_subsets = True
+    hook = RegionalKV(deltas=tuple(deltas), masks=masks)
+    ctx = AttentionContext(options, q.shape[0])
+    subsets = hook.apply(q, k, v, ctx, per_query)
+    torch.testing.assert_close(subsets, run(hook, q, k, v, options), rtol=1e-5, atol=1e-6)
+    if soft:
+        assert sum(attended) > H * W  # half-weight pixels are attended by region and background
+    else:
+        assert sum(attended) == H * W  # every query exactly once, instead of three times
