@@ -24,6 +24,25 @@ def sigma_window(model, start_percent: float, end_percent: float) -> tuple[float
     return sigma_max if start_percent > 0.0 else float("inf"), sigma_min
 
 
+def subject_knob_inputs() -> list[io.Input]:
+    """Strength, token weight and optional region: the knobs every subject source node has."""
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.01,
+                       tooltip="How much of the nested value replaces the word's own value "
+                               "(1 = the method; 0 = no effect; above 1 exaggerates)."),
+        io.Float.Input("token_weight", default=1.0, min=0.0, max=10.0, step=0.01,
+                       tooltip="Multiplies how much attention the word receives "
+                               "(above 1: larger, stronger subject)."),
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Optional region: the subject only changes pixels inside it."),
+    ]
+
+
+def subject_output() -> io.Output:
+    """The NESTED_SUBJECT output of a subject source node."""
+    return NestedSubject.Output(display_name="NESTED_SUBJECT", tooltip="Connect to Apply Nested Attention.")
+
+
 class ApplyNestedAttention(io.ComfyNode):
     """Encodes the prompt and gives each subject word query-dependent values."""
 
@@ -98,17 +117,9 @@ class NestedSubjectFromBank(io.ComfyNode):
                 Concepts.Input("concepts", tooltip="A concept set trained with a token bank."),
                 io.String.Input("trigger", default="",
                                 tooltip="Which concept (its trigger word); empty = the first one."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.01,
-                               tooltip="How much of the nested value replaces the word's own value "
-                                       "(1 = the method; above 1 exaggerates)."),
-                io.Float.Input("token_weight", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="Multiplies how much attention the word receives "
-                                       "(above 1: larger, stronger subject)."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional region: the subject only changes pixels inside it."),
+                *subject_knob_inputs(),
             ],
-            outputs=[NestedSubject.Output(display_name="NESTED_SUBJECT",
-                                          tooltip="Connect to Apply Nested Attention.")],
+            outputs=[subject_output()],
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from ..attention.layers import CrossAttentionLayer
 from ..training.nested_adapter import NestedAdapter, load_adapter
 from ..training.nested_subjects import SubjectSpec
 from .common import CATEGORY, NODE_PREFIX
-from .nested import NestedSubject
+from .nested import subject_knob_inputs, subject_output
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,9 @@ class NestedSubjectFromImage(io.ComfyNode):
                 io.Image.Input("image", tooltip="Reference picture of the subject (first one used)."),
                 io.String.Input("word", default="cat",
                                 tooltip="The subject word of the prompt (e.g. the class word 'cat')."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.01,
-                               tooltip="How much of the nested value replaces the word's own value "
-                                       "(1 = the method; 0 = no effect; above 1 exaggerates)."),
-                io.Float.Input("token_weight", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="Multiplies how much attention the word receives "
-                                       "(above 1: larger, stronger subject)."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional region: the subject only changes pixels inside it."),
+                *subject_knob_inputs(),
             ],
-            outputs=[NestedSubject.Output(display_name="NESTED_SUBJECT",
-                                          tooltip="Connect to Apply Nested Attention.")],
+            outputs=[subject_output()],
         )
 
     @classmethod
