@@ -50,14 +50,19 @@ def chain_at(model: Any, key: LayerKey) -> AttentionChain | None:
     return entry if isinstance(entry, AttentionChain) else None
 
 
-def _write_attn2(model: Any, attn2: dict[Any, Any]) -> None:
+def _write_transformer_option(model: Any, group: str, name: str, value: Any) -> None:
+    """Set ``transformer_options[group][name]``, copying every dict on the path (copy-on-write)."""
     options = dict(model.model_options)
     transformer_options = dict(options.get("transformer_options", {}))
-    replaces = dict(transformer_options.get("patches_replace", {}))
-    replaces["attn2"] = attn2
-    transformer_options["patches_replace"] = replaces
+    entries = dict(transformer_options.get(group, {}))
+    entries[name] = value
+    transformer_options[group] = entries
     options["transformer_options"] = transformer_options
     model.model_options = options
+
+
+def _write_attn2(model: Any, attn2: dict[Any, Any]) -> None:
+    _write_transformer_option(model, "patches_replace", "attn2", attn2)
 
 
 def install_hook(model: Any, hook: AttentionHook,
@@ -128,13 +133,7 @@ def _attn2_patches(model: Any) -> list[Any]:
 
 
 def _write_attn2_patches(model: Any, patch_list: list[Any]) -> None:
-    options = dict(model.model_options)
-    transformer_options = dict(options.get("transformer_options", {}))
-    patches = dict(transformer_options.get("patches", {}))
-    patches["attn2_patch"] = patch_list
-    transformer_options["patches"] = patches
-    options["transformer_options"] = transformer_options
-    model.model_options = options
+    _write_transformer_option(model, "patches", "attn2_patch", patch_list)
 
 
 def nested_subjects(model: Any) -> tuple[NestedSource, ...]:

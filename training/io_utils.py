@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 from pathlib import Path
 
 import safetensors.torch
@@ -80,31 +81,28 @@ def atomic_write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str,
         if bad:
             raise TypeError(f"safetensors metadata must map strings to strings; bad entries: {bad}")
     prepared = _prepare(tensors)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(path)
-    try:
-        safetensors.torch.save_file(prepared, str(temp), metadata=dict(metadata) if metadata else None)
-        _fsync_file(temp)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
-    return path
+    return _replace_atomically(path, lambda temp: safetensors.torch.save_file(
+        prepared, str(temp), metadata=dict(metadata) if metadata else None))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`atomic_write_safetensors`."""
-    path = Path(path)
+    def write(temp: Path) -> None:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    return _replace_atomically(Path(path), write)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Let ``write`` fill a temp file beside ``path``, fsync it, rename it over ``path``.
+
+    Any failure (or interrupt) removes the temp file and leaves ``path`` as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_path(path)
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(temp)
         _fsync_file(temp)
         os.replace(temp, path)
     except BaseException:
