@@ -81,8 +81,15 @@ def atomic_write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str,
         if bad:
             raise TypeError(f"safetensors metadata must map strings to strings; bad entries: {bad}")
     prepared = _prepare(tensors)
-    return _replace_atomically(path, lambda temp: safetensors.torch.save_file(
-        prepared, str(temp), metadata=dict(metadata) if metadata else None))
+
+    def write(temp: Path) -> None:
+        # Serialise in memory and write the bytes ourselves: safetensors' own save_file goes through
+        # a second temporary file of its own that a killed process would leave behind.
+        data = safetensors.torch.save(prepared, metadata=dict(metadata) if metadata else None)
+        with open(temp, "wb") as handle:
+            handle.write(data)
+
+    return _replace_atomically(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

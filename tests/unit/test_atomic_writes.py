@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Callable
 
 import pytest
-import safetensors.torch
 import torch
 
 from concept_attention.training import io_utils
@@ -72,28 +71,44 @@ class Fault(Exception):
     """The injected failure."""
 
 
-def _half_written(tensors, filename, metadata=None):
-    """safetensors' writer dying halfway: part of the file is on disk, then an error."""
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    Path(filename).write_bytes(data[: len(data) // 2])
-    raise Fault("disk full (injected)")
-
-
-def _interrupted(tensors, filename, metadata=None):
-    Path(filename).write_bytes(b"\x00" * 64)
-    raise KeyboardInterrupt
-
-
 def _raise(*args, **kwargs):
     raise Fault("injected")
 
 
+class _HalfWritten:
+    """A writer dying halfway: part of the file is on disk, then ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __call__(self, handle, data) -> None:
+        handle.write(data[: max(1, len(data) // 2)])
+        handle.close()
+        raise self.error
+
+
 FAULTS: dict[str, tuple[str, Callable[..., None], type[BaseException]]] = {
-    "half written": ("safetensors.torch.save_file", _half_written, Fault),
-    "interrupted while writing": ("safetensors.torch.save_file", _interrupted, KeyboardInterrupt),
+    "half written": ("write", _HalfWritten(Fault("disk full (injected)")), Fault),
+    "interrupted while writing": ("write", _HalfWritten(KeyboardInterrupt()), KeyboardInterrupt),
     "fsync fails": ("fsync", _raise, Fault),
     "rename fails": ("replace", _raise, Fault),
 }
+
+
+class _FaultyFile:
+    """A file handle whose first ``write`` runs ``fault`` instead."""
+
+    def __init__(self, handle, fault: Callable[..., None]) -> None:
+        self.handle, self.fault = handle, fault
+
+    def write(self, data):
+        return self.fault(self.handle, data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
 
 
 def _inject(monkeypatch: pytest.MonkeyPatch, where: str, fault: Callable[..., None]) -> None:
@@ -102,18 +117,15 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, fault: Callable[..., No
     elif where == "replace":
         monkeypatch.setattr(io_utils.os, "replace", fault)
     else:
-        monkeypatch.setattr(io_utils.safetensors.torch, "save_file", fault)
         original_open = open
 
-        def text_fault(file, mode="r", *args, **kwargs):  # the text writer's own write
+        def faulty_open(file, mode="r", *args, **kwargs):  # both writers fill the temp file with open()
+            handle = original_open(file, mode, *args, **kwargs)
             if "w" in mode and str(file).endswith(io_utils.TEMP_SUFFIX):
-                handle = original_open(file, mode, *args, **kwargs)
-                handle.write("{\"st")
-                handle.close()
-                fault({}, file)
-            return original_open(file, mode, *args, **kwargs)
+                return _FaultyFile(handle, fault)
+            return handle
 
-        monkeypatch.setattr("builtins.open", text_fault)
+        monkeypatch.setattr("builtins.open", faulty_open)
 
 
 @pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
