@@ -36,21 +36,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weight (0: plain MSE)")
     parser.add_argument("--lr", type=float, default=None, help="UNet/text learning rate")
     parser.add_argument("--gate-samples", type=int, default=2, help="seeds per gate prompt")
+    parser.add_argument("--batch", type=int, default=None, help="UNet batch size (default: config)")
+    parser.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps")
+    parser.add_argument("--decoder-batch", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the UNet stage trains")
+    parser.add_argument("--slim-copy", type=Path, default=None, metavar="DIR",
+                        help="copy --work-dir to DIR without optimizer states or latents, and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    setup_comfy("cpu", attention="pytorch")  # SDPA: ~2x faster training than sub-quadratic on CPU
+    device = setup_comfy(args.device, attention="pytorch")  # SDPA: ~2x faster than sub-quadratic on CPU
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True  # GPU only; a tiny model gains nothing from full fp32
     from concept_attention.smallworld import pretrain, quality
 
+    if args.slim_copy:
+        pretrain.slim_checkpoint(args.work_dir, args.slim_copy)
+        return 0
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
-    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr"):
+    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
@@ -69,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.export_now:  # snapshot of whatever is done: no further training
         interrupted.append(True)
-    decoder_step = pretrain.train_decoder(cfg, taesd, data, should_stop)
+    decoder_step = pretrain.train_decoder(cfg, taesd, data, should_stop, device)
     if args.decoder_only or (decoder_step < cfg.decoder_steps and not args.export_now):
         logging.info("decoder at step %d/%d%s", decoder_step, cfg.decoder_steps,
                      "" if decoder_step >= cfg.decoder_steps else "; run again to resume")
         return 0
-    patcher, clip, step = pretrain.train_unet(cfg, data, should_stop)
+    patcher, clip, step = pretrain.train_unet(cfg, data, should_stop, device)
     if step < cfg.steps and not args.export_now:
         logging.info("stopped at UNet step %d/%d; run again to resume", step, cfg.steps)
         return 0
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     info["unet_steps_done"] = step
     pretrain.export_weights(patcher, clip, taesd, args.out_dir, info)
     logging.info("wrote weights to %s", args.out_dir)
+    print(quality.roundtrip_report(args.out_dir).table())
     report = quality.quality_gate(args.out_dir, seeds=args.gate_samples)
     print(report.table())
     return 0

@@ -53,6 +53,7 @@ class PretrainConfig:
     decoder_steps: int = 800  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
+    decoder_object_weight: float = 8.0  # object pixels count this much more: the background dominates
     steps: int = 6500
     batch: int = 32
     lr: float = 1e-3
@@ -71,7 +72,8 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 
 def _load(path: Path) -> Optional[dict]:
-    return torch.load(path, weights_only=True) if path.is_file() else None
+    """A private checkpoint (tensors only), on the CPU whatever device wrote it."""
+    return torch.load(path, weights_only=True, map_location="cpu") if path.is_file() else None
 
 
 def _vae_batch(rng: np.random.Generator, batch: int, crop: int = 64) -> torch.Tensor:
@@ -92,6 +94,7 @@ def train_vae(cfg: PretrainConfig, should_stop: Callable[[], bool]) -> torch.nn.
     state = _load(path) or {"step": 0}
     if "model" in state:
         taesd.load_state_dict(state["model"])
+    if "opt" in state:
         opt.load_state_dict(state["opt"])
     step = state["step"]
     total = cfg.vae_steps + cfg.vae_full_steps
@@ -187,28 +190,43 @@ def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Cal
 
 
 def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
-                  should_stop: Callable[[], bool]) -> int:
-    """Stage 2b: fine-tune the TAESD decoder on the encoded scenes (encoder and latents unchanged)."""
+                  should_stop: Callable[[], bool], device: str = "cpu") -> int:
+    """Stage 2b: fine-tune the TAESD decoder on the encoded scenes (encoder and latents unchanged).
+
+    Object pixels weigh ``decoder_object_weight`` times more than background: with a plain mean,
+    colours that are rare per pixel (cyan, purple, pink) decoded as their neighbours.
+    """
     path = cfg.work_dir / "decoder.pt"
     decoder = taesd.taesd_decoder
     opt = torch.optim.AdamW(decoder.parameters(), cfg.decoder_lr)
     state = _load(path) or {"step": 0}
     if "decoder" in state:
         decoder.load_state_dict(state["decoder"])
+    if "opt" in state:
         opt.load_state_dict(state["opt"])
     step, latents = state["step"], data["latents"]
+    taesd.to(device)
+    rendered: dict[int, sw.Scene] = {}  # the same fixed scenes come back often: draw each once
+
+    def scene(i: int) -> sw.Scene:
+        if i not in rendered:
+            rendered[i] = sw.random_scene(np.random.default_rng([cfg.seed, 2, i]))
+        return rendered[i]
+
     while step < cfg.decoder_steps and not should_stop():
         rng = np.random.default_rng([cfg.seed, 4, step])
         idx = rng.integers(0, len(latents), cfg.decoder_batch)
-        target = torch.from_numpy(np.stack([
-            sw.random_scene(np.random.default_rng([cfg.seed, 2, int(i)])).image for i in idx]))
-        target = target.permute(0, 3, 1, 2).float() / 255.0
+        drawn = [scene(int(i)) for i in idx]
+        target = torch.from_numpy(np.stack([d.image for d in drawn])).to(device).permute(0, 3, 1, 2).float() / 255.0
+        objects = torch.from_numpy(np.stack([d.masks.any(0) for d in drawn])).to(device).float()[:, None]
+        weight = 1 + (cfg.decoder_object_weight - 1) * objects
         with torch.no_grad():
-            raw = (latents[torch.from_numpy(idx)] / SD15_LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale
+            raw = (latents[torch.from_numpy(idx)].to(device) / SD15_LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale
         for group in opt.param_groups:
             group["lr"] = cfg.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps))
         recon = decoder(raw)
-        loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+        error = (recon - target).abs() + (recon - target) ** 2
+        loss = (weight * error).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -220,6 +238,7 @@ def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
             _atomic_save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": step}, path)
     if step != state["step"]:
         _atomic_save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    taesd.to("cpu")
     return step
 
 
@@ -259,11 +278,15 @@ def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_r
     return out
 
 
-def _lr_at(cfg: PretrainConfig, step: int) -> float:
+def lr_at(cfg: PretrainConfig, step: int, rewarm_from: Optional[int] = None) -> float:
+    """Linear warm-up, cosine decay to 10 %; ``rewarm_from``: a second warm-up from that step."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    if rewarm_from is not None:
+        lr *= min(1.0, (step - rewarm_from + 1) / cfg.warmup)
+    return lr
 
 
 def _snr_weight(sigma: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -274,44 +297,60 @@ def _snr_weight(sigma: torch.Tensor, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / snr
 
 
-def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool]) -> tuple[Any, Any, int]:
-    """Stage 3: UNet + text model; returns (model patcher, clip) holding EMA weights, and the step."""
+def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool],
+               device: str = "cpu") -> tuple[Any, Any, int]:
+    """Stage 3: UNet + text model; returns (model patcher, clip) holding EMA weights, and the step.
+
+    A checkpoint without optimizer state (a slim copy moved between machines) resumes with fresh
+    AdamW moments and a new linear warm-up of ``cfg.warmup`` steps.
+    """
     path = cfg.work_dir / "unet.pt"
     patcher, clip = toy.build_model(seed=cfg.seed), toy.build_clip(seed=cfg.seed)
     base, text = patcher.model, clip.cond_stage_model.clip_l
     text.requires_grad_(True)  # ComfyUI freezes text models on load
     modules = torch.nn.ModuleDict({"unet": base.diffusion_model, "text": text})
-    ema = copy.deepcopy(modules).requires_grad_(False)
-    opt = torch.optim.AdamW(modules.parameters(), cfg.lr, weight_decay=0.01)
     state = _load(path) or {"step": 0}
     if "model" in state:
         modules.load_state_dict(state["model"])
+    ema = copy.deepcopy(modules).requires_grad_(False)
+    if "ema" in state:
         ema.load_state_dict(state["ema"])
+    base.to(device)
+    text.to(device)
+    ema.to(device)
+    opt = torch.optim.AdamW(modules.parameters(), cfg.lr, weight_decay=0.01)
+    rewarm_from = state.get("rewarm_from")
+    if "opt" in state:
         opt.load_state_dict(state["opt"])
+    elif state["step"] > 0:
+        rewarm_from = state["step"]
     step, tokens = state["step"], CaptionTokens(clip)
     with clip_layers_out_of_place(text):
-        step = _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path)
+        step = _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path, rewarm_from)
     modules.load_state_dict(ema.state_dict())
+    base.to("cpu")
+    text.to("cpu")
     return patcher, clip, step
 
 
-def _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path) -> int:
-    latents, n = data["latents"], len(data["latents"])
-    sigmas = base.model_sampling.sigmas
+def _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path, rewarm_from) -> int:
+    device = next(modules.parameters()).device
+    latents, n = data["latents"].to(device), len(data["latents"])
+    sigmas = base.model_sampling.sigmas.to(device)
     started, losses, first_step = time.monotonic(), [], step
     while step < cfg.steps and not should_stop():
         rng = np.random.default_rng([cfg.seed, 3, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.integers(0, n, cfg.batch)
-        x0 = latents[torch.from_numpy(idx)]
+        x0 = latents[torch.from_numpy(idx).to(device)]
         cond, _ = text([tokens(c) for c in _captions(data, idx, rng, cfg.empty_caption_rate)])
-        sigma = sigmas[torch.randint(0, len(sigmas), (cfg.batch,), generator=gen)]
-        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sigmas[torch.randint(0, len(sigmas), (cfg.batch,), generator=gen).to(device)]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = base.model_sampling.noise_scaling(sigma, noise, x0)
         eps = (xt - base.apply_model(xt, sigma, c_crossattn=cond)) / sigma.view(-1, 1, 1, 1)
         loss = (_snr_weight(sigma, cfg.snr_gamma) * ((eps - noise) ** 2).mean((1, 2, 3))).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step, rewarm_from)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -321,20 +360,37 @@ def _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, st
             for e, p in zip(ema.parameters(), modules.parameters()):
                 e.lerp_(p, 1 - decay)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no .item() per step: it would wait for the GPU
         if step % 50 == 0:
             rate = len(losses) / (time.monotonic() - started)
-            log.info("unet step %d/%d loss %.4f (%.2f steps/s)", step, cfg.steps, float(np.mean(losses[-50:])), rate)
+            log.info("unet step %d/%d loss %.4f (%.2f steps/s)", step, cfg.steps,
+                     torch.stack(losses[-50:]).mean().item(), rate)
         if step % cfg.checkpoint_every == 0:
-            _save_unet(path, modules, ema, opt, step)
+            _save_unet(path, modules, ema, opt, step, rewarm_from)
     if step != first_step:  # finished or stopped: keep every step done
-        _save_unet(path, modules, ema, opt, step)
+        _save_unet(path, modules, ema, opt, step, rewarm_from)
     return step
 
 
-def _save_unet(path: Path, modules, ema, opt, step: int) -> None:
-    _atomic_save({"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                  "step": step}, path)
+def _save_unet(path: Path, modules, ema, opt, step: int, rewarm_from: Optional[int]) -> None:
+    state = {"model": modules.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}
+    if rewarm_from is not None:
+        state["rewarm_from"] = rewarm_from
+    _atomic_save(state, path)
+
+
+def slim_checkpoint(work_dir: Path, out_dir: Path) -> None:
+    """Copy ``work_dir`` without optimizer states or cached latents (to move it between machines).
+
+    The UNet restarts from its EMA weights; ``train_unet`` then re-warms a fresh optimizer.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae, decoder, unet = (_load(work_dir / name) for name in ("vae.pt", "decoder.pt", "unet.pt"))
+    if vae is None or decoder is None or unet is None:
+        raise FileNotFoundError(f"{work_dir} lacks a finished VAE, decoder or UNet checkpoint")
+    _atomic_save({k: v for k, v in vae.items() if k != "opt"}, out_dir / "vae.pt")
+    _atomic_save({k: v for k, v in decoder.items() if k != "opt"}, out_dir / "decoder.pt")
+    _atomic_save({"model": unet["ema"], "step": unet["step"]}, out_dir / "unet.pt")
 
 
 def export_weights(patcher: Any, clip: Any, taesd: torch.nn.Module, out_dir: Path, info: dict) -> None:

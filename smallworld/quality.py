@@ -95,3 +95,22 @@ def quality_gate(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 2, steps: int
             report.colour += one and found[0].colour == colour
             report.rows.append((prompt, [o.attributes() for o in found]))
     return report
+
+
+def roundtrip_report(weights_dir: Path = toy.WEIGHTS_DIR) -> GateReport:
+    """The VAE's own ceiling for the gate: every gate object drawn, encoded, decoded and read back."""
+    bundle = toy.load_bundle(weights_dir)
+    report = GateReport()
+    for _prompt, shape, colour in gate_prompts():
+        drawn = sw.draw_scene([sw.ObjectSpec(shape, colour, "solid", 64, 64, 48)], "grey")
+        pixels = torch.from_numpy(drawn.image).float()[None] / 255.0
+        with torch.inference_mode():
+            image = bundle.vae.decode(bundle.vae.encode(pixels))[0].float().cpu().numpy()
+        found = readout.read_scene(image)
+        one = len(found) == 1
+        report.samples += 1
+        report.count += one
+        report.shape += one and found[0].shape == shape
+        report.colour += one and found[0].colour == colour
+        report.rows.append((f"VAE round trip: {colour} {shape}", [o.attributes() for o in found]))
+    return report

@@ -93,3 +93,37 @@ def test_exported_weights_load_through_comfyui(full_run, tmp_path):
         pixels = bundle.vae.decode(torch.zeros(1, 4, 16, 16))
     assert cond.shape == (1, 77, toy.CLIP_CONFIG["hidden_size"])
     assert pixels.shape[-3:] == (128, 128, 3)
+
+
+def test_learning_rate_schedule_and_rewarm():
+    cfg = pretrain.PretrainConfig(work_dir=Path("unused"), lr=1e-3, warmup=10, steps=110)
+    assert pretrain.lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert pretrain.lr_at(cfg, 10) == pytest.approx(1e-3)
+    assert pretrain.lr_at(cfg, 60) == pytest.approx(1e-3 * (0.1 + 0.45))  # half way down the cosine
+    assert pretrain.lr_at(cfg, 200) == pytest.approx(1e-4)  # floor after the end
+    assert pretrain.lr_at(cfg, 60, rewarm_from=60) == pytest.approx(1e-3 * 0.55 / 10)
+    assert pretrain.lr_at(cfg, 69, rewarm_from=60) == pytest.approx(pretrain.lr_at(cfg, 69))
+
+
+def test_a_slim_copy_resumes_from_the_ema_with_a_fresh_warmed_up_optimizer(tmp_path):
+    cfg = tiny_config(tmp_path / "work")
+    assert run_all(cfg, stop_after=10)[3] == 2  # stopped inside the UNet stage
+    saved = torch.load(cfg.work_dir / "unet.pt", weights_only=True)
+    pretrain.slim_checkpoint(cfg.work_dir, tmp_path / "slim")
+    slim = torch.load(tmp_path / "slim" / "unet.pt", weights_only=True)
+    assert set(slim) == {"model", "step"} and slim["step"] == 2
+    for key, value in saved["ema"].items():
+        assert torch.equal(slim["model"][key], value), key
+    assert "opt" not in torch.load(tmp_path / "slim" / "vae.pt", weights_only=True)
+    assert not (tmp_path / "slim" / "latents.pt").exists()  # re-encoded on the other machine
+
+    slim_cfg = dataclasses.replace(cfg, work_dir=tmp_path / "slim")
+    taesd, patcher, clip, step = run_all(slim_cfg)
+    assert step == cfg.steps
+    resumed = torch.load(slim_cfg.work_dir / "unet.pt", weights_only=True)
+    assert resumed["rewarm_from"] == 2 and "opt" in resumed
+    assert not torch.equal(resumed["model"]["unet.out.2.weight"], slim["model"]["unet.out.2.weight"])
+    vae_before = torch.load(cfg.work_dir / "vae.pt", weights_only=True)["model"]
+    for key, value in taesd.state_dict().items():  # finished VAE stage: not trained again
+        if not key.startswith("taesd_decoder"):
+            assert torch.equal(value, vae_before[key]), key
