@@ -1,7 +1,6 @@
 """The shipped toy-world base model: it knows its world, and DisenDiff calibration works in it.
 
-Skipped while ``smallworld/weights`` is not in the repository: the weights are committed only once
-the pretraining run (``benchmarks/pretrain_smallworld.py``) passes the quality gate.
+Skipped only where ``smallworld/weights`` is missing (a checkout without the shipped weights).
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from concept_attention.smallworld.readout import read_scene
 
 
 pytestmark = pytest.mark.skipif(not toy.weights_present(),
-                                reason="toy-world weights not shipped yet (pretraining in progress)")
+                                reason="toy-world weights missing from smallworld/weights")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,9 @@ def test_base_model_passes_its_quality_gate():
 
 
 def test_vae_round_trip_keeps_objects_readable(bundle):
-    """Encode/decode through ComfyUI's VAE class: most objects keep shape and colour (measured 0.80;
-    the usual miss is cyan decoded as blue)."""
+    """Encode/decode through ComfyUI's VAE class: objects keep shape and colour (measured 35/35 on
+    these scenes and 40/40 on the gate's objects; before the object-weighted decoder stage cyan, purple
+    and pink decoded as blue or red)."""
     import torch
 
     scenes = sw.reference_scenes(8) + [sw.random_scene(np.random.default_rng([5, i])) for i in range(8)]
@@ -53,7 +53,9 @@ def test_vae_round_trip_keeps_objects_readable(bundle):
                 total += 1
                 hits += any(r.shape == obj.shape and r.colour == obj.colour for r in found)
     print(f"\n[toy-world VAE] shape+colour readable after a round trip: {hits}/{total}")
-    assert hits / total >= 0.75
+    assert hits / total >= 0.95
+    ceiling = quality.roundtrip_report()
+    assert ceiling.rate("colour") >= 0.95 and ceiling.rate("shape") >= 0.95, ceiling.table()
 
 
 def test_calibration_moves_attention_toward_the_right_object(bundle):
