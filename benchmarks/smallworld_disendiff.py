@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, machine_info, setup_comfy  # noqa: E402
@@ -34,7 +35,8 @@ METRICS = [  # (key, column title, higher is better)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=8, help="reference scenes (every 4th has 3 objects)")
-    parser.add_argument("--variants", default="all", help="comma-separated variant names, or 'all'")
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated variant names, 'all', or 'none' (only the composition table)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     parser.add_argument("--quick", action="store_true", help="CI check: 1 scene, attention IoU only")
     parser.add_argument("--threads", type=int, default=None)
@@ -44,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw", type=Path, default=None, help="also write per-run rows as JSON")
     parser.add_argument("--no-composition", action="store_true",
                         help="skip the composition table (separately learned concepts: combined vs regional_auto)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only scenes i, i+N, ... and write rows to --raw (merge with --from-raw)")
+    parser.add_argument("--scene-ids", default=None, metavar="I,J",
+                        help="run only these scenes (like --shard: rows go to --raw for --from-raw)")
+    parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="write the report from --raw files of earlier (sharded) runs, training nothing")
     return parser.parse_args(argv)
 
 
@@ -65,16 +74,8 @@ def markdown_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def composition_section(bundle, scenes, settings) -> str:
+def composition_section(per_mode: dict[str, list[dict]]) -> str:
     """Markdown: combined vs. regional_auto sampling of separately learned concepts, mean over scenes."""
-    from concept_attention.smallworld import composition
-
-    per_mode: dict[str, list[dict]] = {m: [] for m in composition.MODES}
-    for index, scene in enumerate(scenes):
-        for mode, values in composition.composition_metrics(bundle, scene, settings).items():
-            per_mode[mode].append(values)
-            print(f"scene {index} composition {mode:<14} " + " ".join(f"{k}={v:.2f}" for k, v in values.items()),
-                  flush=True)
     lines = ["| composition | fidelity combined ↑ | leakage combined ↓ |", "|---|---|---|"]
     for mode, rows in per_mode.items():
         fid = sum(r["fidelity_combined"] for r in rows) / len(rows)
@@ -88,43 +89,60 @@ def composition_section(bundle, scenes, settings) -> str:
             f"(`smallworld/composition.py`).\n\n{table}\n")
 
 
+def write_raw(path: Path, raw: dict) -> None:
+    """Rows so far, atomically (a sharded run killed at its time limit keeps what it finished)."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(raw, indent=1))
+    tmp.replace(path)
+
+
+def merge_raw(paths: list[Path]) -> dict:
+    """One raw record from several shards' files: rows and composition rows concatenated by scene."""
+    merged: dict = {"rows": {}, "composition": {}, "minutes": 0.0, "machine": "", "settings": ""}
+    machines: set[str] = set()
+    for path in paths:
+        part = json.loads(path.read_text())
+        for key in ("rows", "composition"):
+            for name, rows in part[key].items():
+                merged[key].setdefault(name, []).extend(rows)
+        merged["minutes"] = max(merged["minutes"], part["minutes"])  # shards run side by side
+        machines.add(part["machine"])
+        merged["settings"] = part["settings"]
+    merged["machine"] = " and ".join(sorted(machines))
+    for key in ("rows", "composition"):
+        for rows in merged[key].values():
+            rows.sort(key=lambda r: r["scene"])
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = parse_args(argv)
-    setup_comfy("cpu")
+    device = setup_comfy(args.device)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     from concept_attention.smallworld import experiment as exp
-    from concept_attention.smallworld import model as toy
-    from concept_attention.smallworld import scenes as sw
     from concept_attention.smallworld.report import bar_chart
 
     settings = exp.ExperimentSettings()
     if args.steps:
         settings.steps = args.steps
-    variants = list(exp.VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    variants = (list(exp.VARIANTS) if args.variants == "all" else [] if args.variants == "none"
+                else [v.strip() for v in args.variants.split(",")])
     if args.quick:
         variants, args.scenes = ["DisenDiff", "Custom Diffusion"], 1
-    bundle = toy.load_bundle(args.weights) if args.weights else toy.load_bundle()
-    scenes = sw.reference_scenes(args.scenes)
-    rows: dict[str, list[dict]] = {v: [] for v in variants}
-    started = time.monotonic()
-    for index, scene in enumerate(scenes):
-        for variant in variants:
-            t0 = time.monotonic()
-            row = exp.run_scene(bundle, scene, variant, settings, generate=not args.quick)
-            row.update(scene=index, variant=variant, seconds=round(time.monotonic() - t0, 1))
-            rows[variant].append(row)
-            print(f"scene {index} {variant:<17} " + " ".join(
-                f"{k}={row[k]:.2f}" for k, _, _ in METRICS if k in row) + f" ({row['seconds']} s)", flush=True)
-    minutes = (time.monotonic() - started) / 60
+    if args.from_raw:
+        raw = merge_raw(args.from_raw)
+    else:
+        raw = run_experiment(args, settings, variants, device)
+        if args.shard or args.scene_ids:
+            return 0
+    rows, minutes = raw["rows"], raw["minutes"]
     summary = {v: mean_rows(r) for v, r in rows.items()}
     table = markdown_table(summary)
     print(table)
-    if args.raw:
-        args.raw.write_text(json.dumps(rows, indent=1))
     if args.quick:
         d, c = summary["DisenDiff"], summary["Custom Diffusion"]
         ok = d["iou_trigger_own"] - d["iou_trigger_other"] > c["iou_trigger_own"] - c["iou_trigger_other"]
@@ -132,16 +150,61 @@ def main(argv: list[str] | None = None) -> int:
               f"(own - other IoU): DisenDiff {d['iou_trigger_own'] - d['iou_trigger_other']:.3f} vs "
               f"Custom Diffusion {c['iou_trigger_own'] - c['iou_trigger_other']:.3f}")
         return 0 if ok else 1
-    composition = "" if args.no_composition else composition_section(bundle, scenes, settings)
+    composition = composition_section(raw["composition"]) if raw["composition"] else ""
     command = "python benchmarks/smallworld_disendiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    scenes = len({r["scene"] for r in next(iter(rows.values()))})
     args.chart.parent.mkdir(parents=True, exist_ok=True)
     bar_chart(summary, [(k, t) for k, t, _ in METRICS], args.chart)
     args.out.write_text(
         f"# Toy-world results: DisenDiff vs. Custom Diffusion and ablations\n\n"
-        f"Command: `{command.strip()}` ({len(scenes)} reference scenes, {minutes:.0f} min on "
-        f"{machine_info('cpu')}).\n\nSettings: `{settings}`\n\n{table}\n\n![bar chart]({args.chart.name})\n{composition}")
+        f"Command: `{command.strip()}` ({scenes} reference scenes, {minutes:.0f} min on "
+        f"{raw['machine']}).\n\nSettings: `{raw['settings']}`\n\n{table}\n\n![bar chart]({args.chart.name})\n{composition}")
     print(f"wrote {args.out} and {args.chart}")
     return 0
+
+
+def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str], device: str) -> dict:
+    """Train and measure every variant on every (shard's) scene; the raw record of all rows."""
+    from concept_attention.smallworld import composition
+    from concept_attention.smallworld import experiment as exp
+    from concept_attention.smallworld import model as toy
+    from concept_attention.smallworld import scenes as sw
+
+    bundle = toy.load_bundle(args.weights) if args.weights else toy.load_bundle()
+    indices = list(range(args.scenes))
+    if args.shard:
+        shard, count = (int(x) for x in args.shard.split("/"))
+        indices = indices[shard::count]
+    if args.scene_ids:
+        indices = [int(i) for i in args.scene_ids.split(",")]
+    scenes = sw.reference_scenes(args.scenes)
+    raw: dict = {"rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
+                 "machine": machine_info(device), "settings": str(settings)}
+    started = time.monotonic()
+
+    def record() -> None:
+        raw["minutes"] = (time.monotonic() - started) / 60
+        if args.raw:
+            write_raw(args.raw, raw)
+
+    for index in indices:
+        for variant in variants:
+            t0 = time.monotonic()
+            row = exp.run_scene(bundle, scenes[index], variant, settings, generate=not args.quick)
+            row.update(scene=index, variant=variant, seconds=round(time.monotonic() - t0, 1))
+            raw["rows"][variant].append(row)
+            print(f"scene {index} {variant:<17} " + " ".join(
+                f"{k}={row[k]:.2f}" for k, _, _ in METRICS if k in row) + f" ({row['seconds']} s)", flush=True)
+            record()
+    if not (args.quick or args.no_composition):
+        for index in indices:
+            for mode, values in composition.composition_metrics(bundle, scenes[index], settings).items():
+                raw["composition"].setdefault(mode, []).append({**values, "scene": index})
+                print(f"scene {index} composition {mode:<14} " + " ".join(
+                    f"{k}={v:.2f}" for k, v in values.items()), flush=True)
+            record()
+    record()
+    return raw
 
 
 if __name__ == "__main__":

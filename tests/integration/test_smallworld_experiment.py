@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from concept_attention.smallworld import composition
 from concept_attention.smallworld import experiment as exp
 from concept_attention.smallworld import model as toy
 from concept_attention.smallworld import scenes as sw
@@ -67,7 +68,7 @@ def test_composition_trains_one_set_per_object_and_scores_both_modes(random_toy)
     assert abs(combined - regional).max() > 1e-4  # the regions really change the picture
 
 
-def test_benchmark_composition_section_is_a_two_row_table(random_toy):
+def _benchmark_module():
     import importlib.util
     import sys
     from pathlib import Path
@@ -77,7 +78,35 @@ def test_benchmark_composition_section_is_a_two_row_table(random_toy):
     spec = importlib.util.spec_from_file_location("smallworld_disendiff", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    section = module.composition_section(random_toy, sw.reference_scenes(1), TINY)
+    return module
+
+
+def test_benchmark_composition_section_is_a_two_row_table(random_toy):
+    module = _benchmark_module()
+    scene = sw.reference_scenes(1)[0]
+    per_mode = {mode: [{**values, "scene": 0}]
+                for mode, values in composition.composition_metrics(random_toy, scene, TINY).items()}
+    section = module.composition_section(per_mode)
     rows = [line for line in section.splitlines() if line.startswith("| combined") or line.startswith("| regional_auto")]
     assert len(rows) == 2
     assert all(len(row.split("|")) == 5 for row in rows)
+    fidelity = float(rows[0].split("|")[2])
+    assert fidelity == round(per_mode["combined"][0]["fidelity_combined"], 2)
+
+
+def test_sharded_raw_records_merge_in_scene_order(tmp_path):
+    module = _benchmark_module()
+    shards = [{"rows": {"DisenDiff": [{"scene": s, "fidelity_single": float(s)} for s in scenes]},
+               "composition": {"combined": [{"scene": s, "fidelity_combined": 0.5, "leakage_combined": 0.1}
+                                            for s in scenes]},
+               "minutes": minutes, "machine": "GPU", "settings": "steps=200"}
+              for scenes, minutes in (([0, 2], 3.0), ([1, 3], 5.0))]
+    paths = []
+    for i, shard in enumerate(shards):
+        paths.append(tmp_path / f"shard{i}.json")
+        module.write_raw(paths[-1], shard)
+    merged = module.merge_raw(paths)
+    assert [r["scene"] for r in merged["rows"]["DisenDiff"]] == [0, 1, 2, 3]
+    assert [r["scene"] for r in merged["composition"]["combined"]] == [0, 1, 2, 3]
+    assert merged["minutes"] == 5.0  # side by side: the longest shard
+    assert module.mean_rows(merged["rows"]["DisenDiff"])["fidelity_single"] == 1.5
