@@ -8,8 +8,8 @@ Starts ``main.py --cpu`` (from ``$COMFYUI_PATH`` or ``.comfyui``) with the pack 
 (an orange dotted square: a colour/pattern it has no words for) and "V2 diamond" from the one
 picture, then draws them together and apart. Images, attention maps, the loss curve and the concept
 file land in ``<repo>/output/``; the server is stopped by its PID. Exits nonzero, with the server
-log tail, if anything fails. ``--tiny-random`` (and, until the toy-world weights are committed,
-the default) runs the smoke workflow: txt2img on a tiny random SD1.5 model.
+log tail, if anything fails. ``--tiny-random`` (also the fallback in a checkout without
+``smallworld/weights``) runs the smoke workflow: txt2img on a tiny random SD1.5 model.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_workflow(args: argparse.Namespace, server: ComfyServer) -> dict:
     """The API-format prompt to run, with the shipped scene placed in the server's input folder."""
     if not (REPO_ROOT / "smallworld" / "weights" / "unet.safetensors").is_file() and not args.tiny_random:
-        log.warning("toy-world weights are not in smallworld/weights yet (they are committed once "
-                    "pretraining passes its quality gate): running the tiny random smoke workflow")
+        log.warning("toy-world weights are missing from smallworld/weights (restore them with git, or "
+                    "build them with benchmarks/pretrain_smallworld.py): running the tiny random smoke workflow")
         args.tiny_random = True
     if args.tiny_random:
         return workflows.tiny_txt2img("sd15", "a photo of a cat", seed=42, steps=4, size=256,

@@ -50,11 +50,11 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     scale_scenes: int = 64
     scenes: int = 5000
-    decoder_steps: int = 800  # decoder alone on the encoded scenes: the latent space stays fixed
+    decoder_steps: int = 3000  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
     decoder_object_weight: float = 8.0  # object pixels count this much more: the background dominates
-    steps: int = 6500
+    steps: int = 21000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 300
