@@ -64,6 +64,7 @@ def mean_rows(rows: list[dict]) -> dict[str, float]:
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
     """Variants as rows, metrics as columns; the best value of each column in bold."""
+    summary = {name: values for name, values in summary.items() if values}  # variants with rows
     keys = [(k, t, up) for k, t, up in METRICS if all(k in s for s in summary.values())]
     lines = ["| variant | " + " | ".join(t for _, t, _ in keys) + " |",
              "|---|" + "---|" * len(keys)]
@@ -97,22 +98,80 @@ def write_raw(path: Path, raw: dict) -> None:
 
 
 def merge_raw(paths: list[Path]) -> dict:
-    """One raw record from several shards' files: rows and composition rows concatenated by scene."""
-    merged: dict = {"rows": {}, "composition": {}, "minutes": 0.0, "machine": "", "settings": ""}
+    """One raw record from several shards' files: rows and composition rows concatenated by scene.
+
+    Refuses shards run with different settings, or two rows for the same variant and scene.
+    """
+    merged: dict = {"rows": {}, "composition": {}, "minutes": 0.0, "machine": "", "settings": "",
+                    "sources": []}
     machines: set[str] = set()
     for path in paths:
         part = json.loads(path.read_text())
+        if merged["settings"] and part["settings"] != merged["settings"]:
+            raise SystemExit(f"{path} was run with other settings ({part['settings']}); "
+                             f"the others used {merged['settings']}")
+        merged["settings"] = part["settings"]
         for key in ("rows", "composition"):
             for name, rows in part[key].items():
+                have = {r["scene"] for r in merged[key].get(name, [])}
+                twice = sorted(have & {r["scene"] for r in rows})
+                if twice:
+                    raise SystemExit(f"{path} repeats {name!r} on scene(s) {twice}")
                 merged[key].setdefault(name, []).extend(rows)
         merged["minutes"] = max(merged["minutes"], part["minutes"])  # shards run side by side
         machines.add(part["machine"])
-        merged["settings"] = part["settings"]
+        done = {name: sorted(r["scene"] for r in rows) for key in ("rows", "composition")
+                for name, rows in part[key].items() if rows}
+        merged["sources"].append({"file": path.name, "machine": part["machine"], "scenes": done})
     merged["machine"] = " and ".join(sorted(machines))
     for key in ("rows", "composition"):
         for rows in merged[key].values():
             rows.sort(key=lambda r: r["scene"])
     return merged
+
+
+TARGETS = [  # (metric, issue target, met when)
+    ("iou_trigger_own", ">= 0.5", lambda v: v >= 0.5), ("iou_trigger_other", "<= 0.1", lambda v: v <= 0.1),
+    ("fidelity_single", ">= 0.8", lambda v: v >= 0.8), ("leakage_combined", "<= 0.1", lambda v: v <= 0.1),
+    ("extra_objects", "<= 0.1", lambda v: v <= 0.1),
+]
+
+
+def targets_table(summary: dict[str, dict[str, float]]) -> str:
+    """DisenDiff against the targets it aims at, and its leakage against half of Custom Diffusion's."""
+    if "DisenDiff" not in summary:
+        return ""
+    ours = summary["DisenDiff"]
+    titles = {k: t for k, t, _ in METRICS}
+    lines = ["| target | DisenDiff | met? |", "|---|---|---|"]
+    for key, target, met in TARGETS:
+        if key in ours:
+            lines.append(f"| {titles[key]} {target} | {ours[key]:.2f} | {'yes' if met(ours[key]) else 'no'} |")
+    baseline = summary.get("Custom Diffusion", {})
+    for key in ("leakage_single", "leakage_combined"):
+        if key in ours and key in baseline:
+            ok = ours[key] <= baseline[key] / 2
+            lines.append(f"| {titles[key]} at most half of Custom Diffusion's ({baseline[key]:.2f}) | "
+                         f"{ours[key]:.2f} | {'yes' if ok else 'no'} |")
+    return "\n".join(lines)
+
+
+def sources_section(raw: dict) -> str:
+    """Which machine ran which rows, for a report merged from several raw files."""
+    if not raw.get("sources"):
+        return ""
+    by_machine: dict[str, dict[str, list[int]]] = {}
+    for source in raw["sources"]:
+        done = by_machine.setdefault(source["machine"], {})
+        for name, scenes in source["scenes"].items():
+            done[name] = sorted(set(done.get(name, [])) | set(scenes))
+    lines = ["", f"Merged from {len(raw['sources'])} raw files of runs with the same settings and seeds "
+             "(a CPU and a GPU give slightly different floating-point results for the same seed, so "
+             "treat single-scene differences as noise):", ""]
+    for machine, done in by_machine.items():
+        rows = "; ".join(f"{name} on scenes {','.join(map(str, scenes))}" for name, scenes in done.items())
+        lines.append(f"- {machine}: {rows}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     bar_chart(summary, [(k, t) for k, t, _ in METRICS], args.chart)
     args.out.write_text(
         f"# Toy-world results: DisenDiff vs. Custom Diffusion and ablations\n\n"
-        f"Command: `{command.strip()}` ({scenes} reference scenes, {minutes:.0f} min on "
-        f"{raw['machine']}).\n\nSettings: `{raw['settings']}`\n\n{table}\n\n![bar chart]({args.chart.name})\n{composition}")
+        f"Command: `{command.strip()}` ({scenes} reference scenes"
+        + (")." if raw.get("sources") else f", {minutes:.0f} min on {raw['machine']}).")
+        + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{table}\n\n"
+        f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n{targets_table(summary)}\n{composition}")
     print(f"wrote {args.out} and {args.chart}")
     return 0
 

@@ -110,3 +110,28 @@ def test_sharded_raw_records_merge_in_scene_order(tmp_path):
     assert [r["scene"] for r in merged["composition"]["combined"]] == [0, 1, 2, 3]
     assert merged["minutes"] == 5.0  # side by side: the longest shard
     assert module.mean_rows(merged["rows"]["DisenDiff"])["fidelity_single"] == 1.5
+
+
+def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):
+    module = _benchmark_module()
+    base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},
+            "minutes": 1.0, "machine": "CPU", "settings": "steps=200"}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    module.write_raw(paths[0], base)
+    module.write_raw(paths[1], {**base, "settings": "steps=100",
+                                "rows": {"DisenDiff": [{"scene": 1, "fidelity_single": 0.0}]}})
+    with pytest.raises(SystemExit, match="other settings"):
+        module.merge_raw(paths)
+    module.write_raw(paths[1], base)
+    with pytest.raises(SystemExit, match="repeats 'DisenDiff' on scene"):
+        module.merge_raw(paths)
+
+
+def test_targets_table_compares_disendiff_with_the_targets_and_the_baseline():
+    module = _benchmark_module()
+    summary = {"DisenDiff": {"iou_trigger_own": 0.6, "iou_trigger_other": 0.2, "leakage_combined": 0.05},
+               "Custom Diffusion": {"leakage_combined": 0.2}}
+    table = module.targets_table(summary)
+    assert "| trigger IoU own ↑ >= 0.5 | 0.60 | yes |" in table
+    assert "| trigger IoU other ↓ <= 0.1 | 0.20 | no |" in table
+    assert "half of Custom Diffusion's (0.20) | 0.05 | yes |" in table
