@@ -206,19 +206,21 @@ def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
         opt.load_state_dict(state["opt"])
     step, latents = state["step"], data["latents"]
     taesd.to(device)
-    rendered: dict[int, sw.Scene] = {}  # the same fixed scenes come back often: draw each once
+    rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # fixed scenes recur: draw each once
 
-    def scene(i: int) -> sw.Scene:
+    def scene(i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image [H,W,3] and the union of its object masks [H,W]."""
         if i not in rendered:
-            rendered[i] = sw.random_scene(np.random.default_rng([cfg.seed, 2, i]))
+            drawn = sw.random_scene(np.random.default_rng([cfg.seed, 2, i]))
+            rendered[i] = (drawn.image, drawn.masks.any(0))
         return rendered[i]
 
     while step < cfg.decoder_steps and not should_stop():
         rng = np.random.default_rng([cfg.seed, 4, step])
         idx = rng.integers(0, len(latents), cfg.decoder_batch)
-        drawn = [scene(int(i)) for i in idx]
-        target = torch.from_numpy(np.stack([d.image for d in drawn])).to(device).permute(0, 3, 1, 2).float() / 255.0
-        objects = torch.from_numpy(np.stack([d.masks.any(0) for d in drawn])).to(device).float()[:, None]
+        images, masks = zip(*(scene(int(i)) for i in idx))
+        target = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+        objects = torch.from_numpy(np.stack(masks)).to(device).float()[:, None]
         weight = 1 + (cfg.decoder_object_weight - 1) * objects
         with torch.no_grad():
             raw = (latents[torch.from_numpy(idx)].to(device) / SD15_LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale
