@@ -1,6 +1,8 @@
 """DisenDiff vs. Custom Diffusion and ablations in the toy world: table and bar chart for docs/.
 
-    .venv/bin/python benchmarks/smallworld_disendiff.py [--scenes 8] [--quick]
+    .venv/bin/python benchmarks/smallworld_disendiff.py [--scenes 8] [--quick] [--device cuda]
+    .venv/bin/python benchmarks/smallworld_disendiff.py --shard 0/8 --raw part0.json   # one of 8 parallel parts
+    .venv/bin/python benchmarks/smallworld_disendiff.py --from-raw docs/results_raw/*.json   # report only
 
 Needs the shipped toy-world weights (``smallworld/weights``). Each variant learns the concepts of
 each reference scene from that one image, then is measured (``smallworld/experiment.py``): attention
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         variants, args.scenes = ["DisenDiff", "Custom Diffusion"], 1
     if args.from_raw:
         raw = merge_raw(args.from_raw)
+        order = list(exp.VARIANTS)  # the table's usual order, whatever order the files came in
+        raw["rows"] = dict(sorted(raw["rows"].items(),
+                                  key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     else:
         raw = run_experiment(args, settings, variants, device)
         if args.shard or args.scene_ids:
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}` ({scenes} reference scenes"
         + (")." if raw.get("sources") else f", {minutes:.0f} min on {raw['machine']}).")
         + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{table}\n\n"
-        f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n{targets_table(summary)}\n{composition}")
+        f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n{targets_table(summary)}\n{composition}"
+        "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
     print(f"wrote {args.out} and {args.chart}")
     return 0
 
