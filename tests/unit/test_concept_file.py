@@ -147,13 +147,11 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path: Path,
     before = path.read_bytes()
     temps: list[Path] = []
 
-    def broken_save(tensors: dict[str, Any], filename: str, metadata: Any = None) -> None:
-        temps.append(Path(filename))
-        assert Path(filename).exists() and Path(filename).parent == tmp_path
-        Path(filename).write_bytes(b"half a file")
+    def broken_serialise(tensors: dict[str, Any], metadata: Any = None) -> bytes:
+        temps.extend(p for p in tmp_path.iterdir() if p.name != path.name)  # the writer's temp file
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save", broken_serialise)
     with pytest.raises(OSError, match="disk full"):
         save_concepts(path, make_set(seed=1))
     assert temps and not temps[0].exists()
