@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="UNet batch size (default: config)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps")
     parser.add_argument("--decoder-batch", type=int, default=None)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the UNet stage trains")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the decoder and UNet stages train")
     parser.add_argument("--slim-copy", type=Path, default=None, metavar="DIR",
                         help="copy --work-dir to DIR without optimizer states or latents, and exit")
     return parser.parse_args(argv)

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     composition = composition_section(raw["composition"]) if raw["composition"] else ""
     command = "python benchmarks/smallworld_disendiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    scenes = len({r["scene"] for r in next(iter(rows.values()))})
+    scenes = len({r["scene"] for table_rows in (*rows.values(), *raw["composition"].values()) for r in table_rows})
     args.chart.parent.mkdir(parents=True, exist_ok=True)
     bar_chart(summary, [(k, t) for k, t, _ in METRICS], args.chart)
     args.out.write_text(

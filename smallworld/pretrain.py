@@ -1,14 +1,15 @@
-"""Resumable, seeded pretraining of the toy world's base model on 2 CPU cores.
+"""Resumable, seeded pretraining of the toy world's base model on 2 CPU cores (or a GPU).
 
-Three stages, each checkpointed atomically into a work directory so a run can stop at any time
-(``--max-minutes`` or Ctrl-C) and resume where it left off:
+Four stages, each checkpointed atomically into a work directory so a run can stop at any time
+(``--max-minutes`` or Ctrl-C) and resume where it left off, also on another machine
+(``slim_checkpoint``):
 
 1. ``vae``: TAESD encoder+decoder on 32 px crops of scenes (crop offsets on the 8 px pattern grid),
-   L1 + MSE. Then ``vae_scale``/``vae_shift`` are set so that ComfyUI's SD1.5 latent format maps
-   encoded scenes to zero mean and unit spread.
+   then whole scenes, L1 + MSE. Then the latent channels are standardised (folded into the encoder).
 2. ``latents``: a fixed set of scenes is encoded once (objects kept, captions redrawn every step).
-3. ``unet``: UNet and CLIP text model jointly, ε-objective, AdamW with warm-up and cosine decay,
-   10 % empty captions (for classifier-free guidance), EMA weights.
+3. ``decoder``: the decoder alone on those latents, object pixels weighted up.
+4. ``unet``: UNet and CLIP text model jointly, ε-objective with Min-SNR weighting, AdamW with
+   warm-up and cosine decay, 10 % empty captions (for classifier-free guidance), EMA weights.
 
 ``export`` writes fp16 EMA weights to ``smallworld/weights``. Needs ComfyUI importable (library mode).
 """
