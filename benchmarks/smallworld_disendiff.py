@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run only scenes i, i+N, ... and write rows to --raw (merge with --from-raw)")
     parser.add_argument("--scene-ids", default=None, metavar="I,J",
                         help="run only these scenes (like --shard: rows go to --raw for --from-raw)")
+    parser.add_argument("--sets-dir", type=Path, default=None,
+                        help="keep the composition table's separately learned sets here and reuse them")
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
                         help="write the report from --raw files of earlier (sharded) runs, training nothing")
     return parser.parse_args(argv)
@@ -265,7 +267,9 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
             record()
     if not (args.quick or args.no_composition):
         for index in indices:
-            for mode, values in composition.composition_metrics(bundle, scenes[index], settings).items():
+            cache = args.sets_dir / f"scene{index}" if args.sets_dir else None
+            for mode, values in composition.composition_metrics(bundle, scenes[index], settings,
+                                                                cache=cache).items():
                 raw["composition"].setdefault(mode, []).append({**values, "scene": index})
                 print(f"scene {index} composition {mode:<14} " + " ".join(
                     f"{k}={v:.2f}" for k, v in values.items()), flush=True)

@@ -14,12 +14,14 @@ and read back: fidelity of each concept and leakage of one concept's colour/patt
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..training.apply import apply_concepts
+from ..training.concept_file import load_concepts, save_concepts
 from ..training.auto_regions import class_word_positions, sample_auto_regional
 from ..training.concepts import ConceptSet
 from ..training.data import ConceptSpec
@@ -35,11 +37,20 @@ AUTO_FRACTION = 0.3
 REGION_THRESHOLD = 0.4
 
 
-def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings) -> list[ConceptSet]:
-    """One concept set per object, each learned from the scene with that object's mask only."""
+def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
+                     cache: Path | None = None) -> list[ConceptSet]:
+    """One concept set per object, each learned from the scene with that object's mask only.
+
+    With ``cache`` (a file-name prefix) each set is saved as ``<cache>_V<i>.safetensors`` and loaded
+    from there next time, so other sampling modes can be compared without training again.
+    """
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     sets = []
     for i, obj in enumerate(scene.objects):
+        cached = cache.with_name(f"{cache.name}_V{i + 1}.safetensors") if cache is not None else None
+        if cached is not None and cached.is_file():
+            sets.append(load_concepts(cached))
+            continue
         train = TrainSettings(steps=settings.steps, learning_rate=settings.learning_rate,
                               micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                               resolution=scene.size, seed=settings.seed + i, map_layers=settings.map_layers,
@@ -50,6 +61,8 @@ def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings)
             model, clip = bundle.model.clone(), bundle.clip.clone()
         sets.append(train_concepts(model, clip, bundle.vae, image, [ConceptSpec(f"V{i + 1}", obj.shape)],
                                    train, masks=masks).concepts)
+        if cached is not None:
+            save_concepts(cached, sets[-1])
     return sets
 
 
@@ -92,9 +105,10 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
 
 
 def composition_metrics(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
-                        sets: list[ConceptSet] | None = None) -> dict[str, dict[str, float]]:
+                        sets: list[ConceptSet] | None = None,
+                        cache: Path | None = None) -> dict[str, dict[str, float]]:
     """Per mode: fidelity and leakage of the combined caption over the sample seeds."""
-    sets = sets if sets is not None else train_separately(bundle, scene, settings)
+    sets = sets if sets is not None else train_separately(bundle, scene, settings, cache)
     targets = [{"shape": o.shape, "colour": o.colour, "pattern": o.pattern} for o in scene.objects]
     prompt = caption_for(scene)
     results = {}

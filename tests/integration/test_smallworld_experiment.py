@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from concept_attention.smallworld import composition
 from concept_attention.smallworld import experiment as exp
@@ -135,3 +136,20 @@ def test_targets_table_compares_disendiff_with_the_targets_and_the_baseline():
     assert "| trigger IoU own ↑ >= 0.5 | 0.60 | yes |" in table
     assert "| trigger IoU other ↓ <= 0.1 | 0.20 | no |" in table
     assert "half of Custom Diffusion's (0.20) | 0.05 | yes |" in table
+
+
+def test_separately_learned_sets_are_cached_and_reused(random_toy, tmp_path, monkeypatch):
+    scene = sw.reference_scenes(1)[0]
+    first = composition.train_separately(random_toy, scene, TINY, cache=tmp_path / "scene0")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"scene0_V{i + 1}.safetensors" for i in range(len(scene.objects))]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the sets were cached")
+
+    monkeypatch.setattr(composition, "train_concepts", no_training)
+    again = composition.train_separately(random_toy, scene, TINY, cache=tmp_path / "scene0")
+    for a, b in zip(first, again):
+        assert a.triggers == b.triggers
+        for key, delta in a.kv_deltas.items():
+            assert torch.equal(delta.float(), b.kv_deltas[key].float()), key
