@@ -62,6 +62,15 @@ class GateReport:
     count: int = 0
     rows: list = field(default_factory=list)
 
+    def add(self, label: str, found: Sequence[Any], shape: str, colour: str) -> None:
+        """Score one read-back picture: right only when exactly one object is found."""
+        one = len(found) == 1
+        self.samples += 1
+        self.count += one
+        self.shape += one and found[0].shape == shape
+        self.colour += one and found[0].colour == colour
+        self.rows.append((label, [o.attributes() for o in found]))
+
     def rate(self, name: str) -> float:
         """Fraction of samples right on ``name`` (shape, colour or count)."""
         return getattr(self, name) / max(1, self.samples)
@@ -87,13 +96,7 @@ def quality_gate(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 2, steps: int
     for k, (prompt, shape, colour) in enumerate(prompts or gate_prompts()):
         images = generate(bundle, prompt, [1000 + k * seeds + j for j in range(seeds)], steps=steps)
         for image in images:
-            found = readout.read_scene(image)
-            report.samples += 1
-            one = len(found) == 1
-            report.count += one
-            report.shape += one and found[0].shape == shape
-            report.colour += one and found[0].colour == colour
-            report.rows.append((prompt, [o.attributes() for o in found]))
+            report.add(prompt, readout.read_scene(image), shape, colour)
     return report
 
 
@@ -106,11 +109,5 @@ def roundtrip_report(weights_dir: Path = toy.WEIGHTS_DIR) -> GateReport:
         pixels = torch.from_numpy(drawn.image).float()[None] / 255.0
         with torch.inference_mode():
             image = bundle.vae.decode(bundle.vae.encode(pixels))[0].float().cpu().numpy()
-        found = readout.read_scene(image)
-        one = len(found) == 1
-        report.samples += 1
-        report.count += one
-        report.shape += one and found[0].shape == shape
-        report.colour += one and found[0].colour == colour
-        report.rows.append((f"VAE round trip: {colour} {shape}", [o.attributes() for o in found]))
+        report.add(f"VAE round trip: {colour} {shape}", readout.read_scene(image), shape, colour)
     return report

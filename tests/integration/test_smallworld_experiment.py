@@ -153,3 +153,21 @@ def test_separately_learned_sets_are_cached_and_reused(random_toy, tmp_path, mon
         assert a.triggers == b.triggers
         for key, delta in a.kv_deltas.items():
             assert torch.equal(delta.float(), b.kv_deltas[key].float()), key
+
+
+def test_gate_report_counts_a_sample_only_when_exactly_one_object_is_read():
+    from types import SimpleNamespace
+
+    from concept_attention.smallworld import quality
+
+    def obj(shape, colour):
+        return SimpleNamespace(shape=shape, colour=colour, attributes=lambda: {"shape": shape, "colour": colour})
+
+    report = quality.GateReport()
+    report.add("right", [obj("circle", "red")], "circle", "red")
+    report.add("wrong colour", [obj("circle", "blue")], "circle", "red")
+    report.add("two objects", [obj("circle", "red"), obj("square", "red")], "circle", "red")
+    report.add("nothing", [], "circle", "red")
+    assert (report.samples, report.count, report.shape, report.colour) == (4, 2, 2, 1)
+    assert report.rate("colour") == 0.25 and not report.passed
+    assert report.rows[1] == ("wrong colour", [{"shape": "circle", "colour": "blue"}])
