@@ -74,8 +74,9 @@ class AttentionHook:
     sigma_max: float = float("inf")
     sigma_min: float = 0.0
     rows: str = "all"
-    # Whether the hook (and so the chain below it) works on any subset of the queries, so a hook
-    # above may call it on just some of them; hooks that need the whole feature map say False.
+    # Whether the hook (and so the chain below it) works on any subset of the queries and of the
+    # batch rows, so a hook above may call it on just some of them; hooks that need the whole
+    # feature map or batch say False.
     query_subsets: ClassVar[bool] = False
 
     def is_active(self, ctx: AttentionContext) -> bool:
@@ -141,3 +142,8 @@ def _bind(hook: AttentionHook, ctx: AttentionContext, proceed: AttentionFn) -> A
 def accepts_query_subsets(proceed: AttentionFn) -> bool:
     """Whether ``proceed`` may be called with only some of the layer's queries."""
     return bool(getattr(proceed, "query_subsets", False))
+
+
+def rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Select batch rows, broadcasting a batch of one."""
+    return x.expand(rows.numel(), *x.shape[1:]) if x.shape[0] == 1 else x.index_select(0, rows)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .chain import rows_of
 from .maps import merge_heads, split_heads
 
 IndexLike = Union[Tensor, int, Sequence[int]]
@@ -60,11 +61,6 @@ class _Prepared:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rows_of(x: Tensor, rows: Tensor) -> Tensor:
-    """Select batch rows, broadcasting a batch of one."""
-    return x.expand(rows.numel(), *x.shape[1:]) if x.shape[0] == 1 else x.index_select(0, rows)
 
 
 def _check_batch(name: str, x: Tensor, batch: int) -> None:
@@ -206,14 +202,14 @@ def nested_update(
         local = torch.searchsorted(rows, s.rows)
         nested_mask = None
         if s.nested_mask is not None:
-            nested_mask = _rows_of(s.nested_mask, s.rows)[:, None, None, :]
+            nested_mask = rows_of(s.nested_mask, s.rows)[:, None, None, :]
         v_star = F.scaled_dot_product_attention(
-            qh.index_select(0, s.rows), _rows_of(s.nested_k, s.rows), _rows_of(s.nested_v, s.rows),
+            qh.index_select(0, s.rows), rows_of(s.nested_k, s.rows), rows_of(s.nested_v, s.rows),
             attn_mask=nested_mask, scale=scale,
         ).to(cdtype)
         update = gate.index_select(0, local) * s.strength * (v_star - v_subject.index_select(0, local))
         if s.query_mask is not None:
-            update = update * _rows_of(s.query_mask, s.rows).to(cdtype)[:, None, :, None]
+            update = update * rows_of(s.query_mask, s.rows).to(cdtype)[:, None, :, None]
         result = result.index_add(0, local, update)
 
     merged = merge_heads(result.to(out.dtype))

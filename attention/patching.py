@@ -8,7 +8,7 @@ chain's ``inner`` callable and keeps running.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -104,15 +104,20 @@ def remove_hooks(model: Any, hooks: Iterable[AttentionHook]) -> None:
     _write_attn2(model, attn2)
 
 
-def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]],
-                     masks: torch.Tensor) -> list[RegionalKV]:
+def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]], masks: torch.Tensor,
+                     texts: Sequence[torch.Tensor | None] | None = None) -> list[RegionalKV]:
     """Each region's K/V deltas (ModelPatcher weight key -> delta) act only inside its mask.
 
     ``masks`` is [R,H,W] or [B,R,H,W] in [0,1], one per entry of ``region_deltas``; pixels outside
-    every mask keep the model's own weights. ``model`` must be a clone you own.
+    every mask keep the model's own weights. ``texts`` (per region, text features ``[1, T, ctx]``
+    or None) are what each region's pixels read in the positive rows instead of the prompt,
+    e.g. the prompt without the other regions' triggers. ``model`` must be a clone you own.
     """
     if masks.shape[-3] != len(region_deltas):
         raise ValueError(f"{len(region_deltas)} regions but {masks.shape[-3]} masks")
+    if texts is not None and len(texts) != len(region_deltas):
+        raise ValueError(f"{len(region_deltas)} regions but {len(texts)} region texts")
+    texts = tuple(texts) if texts is not None and any(t is not None for t in texts) else ()
     patches = model.model_options.get("transformer_options", {}).get("patches", {})
     if stash_context not in patches.get("attn2_patch", []):
         model.set_model_attn2_patch(stash_context)
@@ -120,9 +125,10 @@ def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]],
     for layer in model_layers(model):
         k_key, v_key = layer.weight_keys
         deltas = tuple((d.get(k_key), d.get(v_key)) for d in region_deltas)
-        if all(dk is None and dv is None for dk, dv in deltas):
+        if not texts and all(dk is None and dv is None for dk, dv in deltas):
             continue
-        hook = RegionalKV(deltas=deltas, masks=masks)
+        attention = model.model.diffusion_model.get_submodule(layer.module_path) if texts else None
+        hook = RegionalKV(deltas=deltas, masks=masks, texts=texts, attention=attention)
         install_hook(model, hook, [layer])
         hooks.append(hook)
     return hooks

@@ -9,6 +9,12 @@ For region weights ``w_r`` (resized to the layer's feature map, normalised so th
 one per pixel) and background ``w_0 = 1 - sum_r w_r``:
 
     out = w_0 * attn(q, k, v) + sum_r w_r * attn(q, k + c dK_r^T, v + c' dV_r^T)
+
+With ``texts`` (per region, the features of its own version of the positive prompt, usually the
+prompt without the other concepts' triggers), a region's queries in the positive (COND) rows read
+that text instead of the prompt's: CLIP's text encoder is causal, so every token after a trigger
+carries that concept's look, and only a text without the trigger keeps it out of the region.
+The background and the negative (UNCOND) rows read the prompt they were given.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import CalibrationSettings, prepare_maps
-from .chain import AttentionContext, AttentionFn, AttentionHook, accepts_query_subsets
+from .chain import AttentionContext, AttentionFn, AttentionHook, accepts_query_subsets, rows_of
 
 CONTEXT_KEY = "concept_attention_context"
 VALUE_KEY = "concept_attention_value"
@@ -69,6 +75,8 @@ class RegionalKV(AttentionHook):
 
     deltas: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...] = ()
     masks: torch.Tensor | None = None  # [R,H,W] or [B,R,H,W], any resolution, values in [0,1]
+    texts: tuple[torch.Tensor | None, ...] = ()  # per region: [1, T, ctx] its COND queries read
+    attention: Any = None  # the layer's attention module, whose to_k / to_v project ``texts``
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
               proceed: AttentionFn) -> torch.Tensor:
@@ -84,7 +92,7 @@ class RegionalKV(AttentionHook):
             weights, background = weights.repeat(repeat, 1, 1), background.repeat(repeat, 1)
         per_row = weights.dim() == 3
         if not per_row and accepts_query_subsets(proceed):
-            return self._on_query_subsets(q, k, v, context, value, weights, background, proceed)
+            return self._on_query_subsets(q, k, v, context, value, weights, background, ctx, proceed)
         out = proceed(q, k, v) * (background[..., None] if per_row else background[None, :, None])
         for r, (d_k, d_v) in enumerate(self.deltas):
             w = weights[:, r, :, None] if per_row else weights[r][None, :, None]
@@ -92,12 +100,50 @@ class RegionalKV(AttentionHook):
                 continue
             k_r = k if d_k is None else k + context.to(k.dtype) @ d_k.to(k).T
             v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
-            out = out + proceed(q, k_r, v_r) * w
+            out = out + self._attend(q, k_r, v_r, self._text_kv(r, context, k), ctx, proceed) * w
         return out
+
+    def _text_kv(self, region: int, context: torch.Tensor, k: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values ``[1, T, inner]`` of the region's own text, with its deltas; None if none."""
+        text = self.texts[region] if region < len(self.texts) else None
+        if text is None:
+            return None
+        if self.attention is None:
+            raise RuntimeError("RegionalKV with region texts needs the layer's attention module")
+        text = text.to(device=context.device, dtype=context.dtype)
+        k_text, v_text = self.attention.to_k(text).to(k), self.attention.to_v(text).to(k)
+        d_k, d_v = self.deltas[region]
+        if d_k is not None:
+            k_text = k_text + text.to(k.dtype) @ d_k.to(k).T
+        if d_v is not None:
+            v_text = v_text + text.to(k.dtype) @ d_v.to(k).T
+        return k_text, v_text
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                text_kv: tuple[torch.Tensor, torch.Tensor] | None, ctx: AttentionContext,
+                proceed: AttentionFn) -> torch.Tensor:
+        """Attention of one region's queries: COND rows read the region's own text if it has one."""
+        cond = ctx.rows("cond").to(q.device)
+        if text_kv is None or cond.numel() == 0:
+            return proceed(q, k, v)
+        k_text, v_text = text_kv
+        if cond.numel() == q.shape[0]:
+            return proceed(q, k_text.expand(q.shape[0], -1, -1), v_text.expand(q.shape[0], -1, -1))
+        if accepts_query_subsets(proceed):  # stock attention: batch rows are independent too
+            other = ctx.rows("uncond").to(q.device)
+            out_cond = proceed(q.index_select(0, cond), rows_of(k_text, cond), rows_of(v_text, cond))
+            out_other = proceed(q.index_select(0, other), rows_of(k, other), rows_of(v, other))
+            out = out_cond.new_empty(q.shape[0], *out_cond.shape[1:])
+            return out.index_copy(0, cond, out_cond).index_copy(0, other, out_other)
+        # Another pack's attention may need the whole batch: run it twice and pick rows.
+        batch = q.shape[0]
+        read_text = proceed(q, k_text.expand(batch, -1, -1), v_text.expand(batch, -1, -1))
+        return proceed(q, k, v).index_copy(0, cond, read_text.index_select(0, cond))
 
     def _on_query_subsets(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: torch.Tensor,
                           value: torch.Tensor, weights: torch.Tensor, background: torch.Tensor,
-                          proceed: AttentionFn) -> torch.Tensor:
+                          ctx: AttentionContext, proceed: AttentionFn) -> torch.Tensor:
         """Same result, but each attention call sees only the queries with weight there.
 
         With hard (0/1) regions every query is attended once instead of once per region plus
@@ -105,20 +151,23 @@ class RegionalKV(AttentionHook):
         """
         n_query = q.shape[1]
         out = None
-        parts = [(background, k, v)]
+        parts = [(background, k, v, -1)]
         for r, (d_k, d_v) in enumerate(self.deltas):
             k_r = k if d_k is None else k + context.to(k.dtype) @ d_k.to(k).T
             v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
-            parts.append((weights[r], k_r, v_r))
-        for w, k_part, v_part in parts:
+            parts.append((weights[r], k_r, v_r, r))
+        for w, k_part, v_part, region in parts:
             index = (w > 0).nonzero().squeeze(1)
             if index.numel() == 0:
                 continue
+            text_kv = None if region < 0 else self._text_kv(region, context, k)
+            attend = proceed if text_kv is None else (
+                lambda q_, k_, v_, kv=text_kv: self._attend(q_, k_, v_, kv, ctx, proceed))
             if index.numel() == n_query:
-                term = proceed(q, k_part, v_part) * w[None, :, None]
+                term = attend(q, k_part, v_part) * w[None, :, None]
                 out = term if out is None else out + term
                 continue
-            term = proceed(q.index_select(1, index), k_part, v_part) * w.index_select(0, index)[None, :, None]
+            term = attend(q.index_select(1, index), k_part, v_part) * w.index_select(0, index)[None, :, None]
             if out is None:
                 out = term.new_zeros(q.shape[0], n_query, term.shape[-1])
             out = out.index_add(1, index, term)

@@ -132,3 +132,63 @@ def test_query_subsets_give_the_same_output_and_attend_each_hard_pixel_once(soft
         assert sum(attended) > H * W  # half-weight pixels are attended by region and background
     else:
         assert sum(attended) == H * W  # every query exactly once, instead of three times
+
+
+
+def _text_case(seed):
+    q, k, v, context, w_k, w_v, options, deltas = setup(seed=seed)
+    options["cond_or_uncond"] = [1, 0]  # row 0 negative prompt, row 1 positive prompt
+    masks = torch.zeros(2, H, W)
+    masks[0, :, :3] = 1
+    masks[1, :2, 3:] = 1
+    attention = torch.nn.Module()
+    attention.to_k, attention.to_v = torch.nn.Linear(3, 8, bias=False), torch.nn.Linear(3, 8, bias=False)
+    with torch.no_grad():
+        attention.to_k.weight.copy_(w_k)
+        attention.to_v.weight.copy_(w_v)
+    texts = (torch.randn(1, 7, 3, generator=torch.Generator().manual_seed(seed + 100)), None)
+    hook = RegionalKV(deltas=tuple(deltas), masks=masks, texts=texts, attention=attention)
+    return hook, q, k, v, context, w_k, w_v, options, deltas
+
+
+def test_a_region_text_replaces_the_prompt_for_that_regions_positive_rows_only():
+    hook, q, k, v, context, w_k, w_v, options, deltas = _text_case(seed=4)
+    with torch.no_grad():
+        out = run(hook, q, k, v, options).view(2, H, W, 8)
+    text = hook.texts[0]
+    (dk0, dv0), (dk1, dv1) = deltas
+    own_text = attend(q[1:], text @ (w_k + dk0).T, text @ (w_v + dv0).T).view(H, W, 8)
+    prompt_first = attend(q[:1], context[:1] @ (w_k + dk0).T, context[:1] @ (w_v + dv0).T).view(H, W, 8)
+    prompt_second = attend(q, context @ (w_k + dk1).T, context @ (w_v + dv1).T).view(2, H, W, 8)
+    base = attend(q, k, v).view(2, H, W, 8)
+    torch.testing.assert_close(out[1, :, :3], own_text[:, :3])  # positive row reads the region text
+    torch.testing.assert_close(out[0, :, :3], prompt_first[:, :3])  # negative row reads its prompt
+    torch.testing.assert_close(out[:, :2, 3:], prompt_second[:, :2, 3:])  # no text: the prompt
+    torch.testing.assert_close(out[:, 2:, 3:], base[:, 2:, 3:])  # background: base weights, prompt
+
+
+@pytest.mark.parametrize("subsets", [True, False])
+def test_region_texts_give_the_same_output_on_every_attention_path(subsets):
+    hook, q, k, v, context, w_k, w_v, options, deltas = _text_case(seed=5)
+    batches = []
+
+    def other_attention(q_, k_, v_):
+        batches.append(q_.shape[0])
+        return attend(q_, k_, v_)
+
+    other_attention.query_subsets = subsets
+    with torch.no_grad():
+        got = hook.apply(q, k, v, AttentionContext(options, q.shape[0]), other_attention)
+        torch.testing.assert_close(got, run(hook, q, k, v, options), rtol=1e-5, atol=1e-6)
+    if subsets:
+        assert min(batches) == 1  # positive and negative rows attended apart
+    else:
+        assert set(batches) == {2}  # another pack's attention always gets the whole batch
+
+
+def test_region_texts_need_the_layers_projections():
+    hook, q, k, v, *_, options, _ = _text_case(seed=6)
+    from dataclasses import replace
+
+    with pytest.raises(RuntimeError, match="attention module"):
+        run(replace(hook, attention=None), q, k, v, options)
