@@ -11,7 +11,7 @@ from ..attention.patching import install_regional
 from ..training.apply import apply_concepts
 from ..training.concept_file import save_concepts
 from ..training.concepts import check_compatible
-from ..training.auto_regions import class_word_positions, sample_auto_regional
+from ..training.auto_regions import class_word_positions, region_text_features, sample_auto_regional
 from ..training.merge import merge_concept_sets
 from .common import (CATEGORY, NODE_PREFIX, check_latent, check_masks_finite, ksampler_inputs,
                      run_ksampler)
@@ -74,7 +74,8 @@ class ConceptSampler(io.ComfyNode):
                         "KSampler; 'combined' applies every set everywhere (as Apply Concepts); "
                         "'regional' applies each set only inside its mask; 'regional_auto' finds the "
                         "regions itself from the class words' attention over the first steps. "
-                        "Encode the prompts with a CLIP from Apply Concepts so the trigger words "
+                        "In the regional modes each region can read the prompt without the other "
+                        "sets' triggers (region_texts). Encode the prompts with a CLIP from Apply Concepts so the trigger words "
                         "are known.",
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (not one that already has these "
@@ -104,6 +105,11 @@ class ConceptSampler(io.ComfyNode):
                 io.Float.Input("region_threshold", default=0.4, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="regional_auto: a pixel joins its strongest class word's region "
                                        "if that normalised map reaches this value, else background."),
+                io.Boolean.Input("region_texts", default=True, optional=True,
+                                 tooltip="Regional modes: each region reads the positive text without "
+                                         "the other sets' triggers, so one concept's look cannot reach "
+                                         "another's region through the prompt (needs 'clip' and "
+                                         "'positive_text'; without them regions read the whole prompt)."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT"),
                      io.Mask.Output(display_name="regions",
@@ -117,7 +123,7 @@ class ConceptSampler(io.ComfyNode):
                 cfg: float, sampler_name: str, scheduler: str, positive, negative, latent_image,
                 denoise: float, concepts_2=None, concepts_3=None, masks=None, clip=None,
                 positive_text: str = "", auto_steps: float = 0.3,
-                region_threshold: float = 0.4) -> io.NodeOutput:
+                region_threshold: float = 0.4, region_texts: bool = True) -> io.NodeOutput:
         sets = [s for s in (concepts_1, concepts_2, concepts_3) if s is not None]
         for concepts in sets:
             check_compatible(concepts, model, None)
@@ -129,8 +135,10 @@ class ConceptSampler(io.ComfyNode):
         image_size = (size[0] * 8, size[1] * 8)
         if composition == "regional_auto":
             per_set = cls._class_words(clip, positive_text, positive, sets)
+            texts = region_text_features(clip, positive_text, sets) if region_texts else None
             latent, regions = sample_auto_regional(run_ksampler, model, sets, strength, per_set, steps,
-                                                   auto_steps, region_threshold, latent_image, **sampling)
+                                                   auto_steps, region_threshold, latent_image, texts=texts,
+                                                   **sampling)
             regions = regions.reshape(-1, *regions.shape[-2:])
             return io.NodeOutput(latent, F.interpolate(regions[None], size=image_size, mode="nearest")[0])
         patched, regions = model, torch.zeros(len(sets), *image_size)
@@ -147,17 +155,23 @@ class ConceptSampler(io.ComfyNode):
             if masks.shape[0] != len(sets):
                 raise ValueError(f"{len(sets)} concept sets are connected but 'masks' holds "
                                  f"{masks.shape[0]} masks: give exactly one per set, in order")
+            texts = None
+            if region_texts and clip is not None and positive_text.strip():
+                texts = cls._region_texts(clip, positive_text, positive, sets)
+            elif region_texts:
+                log.info("regional: no 'clip' and 'positive_text' connected, so every region reads the "
+                         "whole prompt; connect them to give each region its own text")
             patched = model.clone()
             install_regional(patched, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
-                             masks.float())
+                             masks.float(), texts)
             regions = masks.float()
         elif composition != "off":
             raise ValueError(f"unknown composition {composition!r}; use one of {MODES}")
         return io.NodeOutput(run_ksampler(patched, steps=steps, latent=latent_image, **sampling), regions)
 
     @staticmethod
-    def _class_words(clip, positive_text: str, positive, sets) -> list[list[int]]:
-        """Class-word positions per set, after checking that the text is the positive prompt."""
+    def _check_text(clip, positive_text: str, positive) -> None:
+        """Check that ``positive_text`` encoded with ``clip`` is the ``positive`` conditioning."""
         if clip is None or not positive_text.strip():
             raise ValueError("regional_auto needs 'clip' and 'positive_text' (the positive prompt's "
                              "text) to find the class words; or use 'regional' with masks")
@@ -166,4 +180,15 @@ class ConceptSampler(io.ComfyNode):
         if encoded.shape != given.shape or not torch.allclose(encoded.float(), given.float(), atol=1e-3, rtol=1e-3):
             raise ValueError("'positive_text' encoded with 'clip' does not give the 'positive' "
                              "conditioning: connect the same text and CLIP that made 'positive'")
+
+    @classmethod
+    def _class_words(cls, clip, positive_text: str, positive, sets) -> list[list[int]]:
+        """Class-word positions per set, after checking that the text is the positive prompt."""
+        cls._check_text(clip, positive_text, positive)
         return class_word_positions(clip, positive_text, sets)
+
+    @classmethod
+    def _region_texts(cls, clip, positive_text: str, positive, sets) -> list[torch.Tensor]:
+        """Each set's own text features: the positive text without the other sets' triggers."""
+        cls._check_text(clip, positive_text, positive)
+        return region_text_features(clip, positive_text, sets)

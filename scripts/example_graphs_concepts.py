@@ -84,7 +84,9 @@ def regional_masks() -> Graph:
     g.note(0, ("Regional composition: set 1 acts only in the white part of mask 1, set 2 in mask 2 "
                "(elsewhere the base model).\n\nHere the masks are the left and right halves of a "
                "512 px picture; to paint your own, replace them with Load Image (as Mask) nodes "
-               "and keep one mask per connected concept set, in order (Image Batch collects them)."))
+               "and keep one mask per connected concept set, in order (Image Batch collects them).\n\n"
+               "With the CLIP and the prompt's text connected (region_texts on), each region reads the "
+               "prompt without the other set's trigger, so the cat's look stays out of the dog's half."))
     ckpt = checkpoint(g)
     loaders, apply = load_and_apply(g, 0, ckpt, [CAT_FILE, DOG_FILE])
     empty_mask = g.add("SolidMask", 0, value=0.0, width=512, height=512)
@@ -95,11 +97,14 @@ def regional_masks() -> Graph:
     images = [g.add("MaskToImage", 2, mask=m[0]) for m in (left, right)]
     batch = g.add("ImageBatch", 2, image1=images[0][0], image2=images[1][0])
     masks = g.add("ImageToMask", 2, image=batch[0], channel="red")
-    positive = encode(g, 2, apply[1], "a photo of V1 cat on the left and V2 dog on the right")
+    text = g.add("PrimitiveStringMultiline", 1, title="Prompt",
+                 value="a photo of V1 cat on the left and V2 dog on the right")
+    positive = g.add("CLIPTextEncode", 2, clip=apply[1], text=text[0])
     negative = encode(g, 2, apply[1], NEGATIVE)
     empty = latent(g, 2)
     sampled = concept_sampler(g, 3, ckpt[0], [x[0] for x in loaders], "regional", positive[0],
-                              negative[0], empty[0], masks=masks[0])
+                              negative[0], empty[0], masks=masks[0], clip=apply[1], positive_text=text[0],
+                              region_texts=True)
     decode_save(g, 4, sampled[0], ckpt[2], "concepts_regional")
     return g
 
@@ -120,7 +125,8 @@ def regional_auto() -> Graph:
     empty = latent(g, 2)
     sampled = concept_sampler(g, 3, ckpt[0], [x[0] for x in loaders], "regional_auto",
                               positive[0], negative[0], empty[0], clip=apply[1],
-                              positive_text=text[0], auto_steps=0.3, region_threshold=0.4)
+                              positive_text=text[0], auto_steps=0.3, region_threshold=0.4,
+                              region_texts=True)
     decode_save(g, 4, sampled[0], ckpt[2], "concepts_regional_auto")
     regions = g.add("MaskToImage", 4, mask=sampled[1])
     g.add("PreviewImage", 5, title="Regions (one per set)", images=regions[0])

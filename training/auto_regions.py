@@ -9,6 +9,7 @@ in the background.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,6 +53,27 @@ def class_word_positions(clip: Any, text: str, sets: Sequence[ConceptSet]) -> li
     return per_set
 
 
+def without_words(text: str, words: Sequence[str]) -> str:
+    """``text`` with each whole-word occurrence of ``words`` removed and spaces tidied."""
+    for word in words:
+        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def region_text_features(clip: Any, text: str, sets: Sequence[ConceptSet]) -> list[torch.Tensor]:
+    """Per set, features ``[1, T, ctx]`` of ``text`` without the other sets' triggers.
+
+    What each region reads instead of the prompt: the whole scene still, but only its own
+    concept's look (the other triggers, and every later token CLIP derived from them, are gone).
+    """
+    texts = []
+    for r in range(len(sets)):
+        others = [t for s, concepts in enumerate(sets) if s != r for t in concepts.triggers]
+        own_text = without_words(text, others)
+        texts.append(clip.encode_from_tokens_scheduled(clip.tokenize(own_text))[0][0])
+    return texts
+
+
 def set_maps(store: MapStore, per_set: Sequence[Sequence[int]], size: tuple[int, int]) -> torch.Tensor:
     """Recorded maps averaged over steps, layers and each set's class tokens: ``[rows, R, H, W]``."""
     maps = store.aggregate(size=size)  # [rows, T, H, W] in the order the tokens were recorded
@@ -67,8 +89,12 @@ def set_maps(store: MapStore, per_set: Sequence[Sequence[int]], size: tuple[int,
 
 def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet], strength: float,
                          per_set: Sequence[Sequence[int]], steps: int, auto_fraction: float,
-                         threshold: float, latent: dict, **sampling: Any) -> tuple[dict, torch.Tensor]:
-    """Two-stage sampling with regions from class-word maps; returns (latent, masks ``[B, R, h, w]``)."""
+                         threshold: float, latent: dict, texts: Sequence[torch.Tensor] | None = None,
+                         **sampling: Any) -> tuple[dict, torch.Tensor]:
+    """Two-stage sampling with regions from class-word maps; returns (latent, masks ``[B, R, h, w]``).
+
+    ``texts`` (per set, see :func:`region_text_features`) are what each region reads in the second stage.
+    """
     split = min(steps - 1, max(1, round(auto_fraction * steps)))
     if steps < 2:
         raise ValueError("automatic regions need at least 2 sampling steps")
@@ -86,7 +112,7 @@ def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet]
     masks = masks[: samples.shape[0]]
     regional = model.clone()
     install_regional(regional, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
-                     masks if masks.shape[0] > 1 else masks[0])
+                     masks if masks.shape[0] > 1 else masks[0], texts)
     second = sample(regional, steps=steps, latent=first, start_step=split, disable_noise=True,
                     force_full_denoise=True, **sampling)
     return second, masks

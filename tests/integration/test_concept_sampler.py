@@ -149,6 +149,7 @@ def test_class_words_after_their_triggers_are_found(sd15, auto_sets):
 
 def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_sets):
     from concept_attention.attention.patching import install_regional
+    from concept_attention.training.auto_regions import region_text_features
 
     args = auto_args(sd15, auto_sets)
     latent, regions = ConceptSampler.execute(**args).result
@@ -166,7 +167,8 @@ def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_se
                          force_full_denoise=False, **sampling)
     masks = torch.nn.functional.interpolate(regions[None], size=(16, 16), mode="nearest")[0]
     model = sd15.bundle.model.clone()
-    install_regional(model, [s.kv_deltas for s in auto_sets], masks)
+    texts = region_text_features(args["clip"], AUTO_PROMPT, auto_sets)
+    install_regional(model, [s.kv_deltas for s in auto_sets], masks, texts)
     second = run_ksampler(model, steps=4, latent=first, start_step=1, disable_noise=True,
                           force_full_denoise=True, **sampling)
     torch.testing.assert_close(latent["samples"], second["samples"], rtol=1e-4, atol=1e-4)
@@ -189,3 +191,33 @@ def test_auto_mode_checks_its_text_inputs(sd15, auto_sets):
         clip = args["clip"]
         ConceptSampler.execute(**{**args, "positive_text": text,
                                   "positive": clip.encode_from_tokens_scheduled(clip.tokenize(text))})
+
+
+def test_each_region_reads_the_prompt_without_the_other_triggers(sd15, auto_sets):
+    """Set 1 everywhere with its region text equals plain sampling of 'V1 cat and a dog' with set 1,
+    on a model with a LoRA-like patch (the region text is projected by the patched weights)."""
+    args = auto_args(sd15, auto_sets)
+    clip = args["clip"]
+    model = sd15.bundle.model.clone()
+    model.add_patches({k: ("diff", (0.1 * d,)) for k, d in list(auto_sets[1].kv_deltas.items())[:4]}, 1.0)
+    first_everywhere = torch.zeros(2, 64, 64)
+    first_everywhere[0] = 1
+    regional = dict(args, model=model, composition="regional", masks=first_everywhere)
+    with_texts = ConceptSampler.execute(**regional).result[0]["samples"]
+    whole_prompt = ConceptSampler.execute(**regional, region_texts=False).result[0]["samples"]
+    one, _ = apply_concepts(model, None, auto_sets[0])
+    sampling = {k: args[k] for k in ("seed", "cfg", "sampler_name", "scheduler", "negative", "denoise")}
+    reference = run_ksampler(one, steps=4, latent=args["latent_image"], **sampling,
+                             positive=clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a V1 cat and a dog"))
+                             )["samples"]
+    plain = run_ksampler(one, steps=4, latent=args["latent_image"], **sampling, positive=args["positive"])["samples"]
+    assert (reference - plain).abs().max() > 0.05  # the other trigger matters far beyond the tolerance
+    torch.testing.assert_close(with_texts, reference, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(whole_prompt, plain, rtol=1e-3, atol=2e-3)
+
+
+def test_region_texts_drop_only_the_other_sets_whole_trigger_words():
+    from concept_attention.training.auto_regions import without_words
+
+    assert without_words("a V1 cat and a V2 dog, V2.", ["V2"]) == "a V1 cat and a dog, ."
+    assert without_words("a V21 cat and a xV2 dog", ["V2"]) == "a V21 cat and a xV2 dog"
