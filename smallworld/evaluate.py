@@ -17,12 +17,13 @@ from .readout import (ObjectReadout, classify_colour, classify_pattern, classify
                       simulate_vae, to_rgb255)
 
 __all__ = [
-    "ATTRIBUTES", "ObjectReadout", "best_match", "classify_colour", "classify_pattern",
+    "ATTRIBUTES", "ATTRIBUTE_VALUES", "ObjectReadout", "best_match", "chance_leakage", "classify_colour", "classify_pattern",
     "classify_shape", "concept_fidelity", "extra_object_rate", "ground_truth_accuracy",
     "label_components", "leakage", "mask_iou", "match_masks", "read_background", "read_scene",
     "resize", "segment", "simulate_vae", "text_alignment", "to_rgb255",
 ]
 ATTRIBUTES = ("shape", "colour", "pattern", "position")
+ATTRIBUTE_VALUES = {"shape": sw.SHAPES, "colour": tuple(sw.COLOURS), "pattern": sw.PATTERNS}
 Target = Mapping[str, Optional[str]]
 
 
@@ -66,6 +67,26 @@ def leakage(readouts: Sequence[ObjectReadout], target: Target, other: Target,
         return 0.0
     got = obj.attributes()
     return sum(got[k] == other[k] for k in differing) / len(differing)
+
+
+def chance_leakage(readouts: Sequence[ObjectReadout], target: Target, other: Target,
+                   used: Mapping[str, Iterable[str]], keys: Sequence[str] = ("colour", "pattern")) -> float:
+    """What :func:`leakage` would read if a wrong attribute were the other's by chance only.
+
+    For each attribute where the two concepts differ: the share of the target's object showing one
+    given value that no object of the scene has (``used``: the values the scene's objects have),
+    i.e. how often a value nobody asked for turns up. Leakage well above this is real bleed.
+    """
+    differing = [k for k in keys if other.get(k) is not None and other.get(k) != target.get(k)]
+    obj = best_match(readouts, target)
+    if obj is None or not differing:
+        return 0.0
+    got = obj.attributes()
+    shares = []
+    for key in differing:
+        unused = [v for v in ATTRIBUTE_VALUES[key] if v not in set(used[key])]
+        shares.append((got[key] in unused) / len(unused) if unused else 0.0)
+    return float(np.mean(shares))
 
 
 def extra_object_rate(readouts_per_image: Iterable[Sequence[ObjectReadout]],

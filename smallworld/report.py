@@ -1,9 +1,10 @@
-"""A grouped bar chart as a PNG, drawn with Pillow (no plotting library needed)."""
+"""Report helpers: a grouped bar chart as a PNG (Pillow, no plotting library) and a paired bootstrap."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 PALETTE = [(52, 101, 164), (204, 0, 0), (115, 210, 22), (245, 121, 0), (117, 80, 123), (193, 125, 17),
@@ -40,3 +41,32 @@ def bar_chart(summary: Mapping[str, Mapping[str, float]], metrics: Sequence[tupl
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def paired_difference(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], key: str,
+                      draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``key`` under A minus under B with a 95 % bootstrap interval: (difference, low, high).
+
+    Rows are one per scene with ``per_seed[key]``: per seed, the values of that image (the same
+    seeds in A and B). Scenes are resampled, then seeds within each scene, and the same draw is
+    used for A and B, so the interval is of the paired difference. A mode's mean pools all values.
+    """
+    by_scene_b = {r["scene"]: r["per_seed"][key] for r in rows_b}
+    pairs = [(r["per_seed"][key], by_scene_b[r["scene"]]) for r in rows_a if r["scene"] in by_scene_b]
+    if not pairs:
+        raise ValueError(f"no scene has per-seed {key!r} values in both modes")
+
+    def pooled(index: Sequence[tuple[int, Sequence[int]]], side: int) -> float:
+        values = [v for s, seeds in index for k in seeds for v in pairs[s][side][k]]
+        return float(np.mean(values)) if values else 0.0
+
+    whole = [(s, range(len(pairs[s][0]))) for s in range(len(pairs))]
+    difference = pooled(whole, 0) - pooled(whole, 1)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(draws):
+        index = [(int(s), rng.integers(0, len(pairs[s][0]), len(pairs[s][0])))
+                 for s in rng.integers(0, len(pairs), len(pairs))]
+        samples.append(pooled(index, 0) - pooled(index, 1))
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return difference, float(low), float(high)

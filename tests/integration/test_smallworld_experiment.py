@@ -51,7 +51,7 @@ def test_bank_changes_samples_only_for_prompts_with_its_trigger(random_toy):
     assert [s.name for s in patches[-1].subjects] == ["V1"]
 
 
-def test_composition_trains_one_set_per_object_and_scores_both_modes(random_toy):
+def test_composition_trains_one_set_per_object_and_scores_every_mode(random_toy):
     from concept_attention.smallworld import composition
 
     scene = sw.reference_scenes(1)[0]
@@ -61,12 +61,21 @@ def test_composition_trains_one_set_per_object_and_scores_both_modes(random_toy)
     results = composition.composition_metrics(random_toy, scene, TINY, sets=sets)
     assert set(results) == set(composition.MODES)
     for values in results.values():
-        assert set(values) == {"fidelity_combined", "leakage_combined"}
-        assert all(0.0 <= v <= 1.0 for v in values.values())
-    combined = composition.sample_mode(random_toy, sets, exp.caption_for(scene), "combined", 1, TINY)
-    regional = composition.sample_mode(random_toy, sets, exp.caption_for(scene), "regional_auto", 1, TINY)
-    assert combined.shape == regional.shape == (128, 128, 3)
-    assert abs(combined - regional).max() > 1e-4  # the regions really change the picture
+        assert set(values) == {"fidelity_combined", "leakage_combined", "leakage_found", "colour_leakage",
+                               "colour_chance", "found", "seeds", "per_seed"}
+        assert values["seeds"] == len(TINY.sample_seeds)
+        assert all(0.0 <= v <= 1.0 for k, v in values.items() if k not in ("seeds", "per_seed"))
+        per_seed = values["per_seed"]["leakage_combined"]
+        assert len(per_seed) == len(TINY.sample_seeds)
+        pooled = [v for image in per_seed for v in image]
+        assert sum(pooled) / len(pooled) == pytest.approx(values["leakage_combined"])
+    caption = exp.caption_for(scene)
+    pictures = {mode: composition.sample_mode(random_toy, sets, caption, mode, 1, TINY,
+                                              torch.from_numpy(scene.masks.astype("float32")))
+                for mode in composition.MODES}
+    assert all(p.shape == (128, 128, 3) for p in pictures.values())
+    assert abs(pictures["combined"] - pictures["regional_auto"]).max() > 1e-4  # regions change the picture
+    assert abs(pictures["regional_auto"] - pictures["regional_auto_shared"]).max() > 1e-4  # and region texts
 
 
 def _benchmark_module():
@@ -82,15 +91,18 @@ def _benchmark_module():
     return module
 
 
-def test_benchmark_composition_section_is_a_two_row_table(random_toy):
+def test_benchmark_composition_section_has_a_row_per_mode(random_toy):
     module = _benchmark_module()
     scene = sw.reference_scenes(1)[0]
     per_mode = {mode: [{**values, "scene": 0}]
                 for mode, values in composition.composition_metrics(random_toy, scene, TINY).items()}
     section = module.composition_section(per_mode)
-    rows = [line for line in section.splitlines() if line.startswith("| combined") or line.startswith("| regional_auto")]
-    assert len(rows) == 2
-    assert all(len(row.split("|")) == 5 for row in rows)
+    named = [line for line in section.splitlines() if line.startswith(("| combined", "| regional"))]
+    rows = [row for row in named if len(row.split("|")) == 10]
+    assert [row.split("|")[1].strip() for row in rows] == list(composition.MODES)
+    assert rows[0].split("|")[-2].strip() == f"1 × {len(TINY.sample_seeds)}"
+    differences = [row for row in named if len(row.split("|")) == 5]  # each mode against combined
+    assert [row.split("|")[1].strip() for row in differences] == list(composition.MODES[1:])
     fidelity = float(rows[0].split("|")[2])
     assert fidelity == round(per_mode["combined"][0]["fidelity_combined"], 2)
 

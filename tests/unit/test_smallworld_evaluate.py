@@ -90,6 +90,22 @@ def test_fidelity_and_leakage() -> None:
     assert ev.extra_object_rate([good, good[:1], [], leaky + good]) == 0.5
 
 
+def test_chance_leakage_is_the_share_of_one_unused_value() -> None:
+    a = {"shape": "circle", "colour": "purple", "pattern": "stripes"}
+    b = {"shape": "square", "colour": "orange", "pattern": "dots"}
+    used = {"colour": {"purple", "orange"}, "pattern": {"stripes", "dots"}}  # 6 colours, 2 patterns unused
+    right = [_obj("circle", "purple", "stripes")]
+    assert ev.chance_leakage(right, a, b, used) == 0.0
+    unasked = [_obj("circle", "red", "checks")]  # both attributes wrong, neither b's
+    assert ev.leakage(unasked, a, b) == 0.0
+    assert ev.chance_leakage(unasked, a, b, used) == pytest.approx((1 / 6 + 1 / 2) / 2)
+    leaked = [_obj("circle", "orange", "stripes")]  # b's colour: leakage, not chance
+    assert ev.leakage(leaked, a, b) == 0.5 and ev.chance_leakage(leaked, a, b, used) == 0.0
+    same_pattern = {**b, "pattern": "stripes"}  # only colour differs, so only colour counts
+    assert ev.chance_leakage(unasked, a, same_pattern, used) == pytest.approx(1 / 6)
+    assert ev.chance_leakage([], a, b, used) == 0.0
+
+
 def test_text_alignment() -> None:
     got = [_obj("circle", "purple", "stripes", "left"), _obj("square", "red", "solid", "right")]
     prompt = [{"shape": "square", "colour": "red", "position": "right"},

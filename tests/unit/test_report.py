@@ -1,0 +1,31 @@
+"""The paired bootstrap of the composition table: known differences and intervals."""
+from __future__ import annotations
+
+import pytest
+
+from concept_attention.smallworld.report import paired_difference
+
+
+def rows(per_scene: list[list[list[float]]]) -> list[dict]:
+    return [{"scene": s, "per_seed": {"leak": seeds}} for s, seeds in enumerate(per_scene)]
+
+
+def test_a_constant_gap_has_a_zero_width_interval():
+    a = rows([[[1.0], [1.0, 1.0]], [[1.0]]])
+    b = rows([[[0.0], [0.0, 0.0]], [[0.0]]])
+    assert paired_difference(a, b, "leak", draws=200) == (1.0, 1.0, 1.0)
+    assert paired_difference(b, b, "leak", draws=200) == (0.0, 0.0, 0.0)
+
+
+def test_values_are_pooled_and_the_interval_covers_the_difference():
+    a = rows([[[1.0, 0.0], [1.0]], [[0.0], [1.0]], [[1.0], [0.0]]])
+    b = rows([[[0.0, 0.0], [0.0]], [[0.0], [0.0]], [[0.0], [0.0]]])
+    difference, low, high = paired_difference(a, b, "leak", draws=500)
+    assert difference == pytest.approx(4 / 7)  # 4 ones among 7 pooled values
+    assert 0.0 <= low < difference < high <= 1.0
+    assert paired_difference(a, b, "leak", draws=500) == (difference, low, high)  # seeded: repeatable
+
+
+def test_scenes_missing_from_either_side_are_an_error():
+    with pytest.raises(ValueError, match="no scene"):
+        paired_difference(rows([[[1.0]]]), [], "leak")
