@@ -5,7 +5,9 @@ Variants, each a clone of one model sampled with the same ``comfy.sample.sample`
   stock       no patches
   combined    two concept sets' K/V deltas as ordinary weight patches (what Apply Concepts does)
   regional    the same two sets, each only inside its half of the image (RegionalKV on every
-              cross-attention layer: one extra attention call per set and layer)
+              cross-attention layer; each query is attended once with hard masks)
+  regional+texts  the same, each region reading its own text in the positive rows (the node's
+              default ``region_texts``: the prompt without the other set's trigger)
 
 Concept sets are random K/V deltas of the model's real shapes (timing does not depend on their
 values). Run from the repository root:
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 import _common  # noqa: E402
 
 PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
-TARGETS = {"regional": 1.30}  # issue target, full-size SD1.5
+TARGETS = {"regional": 1.30, "regional+texts": 1.30}  # issue target, full-size SD1.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         label = "full-size SD1.5 (random weights)"
         model = _common.build_full_sd15(args.seed)
         positive, negative = _common.random_conds(args.seed + 10), _common.random_conds(args.seed + 11)
+        texts = [_common.random_conds(args.seed + 12 + i)[0][0] for i in range(2)]
     else:
         label = "tiny sd15 fixture"
         model, clip = _common.build_tiny("sd15", args.seed)
         positive, negative = _common.encode(clip, PROMPT), _common.encode(clip, NEGATIVE)
+        texts = [_common.encode(clip, text)[0][0] for text in ("a photo of a cat", "a photo of a dog")]
     latent = args.size // 8
     sets = [random_deltas(model, args.seed + i) for i in (1, 2)]
     print(f"model: {label}, built in {time.perf_counter() - started:.1f}s")
@@ -84,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     masks[0, :, : latent // 2], masks[1, :, latent // 2:] = 1, 1
     hooks = install_regional(regional, sets, masks)
     print(f"regional: {len(hooks)} cross-attention layers hooked, 2 regions")
+    with_texts = model.clone()
+    install_regional(with_texts, sets, masks, texts)
 
     def sampler(patched):
         return lambda: _common.sample(patched, positive, negative, latent, args.steps, args.cfg, args.seed)
 
     variants = [_common.Variant("stock", sampler(model.clone())),
                 _common.Variant("combined", sampler(combined)),
-                _common.Variant("regional", sampler(regional))]
+                _common.Variant("regional", sampler(regional)),
+                _common.Variant("regional+texts", sampler(with_texts))]
     for v in variants:  # warm-up, untimed
         v.last_output = v.run()
     loads = _common.run_interleaved(variants, args.rounds, device)

@@ -103,7 +103,8 @@ def composition_section(per_mode: dict[str, list[dict]]) -> str:
             "reading the whole caption), `regional_masks` (the true object masks as regions, with "
             "region texts: the upper bound). *Leakage, drawn objects* counts only objects whose "
             "shape was drawn; *colour leakage* is the same for colour alone (read exactly, where "
-            "patterns are read right about 60 % of the time through the VAE); *its chance level* is "
+            "patterns are read right about 60 % of the time through a simulated 8x VAE); "
+            "*its chance level* is "
             "what it would read if a wrong colour were the other object's by chance only (the share "
             "of one colour no object has); *objects drawn* is the share of objects drawn.\n\n"
             + table + "\n")

@@ -48,25 +48,27 @@ def paired_difference(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], key:
     """Mean of ``key`` under A minus under B with a 95 % bootstrap interval: (difference, low, high).
 
     Rows are one per scene with ``per_seed[key]``: per seed, the values of that image (the same
-    seeds in A and B). Scenes are resampled, then seeds within each scene, and the same draw is
-    used for A and B, so the interval is of the paired difference. A mode's mean pools all values.
+    seeds in A and B). A mode's mean is the mean over scenes of each scene's pooled values, as in
+    the tables. Scenes are resampled, then seeds within each scene, and the same draw is used for
+    A and B, so the interval is of the paired difference.
     """
     by_scene_b = {r["scene"]: r["per_seed"][key] for r in rows_b}
     pairs = [(r["per_seed"][key], by_scene_b[r["scene"]]) for r in rows_a if r["scene"] in by_scene_b]
     if not pairs:
         raise ValueError(f"no scene has per-seed {key!r} values in both modes")
 
-    def pooled(index: Sequence[tuple[int, Sequence[int]]], side: int) -> float:
-        values = [v for s, seeds in index for k in seeds for v in pairs[s][side][k]]
-        return float(np.mean(values)) if values else 0.0
+    def mean(index: Sequence[tuple[int, Sequence[int]]], side: int) -> float:
+        per_scene = [[v for k in seeds for v in pairs[s][side][k]] for s, seeds in index]
+        means = [float(np.mean(values)) for values in per_scene if values]
+        return float(np.mean(means)) if means else 0.0
 
     whole = [(s, range(len(pairs[s][0]))) for s in range(len(pairs))]
-    difference = pooled(whole, 0) - pooled(whole, 1)
+    difference = mean(whole, 0) - mean(whole, 1)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(draws):
         index = [(int(s), rng.integers(0, len(pairs[s][0]), len(pairs[s][0])))
                  for s in rng.integers(0, len(pairs), len(pairs))]
-        samples.append(pooled(index, 0) - pooled(index, 1))
+        samples.append(mean(index, 0) - mean(index, 1))
     low, high = np.percentile(samples, [2.5, 97.5])
     return difference, float(low), float(high)
