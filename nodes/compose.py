@@ -75,8 +75,8 @@ class ConceptSampler(io.ComfyNode):
                         "'regional' applies each set only inside its mask; 'regional_auto' finds the "
                         "regions itself from the class words' attention over the first steps. "
                         "In the regional modes each region can read the prompt without the other "
-                        "sets' triggers (region_texts). Encode the prompts with a CLIP from Apply Concepts so the trigger words "
-                        "are known.",
+                        "sets' triggers (region_texts). Encode the prompts with a CLIP from Apply "
+                        "Concepts so the trigger words are known.",
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (not one that already has these "
                                                 "concepts applied)."),

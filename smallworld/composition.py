@@ -98,23 +98,22 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
         positive, negative = quality.encode(clip, prompt), quality.encode(clip, "")
         latent = {"samples": torch.zeros(1, 4, toy.IMAGE_SIZE // 8, toy.IMAGE_SIZE // 8)}
         args = dict(seed=seed, cfg=settings.cfg, positive=positive, negative=negative)
-        classes = class_word_positions(clip, prompt, sets)
-        texts = region_text_features(clip, prompt, sets)
-        deltas = [dict(s.kv_deltas) for s in sets]
         if mode == "combined":
             model = bundle.model
             for concepts in sets:
                 model, _ = apply_concepts(model, None, concepts)
             out = _sampler(model, settings.sample_steps, latent, **args)
         elif mode in ("regional_auto", "regional_auto_shared"):
-            own_texts = texts if mode == "regional_auto" else None
+            classes = class_word_positions(clip, prompt, sets)
+            texts = region_text_features(clip, prompt, sets) if mode == "regional_auto" else None
             out, _ = sample_auto_regional(_sampler, bundle.model, sets, 1.0, classes, settings.sample_steps,
-                                          AUTO_FRACTION, REGION_THRESHOLD, latent, texts=own_texts, **args)
+                                          AUTO_FRACTION, REGION_THRESHOLD, latent, texts=texts, **args)
         elif mode == "regional_masks":
             if masks is None:
                 raise ValueError("'regional_masks' needs the scene's object masks")
             model = bundle.model.clone()
-            install_regional(model, deltas, masks.float(), texts)
+            install_regional(model, [dict(s.kv_deltas) for s in sets], masks.float(),
+                             region_text_features(clip, prompt, sets))
             out = _sampler(model, settings.sample_steps, latent, **args)
         else:
             raise ValueError(f"unknown composition mode {mode!r}; use one of {MODES}")

@@ -17,8 +17,8 @@ from .readout import (ObjectReadout, classify_colour, classify_pattern, classify
                       simulate_vae, to_rgb255)
 
 __all__ = [
-    "ATTRIBUTES", "ATTRIBUTE_VALUES", "ObjectReadout", "best_match", "chance_leakage", "classify_colour", "classify_pattern",
-    "classify_shape", "concept_fidelity", "extra_object_rate", "ground_truth_accuracy",
+    "ATTRIBUTES", "ATTRIBUTE_VALUES", "ObjectReadout", "best_match", "chance_leakage", "classify_colour",
+    "classify_pattern", "classify_shape", "concept_fidelity", "extra_object_rate", "ground_truth_accuracy",
     "label_components", "leakage", "mask_iou", "match_masks", "read_background", "read_scene",
     "resize", "segment", "simulate_vae", "text_alignment", "to_rgb255",
 ]

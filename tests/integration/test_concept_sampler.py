@@ -214,6 +214,8 @@ def test_each_region_reads_the_prompt_without_the_other_triggers(sd15, auto_sets
     assert (reference - plain).abs().max() > 0.05  # the other trigger matters far beyond the tolerance
     torch.testing.assert_close(with_texts, reference, rtol=1e-3, atol=2e-3)
     torch.testing.assert_close(whole_prompt, plain, rtol=1e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="does not give the 'positive'"):
+        ConceptSampler.execute(**{**regional, "positive_text": "a photo of a V2 dog and a V1 cat"})
 
 
 def test_region_texts_drop_only_the_other_sets_whole_trigger_words():
