@@ -69,6 +69,11 @@ def regions_from_maps(maps: torch.Tensor, threshold: float = 0.4,
     return masks if batched else masks[0]
 
 
+def _plus_delta(projected: torch.Tensor, features: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """``projected + features @ delta^T``: a K or V projection with a weight delta added."""
+    return projected if delta is None else projected + features.to(projected.dtype) @ delta.to(projected).T
+
+
 @dataclass(frozen=True, eq=False)
 class RegionalKV(AttentionHook):
     """Per-region key/value deltas ``deltas[r] = (dK [inner, ctx], dV [inner, ctx])`` of one layer."""
@@ -98,8 +103,7 @@ class RegionalKV(AttentionHook):
             w = weights[:, r, :, None] if per_row else weights[r][None, :, None]
             if not bool((w > 0).any()):
                 continue
-            k_r = k if d_k is None else k + context.to(k.dtype) @ d_k.to(k).T
-            v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
+            k_r, v_r = _plus_delta(k, context, d_k), _plus_delta(v, value, d_v)
             out = out + self._attend(q, k_r, v_r, self._text_kv(r, context, k), ctx, proceed) * w
         return out
 
@@ -112,13 +116,9 @@ class RegionalKV(AttentionHook):
         if self.attention is None:
             raise RuntimeError("RegionalKV with region texts needs the layer's attention module")
         text = text.to(device=context.device, dtype=context.dtype)
-        k_text, v_text = self.attention.to_k(text).to(k), self.attention.to_v(text).to(k)
         d_k, d_v = self.deltas[region]
-        if d_k is not None:
-            k_text = k_text + text.to(k.dtype) @ d_k.to(k).T
-        if d_v is not None:
-            v_text = v_text + text.to(k.dtype) @ d_v.to(k).T
-        return k_text, v_text
+        return (_plus_delta(self.attention.to_k(text).to(k), text, d_k),
+                _plus_delta(self.attention.to_v(text).to(k), text, d_v))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 text_kv: tuple[torch.Tensor, torch.Tensor] | None, ctx: AttentionContext,
@@ -153,8 +153,7 @@ class RegionalKV(AttentionHook):
         out = None
         parts = [(background, k, v, -1)]
         for r, (d_k, d_v) in enumerate(self.deltas):
-            k_r = k if d_k is None else k + context.to(k.dtype) @ d_k.to(k).T
-            v_r = v if d_v is None else v + value.to(v.dtype) @ d_v.to(v).T
+            k_r, v_r = _plus_delta(k, context, d_k), _plus_delta(v, value, d_v)
             parts.append((weights[r], k_r, v_r, r))
         for w, k_part, v_part, region in parts:
             index = (w > 0).nonzero().squeeze(1)

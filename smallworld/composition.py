@@ -141,23 +141,24 @@ def composition_metrics(bundle: Any, scene: sw.Scene, settings: ExperimentSettin
     masks = torch.from_numpy(scene.masks.astype(np.float32))
     used = {"colour": {t["colour"] for t in targets}}
     for mode in modes:
-        fidelity, leak, leak_found, colour, chance = [], [], [], [], []
+        fidelity, leak_found, chance = [], [], []
         per_seed: dict[str, list[list[float]]] = {"leakage_combined": [], "colour_leakage": []}
         for seed in seeds:
-            per_seed["leakage_combined"].append([])
-            per_seed["colour_leakage"].append([])
             found = ev.read_scene(sample_mode(bundle, sets, prompt, mode, seed, settings, masks))
+            image_leak, image_colour = [], []
             for i, target in enumerate(targets):
                 fidelity.append(ev.concept_fidelity(found, target))
-                values = [ev.leakage(found, target, other) for j, other in enumerate(targets) if j != i]
-                leak += values
-                per_seed["leakage_combined"][-1] += values
+                others = [other for j, other in enumerate(targets) if j != i]
+                values = [ev.leakage(found, target, other) for other in others]
+                image_leak += values
                 if any(r.attributes()["shape"] == target["shape"] for r in found):
                     leak_found += values
-                    others = [other for j, other in enumerate(targets) if j != i]
-                    colour += [ev.leakage(found, target, other, ("colour",)) for other in others]
-                    per_seed["colour_leakage"][-1] += colour[-len(others):]
+                    image_colour += [ev.leakage(found, target, other, ("colour",)) for other in others]
                     chance += [ev.chance_leakage(found, target, other, used, ("colour",)) for other in others]
+            per_seed["leakage_combined"].append(image_leak)
+            per_seed["colour_leakage"].append(image_colour)
+        leak = [v for image in per_seed["leakage_combined"] for v in image]
+        colour = [v for image in per_seed["colour_leakage"] for v in image]
         results[mode] = {"fidelity_combined": float(np.mean(fidelity)), "leakage_combined": float(np.mean(leak)),
                          "leakage_found": float(np.mean(leak_found)) if leak_found else 0.0,
                          "colour_leakage": float(np.mean(colour)) if colour else 0.0,
