@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--composition-seeds", type=int, default=None, metavar="N",
                         help="sample the composition table with N seeds per scene (default: the 4 "
                              "sample seeds; leakage is a rare event, so more seeds narrow its noise)")
+    parser.add_argument("--composition-modes", default=None, metavar="A,B",
+                        help="only these modes of smallworld/composition.py (default: all)")
     parser.add_argument("--sets-dir", type=Path, default=None,
                         help="keep the composition table's separately learned sets here and reuse them")
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
@@ -303,8 +305,9 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
         for index in indices:
             cache = args.sets_dir / f"scene{index}" if args.sets_dir else None
             seeds = range(11, 11 + args.composition_seeds) if args.composition_seeds else None
-            for mode, values in composition.composition_metrics(bundle, scenes[index], settings,
-                                                                cache=cache, seeds=seeds).items():
+            modes = args.composition_modes.split(",") if args.composition_modes else composition.MODES
+            for mode, values in composition.composition_metrics(bundle, scenes[index], settings, cache=cache,
+                                                                modes=modes, seeds=seeds).items():
                 raw["composition"].setdefault(mode, []).append({**values, "scene": index})
                 print(f"scene {index} composition {mode:<14} " + " ".join(
                     f"{k}={v:.2f}" for k, v in values.items() if k != "per_seed"), flush=True)

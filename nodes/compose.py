@@ -73,7 +73,8 @@ class ConceptSampler(io.ComfyNode):
             description="Samples like KSampler with learned concepts' K/V deltas: 'off' is exactly "
                         "KSampler; 'combined' applies every set everywhere (as Apply Concepts); "
                         "'regional' applies each set only inside its mask; 'regional_auto' finds the "
-                        "regions itself from the class words' attention over the first steps. "
+                        "regions itself from the class words' attention over the first steps "
+                        "(and by default samples again from the start with them, auto_restart). "
                         "In the regional modes each region can read the prompt without the other "
                         "sets' triggers (region_texts). Encode the prompts with a CLIP from Apply "
                         "Concepts so the trigger words are known.",
@@ -110,6 +111,12 @@ class ConceptSampler(io.ComfyNode):
                                          "the other sets' triggers, so one concept's look cannot reach "
                                          "another's region through the prompt (needs 'clip' and "
                                          "'positive_text'; without them regions read the whole prompt)."),
+                io.Boolean.Input("auto_restart", default=True, optional=True,
+                                 tooltip="regional_auto: after the first steps have found the regions, "
+                                         "sample again from the first step with the regions in place, "
+                                         "so colours settled with every set everywhere cannot carry "
+                                         "over (costs the auto_steps once more); off = keep sampling "
+                                         "from where the first steps stopped."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT"),
                      io.Mask.Output(display_name="regions",
@@ -123,7 +130,8 @@ class ConceptSampler(io.ComfyNode):
                 cfg: float, sampler_name: str, scheduler: str, positive, negative, latent_image,
                 denoise: float, concepts_2=None, concepts_3=None, masks=None, clip=None,
                 positive_text: str = "", auto_steps: float = 0.3,
-                region_threshold: float = 0.4, region_texts: bool = True) -> io.NodeOutput:
+                region_threshold: float = 0.4, region_texts: bool = True,
+                auto_restart: bool = True) -> io.NodeOutput:
         sets = [s for s in (concepts_1, concepts_2, concepts_3) if s is not None]
         for concepts in sets:
             check_compatible(concepts, model, None)
@@ -138,7 +146,7 @@ class ConceptSampler(io.ComfyNode):
             texts = region_text_features(clip, positive_text, sets) if region_texts else None
             latent, regions = sample_auto_regional(run_ksampler, model, sets, strength, per_set, steps,
                                                    auto_steps, region_threshold, latent_image, texts=texts,
-                                                   **sampling)
+                                                   restart=auto_restart, **sampling)
             regions = regions.reshape(-1, *regions.shape[-2:])
             return io.NodeOutput(latent, F.interpolate(regions[None], size=image_size, mode="nearest")[0])
         patched, regions = model, torch.zeros(len(sets), *image_size)

@@ -37,7 +37,7 @@ from . import quality
 from . import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
-MODES = ("combined", "regional_auto", "regional_auto_shared", "regional_masks")
+MODES = ("combined", "regional_auto", "regional_auto_restart", "regional_auto_shared", "regional_masks")
 AUTO_FRACTION = 0.3
 REGION_THRESHOLD = 0.4
 
@@ -103,11 +103,12 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
             for concepts in sets:
                 model, _ = apply_concepts(model, None, concepts)
             out = _sampler(model, settings.sample_steps, latent, **args)
-        elif mode in ("regional_auto", "regional_auto_shared"):
+        elif mode in ("regional_auto", "regional_auto_restart", "regional_auto_shared"):
             classes = class_word_positions(clip, prompt, sets)
-            texts = region_text_features(clip, prompt, sets) if mode == "regional_auto" else None
+            texts = region_text_features(clip, prompt, sets) if mode != "regional_auto_shared" else None
             out, _ = sample_auto_regional(_sampler, bundle.model, sets, 1.0, classes, settings.sample_steps,
-                                          AUTO_FRACTION, REGION_THRESHOLD, latent, texts=texts, **args)
+                                          AUTO_FRACTION, REGION_THRESHOLD, latent, texts=texts,
+                                          restart=mode == "regional_auto_restart", **args)
         elif mode == "regional_masks":
             if masks is None:
                 raise ValueError("'regional_masks' needs the scene's object masks")

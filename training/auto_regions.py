@@ -90,10 +90,13 @@ def set_maps(store: MapStore, per_set: Sequence[Sequence[int]], size: tuple[int,
 def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet], strength: float,
                          per_set: Sequence[Sequence[int]], steps: int, auto_fraction: float,
                          threshold: float, latent: dict, texts: Sequence[torch.Tensor] | None = None,
-                         **sampling: Any) -> tuple[dict, torch.Tensor]:
+                         restart: bool = False, **sampling: Any) -> tuple[dict, torch.Tensor]:
     """Two-stage sampling with regions from class-word maps; returns (latent, masks ``[B, R, h, w]``).
 
     ``texts`` (per set, see :func:`region_text_features`) are what each region reads in the second stage.
+    With ``restart`` the first stage only finds the regions: the second samples every step again
+    from the same noise with the regions in place, so colours the first steps settle with every set
+    everywhere cannot carry over (it costs the first stage's steps once more).
     """
     split = min(steps - 1, max(1, round(auto_fraction * steps)))
     if steps < 2:
@@ -113,6 +116,9 @@ def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet]
     regional = model.clone()
     install_regional(regional, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
                      masks if masks.shape[0] > 1 else masks[0], texts)
-    second = sample(regional, steps=steps, latent=first, start_step=split, disable_noise=True,
-                    force_full_denoise=True, **sampling)
+    if restart:
+        second = sample(regional, steps=steps, latent=latent, **sampling)
+    else:
+        second = sample(regional, steps=steps, latent=first, start_step=split, disable_noise=True,
+                        force_full_denoise=True, **sampling)
     return second, masks

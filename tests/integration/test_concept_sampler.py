@@ -151,7 +151,7 @@ def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_se
     from concept_attention.attention.patching import install_regional
     from concept_attention.training.auto_regions import region_text_features
 
-    args = auto_args(sd15, auto_sets)
+    args = auto_args(sd15, auto_sets, auto_restart=False)
     latent, regions = ConceptSampler.execute(**args).result
     assert regions.shape == (2, 128, 128)
     assert set(regions.unique().tolist()) <= {0.0, 1.0}
@@ -172,6 +172,25 @@ def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_se
     second = run_ksampler(model, steps=4, latent=first, start_step=1, disable_noise=True,
                           force_full_denoise=True, **sampling)
     torch.testing.assert_close(latent["samples"], second["samples"], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_restart_samples_every_step_again_with_the_found_regions(sd15, auto_sets):
+    from concept_attention.attention.patching import install_regional
+    from concept_attention.training.auto_regions import region_text_features
+
+    args = auto_args(sd15, auto_sets)  # auto_restart is on by default
+    latent, regions = ConceptSampler.execute(**args).result
+    kept = ConceptSampler.execute(**{**args, "auto_restart": False}).result
+    assert torch.equal(regions, kept[1])  # the same first stage finds the same regions
+    sampling = {k: args[k] for k in ("seed", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                                     "denoise")}
+    masks = torch.nn.functional.interpolate(regions[None], size=(16, 16), mode="nearest")[0]
+    model = sd15.bundle.model.clone()
+    install_regional(model, [s.kv_deltas for s in auto_sets], masks,
+                     region_text_features(args["clip"], AUTO_PROMPT, auto_sets))
+    fresh = run_ksampler(model, steps=4, latent=args["latent_image"], **sampling)["samples"]
+    torch.testing.assert_close(latent["samples"], fresh, rtol=1e-4, atol=1e-4)
+    assert (latent["samples"] - kept[0]["samples"]).abs().max() > 1e-3
 
 
 def test_a_set_absent_from_the_prompt_gets_no_region(sd15, auto_sets):
