@@ -12,6 +12,10 @@ concept set per object, as a user would train from different pictures). The comb
   K/V deltas are regional; shows what the region texts add);
 - ``regional_masks``: the scene's true object masks as regions, isolated (an upper bound for
   the automatic regions),
+- ``regional_auto_restart``: the automatic regions, then every step sampled again with them in place
+  (KSampler with Concepts' default ``auto_restart``);
+- ``single``: no composition at all, each concept alone with its own set ("a V1 shape1 on a grey
+  background"): the leakage its learning left in it, the floor no composition can go below,
 
 and read back: fidelity of each concept and leakage of one concept's colour/pattern onto the other.
 """
@@ -37,7 +41,7 @@ from . import quality
 from . import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
-MODES = ("combined", "regional_auto", "regional_auto_restart", "regional_auto_shared", "regional_masks")
+MODES = ("combined", "regional_auto", "regional_auto_restart", "regional_auto_shared", "regional_masks", "single")
 AUTO_FRACTION = 0.3
 REGION_THRESHOLD = 0.4
 
@@ -117,8 +121,19 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
                              region_text_features(clip, prompt, sets))
             out = _sampler(model, settings.sample_steps, latent, **args)
         else:
-            raise ValueError(f"unknown composition mode {mode!r}; use one of {MODES}")
+            raise ValueError(f"unknown composition mode {mode!r}; use one of {MODES[:-1]}")
         return bundle.vae.decode(out["samples"])[0].float().cpu().numpy()
+
+
+def _readouts(bundle: Any, sets: list[ConceptSet], scene: sw.Scene, mode: str, seed: int,
+              settings: ExperimentSettings, masks: torch.Tensor) -> list[list[ev.ObjectReadout]]:
+    """Per target object, what one seed's picture shows: one picture for all, or in 'single' one each."""
+    if mode == "single":
+        return [ev.read_scene(sample_mode(bundle, [sets[i]], f"a V{i + 1} {obj.shape} on a "
+                                          f"{sw.DEFAULT_BACKGROUND} background", "combined", seed, settings))
+                for i, obj in enumerate(scene.objects)]
+    found = ev.read_scene(sample_mode(bundle, sets, caption_for(scene), mode, seed, settings, masks))
+    return [found] * len(scene.objects)
 
 
 def composition_metrics(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
@@ -133,10 +148,10 @@ def composition_metrics(bundle: Any, scene: sw.Scene, settings: ExperimentSettin
     read-out's exact attribute: patterns are read right only about 60 % of the time through the
     VAE), and ``colour_chance`` what it would read if a wrong colour were the other's by chance.
     ``per_seed`` keeps each seed's leakage values (same seeds in every mode, so modes pair up).
+    In 'single' each target is read from its own picture (the concept alone, see :func:`_readouts`).
     """
     sets = sets if sets is not None else train_separately(bundle, scene, settings, cache)
     targets = [{"shape": o.shape, "colour": o.colour, "pattern": o.pattern} for o in scene.objects]
-    prompt = caption_for(scene)
     seeds = tuple(seeds if seeds is not None else settings.sample_seeds)
     results = {}
     masks = torch.from_numpy(scene.masks.astype(np.float32))
@@ -145,9 +160,9 @@ def composition_metrics(bundle: Any, scene: sw.Scene, settings: ExperimentSettin
         fidelity, leak_found, chance = [], [], []
         per_seed: dict[str, list[list[float]]] = {"leakage_combined": [], "colour_leakage": []}
         for seed in seeds:
-            found = ev.read_scene(sample_mode(bundle, sets, prompt, mode, seed, settings, masks))
             image_leak, image_colour = [], []
-            for i, target in enumerate(targets):
+            for i, (target, found) in enumerate(zip(targets, _readouts(bundle, sets, scene, mode, seed,
+                                                                       settings, masks))):
                 fidelity.append(ev.concept_fidelity(found, target))
                 others = [other for j, other in enumerate(targets) if j != i]
                 values = [ev.leakage(found, target, other) for other in others]

@@ -72,7 +72,7 @@ def test_composition_trains_one_set_per_object_and_scores_every_mode(random_toy)
     caption = exp.caption_for(scene)
     pictures = {mode: composition.sample_mode(random_toy, sets, caption, mode, 1, TINY,
                                               torch.from_numpy(scene.masks.astype("float32")))
-                for mode in composition.MODES}
+                for mode in composition.MODES if mode != "single"}
     assert all(p.shape == (128, 128, 3) for p in pictures.values())
     assert abs(pictures["combined"] - pictures["regional_auto"]).max() > 1e-4  # regions change the picture
     assert abs(pictures["regional_auto"] - pictures["regional_auto_shared"]).max() > 1e-4  # and region texts
@@ -80,6 +80,24 @@ def test_composition_trains_one_set_per_object_and_scores_every_mode(random_toy)
     only = composition.composition_metrics(random_toy, scene, TINY, sets=sets, modes=("regional_auto_restart",))
     assert list(only) == ["regional_auto_restart"]
     assert only["regional_auto_restart"] == results["regional_auto_restart"]  # seeded: the same numbers
+
+
+def test_single_mode_reads_each_concept_from_a_picture_of_it_alone(random_toy, monkeypatch):
+    import numpy as np
+
+    scene = sw.reference_scenes(1)[0]
+    sets = composition.train_separately(random_toy, scene, TINY)
+    calls = []
+
+    def fake_sample(bundle, chosen, prompt, mode, seed, settings, masks=None):
+        calls.append(([c.triggers for c in chosen], prompt, mode))
+        return np.full((128, 128, 3), 0.5, dtype=np.float32)
+
+    monkeypatch.setattr(composition, "sample_mode", fake_sample)
+    results = composition.composition_metrics(random_toy, scene, TINY, sets=sets, modes=("single",))
+    assert calls == [([[f"V{i + 1}"]], f"a V{i + 1} {obj.shape} on a grey background", "combined")
+                     for i, obj in enumerate(scene.objects)]
+    assert results["single"]["fidelity_combined"] == 0.0  # a blank picture shows no object
 
 
 def _benchmark_module():
@@ -101,7 +119,7 @@ def test_benchmark_composition_section_has_a_row_per_mode(random_toy):
     per_mode = {mode: [{**values, "scene": 0}]
                 for mode, values in composition.composition_metrics(random_toy, scene, TINY).items()}
     section = module.composition_section(per_mode)
-    named = [line for line in section.splitlines() if line.startswith(("| combined", "| regional"))]
+    named = [line for line in section.splitlines() if line.startswith(("| combined", "| regional", "| single"))]
     rows = [row for row in named if len(row.split("|")) == 10]
     assert [row.split("|")[1].strip() for row in rows] == list(composition.MODES)
     assert rows[0].split("|")[-2].strip() == f"1 × {len(TINY.sample_seeds)}"
