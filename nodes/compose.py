@@ -76,7 +76,7 @@ class ConceptSampler(io.ComfyNode):
                         "regions itself from the class words' attention over the first steps "
                         "(and by default samples again from the start with them, auto_restart). "
                         "In the regional modes each region can read the prompt without the other "
-                        "sets' triggers (region_texts). Encode the prompts with a CLIP from Apply "
+                        "sets' concepts (region_texts). Encode the prompts with a CLIP from Apply "
                         "Concepts so the trigger words are known.",
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (not one that already has these "
@@ -108,9 +108,10 @@ class ConceptSampler(io.ComfyNode):
                                        "if that normalised map reaches this value, else background."),
                 io.Boolean.Input("region_texts", default=True, optional=True,
                                  tooltip="Regional modes: each region reads the positive text without "
-                                         "the other sets' triggers, so one concept's look cannot reach "
-                                         "another's region through the prompt (needs 'clip' and "
-                                         "'positive_text'; without them regions read the whole prompt)."),
+                                         "the other sets' concepts (trigger, class word and article: "
+                                         "'a V2 dog'), so it neither takes their look nor draws them "
+                                         "(needs 'clip' and 'positive_text'; without them regions read "
+                                         "the whole prompt)."),
                 io.Boolean.Input("auto_restart", default=True, optional=True,
                                  tooltip="regional_auto: after the first steps have found the regions, "
                                          "sample again from the first step with the regions in place, "
@@ -197,6 +198,6 @@ class ConceptSampler(io.ComfyNode):
 
     @classmethod
     def _region_texts(cls, clip, positive_text: str, positive, sets) -> list[torch.Tensor]:
-        """Each set's own text features: the positive text without the other sets' triggers."""
+        """Each set's own text features: the positive text without the other sets' concepts."""
         cls._check_text(clip, positive_text, positive)
         return region_text_features(clip, positive_text, sets)

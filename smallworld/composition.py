@@ -6,14 +6,17 @@ concept set per object, as a user would train from different pictures). The comb
 
 - ``combined``: every set's K/V deltas applied everywhere (Apply Concepts / KSampler with
   Concepts 'combined');
-- ``regional_auto``: the regions found from the class words' maps, each region reading the
-  caption without the other concepts' triggers (KSampler with Concepts 'regional_auto');
+- ``regional_auto``: the regions found from the class words' maps over the first steps, the rest
+  sampled regionally, each region reading the caption without the other concepts' triggers
+  (KSampler with Concepts 'regional_auto' before ``auto_restart`` and whole-phrase region texts);
 - ``regional_auto_shared``: the same regions, every region reading the whole caption (only the
   K/V deltas are regional; shows what the region texts add);
-- ``regional_masks``: the scene's true object masks as regions, isolated (an upper bound for
-  the automatic regions),
-- ``regional_auto_restart``: the automatic regions, then every step sampled again with them in place
-  (KSampler with Concepts' default ``auto_restart``);
+- ``regional_auto_restart_triggers``: the automatic regions, then every step sampled again with
+  them in place (``auto_restart``), regions reading the caption without the other triggers;
+- ``regional_auto_restart``: the same, each region reading the caption without the other concepts'
+  whole phrases ("a V2 diamond"): KSampler with Concepts' defaults;
+- ``regional_masks``: the scene's true object masks as regions, reading the caption without the
+  other triggers (an upper bound for the automatic regions),
 - ``single``: no composition at all, each concept alone with its own set ("a V1 shape1 on a grey
   background"): the leakage its learning left in it, the floor no composition can go below,
 
@@ -41,7 +44,11 @@ from . import quality
 from . import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
-MODES = ("combined", "regional_auto", "regional_auto_restart", "regional_auto_shared", "regional_masks", "single")
+MODES = ("combined", "regional_auto", "regional_auto_shared", "regional_auto_restart_triggers",
+         "regional_auto_restart", "regional_masks", "single")
+AUTO_MODES = {  # mode: (restart, what region texts drop; None = regions read the whole caption)
+    "regional_auto": (False, "triggers"), "regional_auto_shared": (False, None),
+    "regional_auto_restart_triggers": (True, "triggers"), "regional_auto_restart": (True, "concepts")}
 AUTO_FRACTION = 0.3
 REGION_THRESHOLD = 0.4
 
@@ -107,18 +114,19 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
             for concepts in sets:
                 model, _ = apply_concepts(model, None, concepts)
             out = _sampler(model, settings.sample_steps, latent, **args)
-        elif mode in ("regional_auto", "regional_auto_restart", "regional_auto_shared"):
+        elif mode in AUTO_MODES:
+            restart, drop = AUTO_MODES[mode]
             classes = class_word_positions(clip, prompt, sets)
-            texts = region_text_features(clip, prompt, sets) if mode != "regional_auto_shared" else None
+            texts = region_text_features(clip, prompt, sets, drop) if drop else None
             out, _ = sample_auto_regional(_sampler, bundle.model, sets, 1.0, classes, settings.sample_steps,
                                           AUTO_FRACTION, REGION_THRESHOLD, latent, texts=texts,
-                                          restart=mode == "regional_auto_restart", **args)
+                                          restart=restart, **args)
         elif mode == "regional_masks":
             if masks is None:
                 raise ValueError("'regional_masks' needs the scene's object masks")
             model = bundle.model.clone()
             install_regional(model, [dict(s.kv_deltas) for s in sets], masks.float(),
-                             region_text_features(clip, prompt, sets))
+                             region_text_features(clip, prompt, sets, "triggers"))
             out = _sampler(model, settings.sample_steps, latent, **args)
         else:
             raise ValueError(f"unknown composition mode {mode!r}; use one of {MODES[:-1]}")

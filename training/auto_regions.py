@@ -60,16 +60,31 @@ def without_words(text: str, words: Sequence[str]) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def region_text_features(clip: Any, text: str, sets: Sequence[ConceptSet]) -> list[torch.Tensor]:
-    """Per set, features ``[1, T, ctx]`` of ``text`` without the other sets' triggers.
+def without_concepts(text: str, concepts: Sequence[Any]) -> str:
+    """``text`` without each concept's phrase: its trigger, the class after it and an article before."""
+    for concept in concepts:
+        phrase = rf"(?:(?<!\w)(?i:a|an|the)\s+)?(?<!\w){re.escape(concept.trigger)}" \
+                 rf"(?:\s+{re.escape(concept.class_phrase)})?(?!\w)"
+        text = re.sub(phrase, " ", text)
+    return re.sub(r"\s+", " ", text).strip()
 
-    What each region reads instead of the prompt: the whole scene still, but only its own
-    concept's look (the other triggers, and every later token CLIP derived from them, are gone).
+
+def region_text_features(clip: Any, text: str, sets: Sequence[ConceptSet],
+                         drop: str = "concepts") -> list[torch.Tensor]:
+    """Per set, features ``[1, T, ctx]`` of ``text`` without the other sets' concepts.
+
+    What each region reads instead of the prompt: its own concept and the rest of the scene, but
+    nothing of the others: with ``drop="concepts"`` their whole phrases go ("a V2 dog"), since a
+    region that still reads "dog" may draw one and give it its own look; ``drop="triggers"``
+    removes only the trigger words (and so every later token CLIP derived from them).
     """
+    if drop not in ("concepts", "triggers"):
+        raise ValueError(f"drop must be 'concepts' or 'triggers', not {drop!r}")
     texts = []
     for r in range(len(sets)):
-        others = [t for s, concepts in enumerate(sets) if s != r for t in concepts.triggers]
-        own_text = without_words(text, others)
+        others = [c for s, concepts in enumerate(sets) if s != r for c in concepts.concepts]
+        own_text = (without_concepts(text, others) if drop == "concepts"
+                    else without_words(text, [c.trigger for c in others]))
         texts.append(clip.encode_from_tokens_scheduled(clip.tokenize(own_text))[0][0])
     return texts
 
