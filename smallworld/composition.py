@@ -44,8 +44,9 @@ from . import quality
 from . import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
-MODES = ("combined", "regional_auto", "regional_auto_shared", "regional_auto_restart_triggers",
-         "regional_auto_restart", "regional_masks", "single")
+SAMPLING_MODES = ("combined", "regional_auto", "regional_auto_shared", "regional_auto_restart_triggers",
+                  "regional_auto_restart", "regional_masks")
+MODES = (*SAMPLING_MODES, "single")  # the table's rows
 AUTO_MODES = {  # mode: (restart, what region texts drop; None = regions read the whole caption)
     "regional_auto": (False, "triggers"), "regional_auto_shared": (False, None),
     "regional_auto_restart_triggers": (True, "triggers"), "regional_auto_restart": (True, "concepts")}
@@ -129,7 +130,7 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
                              region_text_features(clip, prompt, sets, "triggers"))
             out = _sampler(model, settings.sample_steps, latent, **args)
         else:
-            raise ValueError(f"unknown composition mode {mode!r}; use one of {MODES[:-1]}")
+            raise ValueError(f"unknown composition mode {mode!r}; use one of {SAMPLING_MODES}")
         return bundle.vae.decode(out["samples"])[0].float().cpu().numpy()
 
 

@@ -72,11 +72,12 @@ def test_composition_trains_one_set_per_object_and_scores_every_mode(random_toy)
     caption = exp.caption_for(scene)
     pictures = {mode: composition.sample_mode(random_toy, sets, caption, mode, 1, TINY,
                                               torch.from_numpy(scene.masks.astype("float32")))
-                for mode in composition.MODES if mode != "single"}
+                for mode in composition.SAMPLING_MODES}
     assert all(p.shape == (128, 128, 3) for p in pictures.values())
     assert abs(pictures["combined"] - pictures["regional_auto"]).max() > 1e-4  # regions change the picture
     assert abs(pictures["regional_auto"] - pictures["regional_auto_shared"]).max() > 1e-4  # and region texts
-    assert abs(pictures["regional_auto"] - pictures["regional_auto_restart"]).max() > 1e-4  # and restarting
+    assert abs(pictures["regional_auto"] - pictures["regional_auto_restart_triggers"]).max() > 1e-4  # restarting
+    assert abs(pictures["regional_auto_restart_triggers"] - pictures["regional_auto_restart"]).max() > 1e-4  # phrases
     only = composition.composition_metrics(random_toy, scene, TINY, sets=sets, modes=("regional_auto_restart",))
     assert list(only) == ["regional_auto_restart"]
     assert only["regional_auto_restart"] == results["regional_auto_restart"]  # seeded: the same numbers
