@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from concept_attention.smallworld import composition
     from concept_attention.smallworld import experiment as exp
     from concept_attention.smallworld.report import bar_chart
 
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         order = list(exp.VARIANTS)  # the table's usual order, whatever order the files came in
         raw["rows"] = dict(sorted(raw["rows"].items(),
                                   key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+        modes = list(composition.MODES)
+        raw["composition"] = dict(sorted(raw["composition"].items(),
+                                         key=lambda item: modes.index(item[0]) if item[0] in modes else len(modes)))
     else:
         raw = run_experiment(args, settings, variants, device)
         if args.shard or args.scene_ids:

@@ -148,6 +148,22 @@ def test_sharded_raw_records_merge_in_scene_order(tmp_path):
     assert module.mean_rows(merged["rows"]["DisenDiff"])["fidelity_single"] == 1.5
 
 
+def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
+    module = _benchmark_module()
+    row = {"scene": 0, "fidelity_combined": 0.5, "leakage_combined": 0.1, "seeds": 16}
+    paths = [tmp_path / "floor.json", tmp_path / "modes.json"]
+    module.write_raw(paths[0], {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]},
+                                "composition": {"single": [row]}, "minutes": 1.0, "machine": "CPU",
+                                "settings": "steps=200"})
+    module.write_raw(paths[1], {"rows": {}, "composition": {"regional_auto_restart": [row], "combined": [row]},
+                                "minutes": 1.0, "machine": "CPU", "settings": "steps=200"})
+    out = tmp_path / "results.md"
+    assert module.main(["--from-raw", *map(str, paths), "--out", str(out), "--chart", str(tmp_path / "c.png")]) == 0
+    names = [line.split("|")[1].strip() for line in out.read_text().splitlines()
+             if line.startswith(("| combined", "| regional", "| single"))]
+    assert names == ["combined", "regional_auto_restart", "single"]
+
+
 def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):
     module = _benchmark_module()
     base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},
