@@ -115,9 +115,10 @@ class ConceptSampler(io.ComfyNode):
                 io.Boolean.Input("auto_restart", default=True, optional=True,
                                  tooltip="regional_auto: after the first steps have found the regions, "
                                          "sample again from the first step with the regions in place, "
-                                         "so colours settled with every set everywhere cannot carry "
-                                         "over (costs the auto_steps once more); off = keep sampling "
-                                         "from where the first steps stopped."),
+                                         "so each concept is drawn in its region from the start (the "
+                                         "first steps, every set everywhere, often leave a blend the "
+                                         "regions cannot undo); costs the auto_steps once more. Off = "
+                                         "go on from where the first steps stopped."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT"),
                      io.Mask.Output(display_name="regions",

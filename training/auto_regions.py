@@ -110,8 +110,9 @@ def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet]
 
     ``texts`` (per set, see :func:`region_text_features`) are what each region reads in the second stage.
     With ``restart`` the first stage only finds the regions: the second samples every step again
-    from the same noise with the regions in place, so colours the first steps settle with every set
-    everywhere cannot carry over (it costs the first stage's steps once more).
+    from the same noise with the regions in place, so each concept is drawn in its region from the
+    start instead of finishing what the first steps blended with every set everywhere (it costs the
+    first stage's steps once more).
     """
     split = min(steps - 1, max(1, round(auto_fraction * steps)))
     if steps < 2:
