@@ -263,12 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     composition = composition_section(raw["composition"]) if raw["composition"] else ""
     command = "python benchmarks/smallworld_disendiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    scenes = len({r["scene"] for table_rows in (*rows.values(), *raw["composition"].values()) for r in table_rows})
+    scenes = len({r["scene"] for table_rows in rows.values() for r in table_rows})
+    composed = len({r["scene"] for table_rows in raw["composition"].values() for r in table_rows})
+    scenes_text = f"{scenes or composed} reference scenes" + (
+        f", {composed} in the composition table" if scenes and composed not in (0, scenes) else "")
     args.chart.parent.mkdir(parents=True, exist_ok=True)
     bar_chart(summary, [(k, t) for k, t, _ in METRICS], args.chart)
     args.out.write_text(
         f"# Toy-world results: DisenDiff vs. Custom Diffusion and ablations\n\n"
-        f"Command: `{command.strip()}` ({scenes} reference scenes"
+        f"Command: `{command.strip()}` ({scenes_text}"
         + (")." if raw.get("sources") else f", {minutes:.0f} min on {raw['machine']}).")
         + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{table}\n\n"
         f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n{targets_table(summary)}\n{composition}"

@@ -162,6 +162,11 @@ def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
     names = [line.split("|")[1].strip() for line in out.read_text().splitlines()
              if line.startswith(("| combined", "| regional", "| single"))]
     assert names == ["combined", "regional_auto_restart", "single"]
+    assert "(1 reference scenes)" in out.read_text()
+    module.write_raw(paths[1], {"rows": {}, "composition": {"combined": [{**row, "scene": 1}]},
+                                "minutes": 1.0, "machine": "CPU", "settings": "steps=200"})
+    module.main(["--from-raw", *map(str, paths), "--out", str(out), "--chart", str(tmp_path / "c.png")])
+    assert "(1 reference scenes, 2 in the composition table)" in out.read_text()
 
 
 def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):
