@@ -8,6 +8,10 @@ Variants, each a clone of one model sampled with the same ``comfy.sample.sample`
               cross-attention layer; each query is attended once with hard masks)
   regional+texts  the same, each region reading its own text in the positive rows (the node's
               default ``region_texts``: the prompt without the other set's trigger)
+  auto        'regional_auto' without restart: the first 30 % of the steps with both sets
+              everywhere while two class words' maps are recorded, the rest regional with texts
+  auto+restart    the node's default 'regional_auto': the same first steps find the regions,
+              then every step is sampled again with them (expected: about 1.3x regional+texts)
 
 Concept sets are random K/V deltas of the model's real shapes (timing does not depend on their
 values). Run from the repository root:
@@ -30,6 +34,7 @@ import _common  # noqa: E402
 
 PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
 TARGETS = {"regional": 1.30, "regional+texts": 1.30}  # issue target, full-size SD1.5
+AUTO_FRACTION, CLASS_POSITIONS = 0.3, [[5], [8]]  # the node's default; 'cat' and 'dog' in PROMPT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,12 +62,36 @@ def random_deltas(model, seed: int, scale: float = 0.01) -> dict[str, torch.Tens
     return {k: scale * torch.randn(shape, generator=g) for k, shape in kv_weight_shapes(model).items()}
 
 
+def concept_set(model, deltas: dict[str, torch.Tensor], trigger: str):
+    """A ConceptSet around random deltas (what sample_auto_regional takes)."""
+    from concept_attention.training.concepts import Concept, ConceptSet, architecture_fingerprint
+
+    return ConceptSet([Concept(trigger, "thing", {})], deltas, architecture_fingerprint(model))
+
+
+def auto_sampler(model, sets, texts, positive, negative, args, restart: bool):
+    """One 'regional_auto' sampling as KSampler with Concepts runs it."""
+    from concept_attention.nodes.common import run_ksampler
+    from concept_attention.training.auto_regions import sample_auto_regional
+
+    latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
+    sampling = dict(seed=args.seed, cfg=args.cfg, sampler_name="euler", scheduler="normal",
+                    positive=positive, negative=negative, denoise=1.0)
+    return lambda: sample_auto_regional(run_ksampler, model, sets, 1.0, CLASS_POSITIONS, args.steps,
+                                        AUTO_FRACTION, 0.4, latent, texts=texts, restart=restart,
+                                        **sampling)[0]["samples"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = _common.setup_comfy(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    import comfy.utils
+
     from concept_attention.attention.patching import install_regional
+
+    comfy.utils.set_progress_bar_enabled(False)  # the auto variants sample through KSampler's own path
 
     started = time.perf_counter()
     if args.full_size:
@@ -94,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     def sampler(patched):
         return lambda: _common.sample(patched, positive, negative, latent, args.steps, args.cfg, args.seed)
 
+    concept_sets = [concept_set(model, deltas, f"V{i + 1}") for i, deltas in enumerate(sets)]
     variants = [_common.Variant("stock", sampler(model.clone())),
                 _common.Variant("combined", sampler(combined)),
                 _common.Variant("regional", sampler(regional)),
-                _common.Variant("regional+texts", sampler(with_texts))]
+                _common.Variant("regional+texts", sampler(with_texts)),
+                _common.Variant("auto", auto_sampler(model, concept_sets, texts, positive, negative, args, False)),
+                _common.Variant("auto+restart",
+                                auto_sampler(model, concept_sets, texts, positive, negative, args, True))]
     for v in variants:  # warm-up, untimed
         v.last_output = v.run()
     loads = _common.run_interleaved(variants, args.rounds, device)
