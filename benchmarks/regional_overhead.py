@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,14 +63,15 @@ def random_deltas(model, seed: int, scale: float = 0.01) -> dict[str, torch.Tens
     return {k: scale * torch.randn(shape, generator=g) for k, shape in kv_weight_shapes(model).items()}
 
 
-def concept_set(model, deltas: dict[str, torch.Tensor], trigger: str):
+def concept_set(model: Any, deltas: dict[str, torch.Tensor], trigger: str) -> Any:
     """A ConceptSet around random deltas (what sample_auto_regional takes)."""
     from concept_attention.training.concepts import Concept, ConceptSet, architecture_fingerprint
 
     return ConceptSet([Concept(trigger, "thing", {})], deltas, architecture_fingerprint(model))
 
 
-def auto_sampler(model, sets, texts, positive, negative, args, restart: bool):
+def auto_sampler(model: Any, sets: list, texts: list[torch.Tensor], positive: Any, negative: Any,
+                 args: argparse.Namespace, restart: bool) -> Callable[[], torch.Tensor]:
     """One 'regional_auto' sampling as KSampler with Concepts runs it."""
     from concept_attention.nodes.common import run_ksampler
     from concept_attention.training.auto_regions import sample_auto_regional

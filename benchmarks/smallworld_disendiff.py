@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}` ({scenes_text}"
         + (")." if raw.get("sources") else f", {minutes:.0f} min on {raw['machine']}).")
         + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{table}\n\n"
-        f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n{targets_table(summary)}\n{composition}"
+        f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n"
+        f"{targets_table(summary)}\n{composition}"
         "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
     print(f"wrote {args.out} and {args.chart}")
     return 0
