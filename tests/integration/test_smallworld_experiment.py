@@ -169,6 +169,19 @@ def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
     assert "(1 reference scenes, 2 in the composition table)" in out.read_text()
 
 
+def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path):
+    """docs/results.md is rebuilt from docs/results_raw/*.json, never edited by hand."""
+    from pathlib import Path
+
+    module = _benchmark_module()
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    out = tmp_path / "results.md"
+    module.main(["--from-raw", *sorted(str(p) for p in (docs / "results_raw").glob("*.json")),
+                 "--out", str(out), "--chart", str(tmp_path / "results.png")])
+    committed = (docs / "results.md").read_text().split("\nSettings:", 1)[1]
+    assert out.read_text().split("\nSettings:", 1)[1] == committed
+
+
 def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):
     module = _benchmark_module()
     base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},
