@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ def without_concepts(text: str, concepts: Sequence[Any]) -> str:
 
 
 def region_text_features(clip: Any, text: str, sets: Sequence[ConceptSet],
-                         drop: str = "concepts") -> list[torch.Tensor]:
+                         drop: Literal["concepts", "triggers"] = "concepts") -> list[torch.Tensor]:
     """Per set, features ``[1, T, ctx]`` of ``text`` without the other sets' concepts.
 
     What each region reads instead of the prompt: its own concept and the rest of the scene, but

@@ -247,7 +247,7 @@ def test_region_texts_drop_only_the_other_sets_whole_trigger_words():
 def test_region_texts_drop_the_other_concepts_whole_phrases():
     from types import SimpleNamespace
 
-    from concept_attention.training.auto_regions import without_concepts
+    from concept_attention.training.auto_regions import region_text_features, without_concepts
 
     dog = SimpleNamespace(trigger="V2", class_phrase="dog")
     assert without_concepts("a photo of a V1 cat and a V2 dog in a park", [dog]) == "a photo of a V1 cat and in a park"
@@ -255,7 +255,5 @@ def test_region_texts_drop_the_other_concepts_whole_phrases():
     assert without_concepts("a V21 dog and a xV2 dog and Ava V2 dog", [dog]) == "a V21 dog and a xV2 dog and Ava"
     big = SimpleNamespace(trigger="V3", class_phrase="red car")
     assert without_concepts("a V1 cat next to a V3 red car", [big]) == "a V1 cat next to"
-    from concept_attention.training.auto_regions import region_text_features
-
     with pytest.raises(ValueError, match="'concepts' or 'triggers'"):
         region_text_features(None, "a V1 cat", [], drop="classes")
