@@ -1,13 +1,14 @@
 """Sampling time of KSampler with Concepts (regional) against the stock ComfyUI path, one process.
 
-Variants, each a clone of one model sampled with the same ``comfy.sample.sample`` call:
+Variants, each a clone of one model sampled with the same seed, steps and sampler (the auto ones
+through KSampler's own path, as the node runs them; the others through ``comfy.sample.sample``):
 
   stock       no patches
   combined    two concept sets' K/V deltas as ordinary weight patches (what Apply Concepts does)
   regional    the same two sets, each only inside its half of the image (RegionalKV on every
               cross-attention layer; each query is attended once with hard masks)
   regional+texts  the same, each region reading its own text in the positive rows (the node's
-              default ``region_texts``: the prompt without the other set's trigger)
+              default ``region_texts``: the prompt without the other set's concept)
   auto        'regional_auto' without restart: the first 30 % of the steps with both sets
               everywhere while two class words' maps are recorded, the rest regional with texts
   auto+restart    the node's default 'regional_auto': the same first steps find the regions,
@@ -35,7 +36,8 @@ import _common  # noqa: E402
 
 PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
 TARGETS = {"regional": 1.30, "regional+texts": 1.30}  # issue target, full-size SD1.5
-AUTO_FRACTION, CLASS_POSITIONS = 0.3, [[5], [8]]  # the node's default; 'cat' and 'dog' in PROMPT
+AUTO_FRACTION, REGION_THRESHOLD = 0.3, 0.4  # the node's defaults
+CLASS_POSITIONS = [[5], [8]]  # 'cat' and 'dog' in PROMPT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +82,7 @@ def auto_sampler(model: Any, sets: list, texts: list[torch.Tensor], positive: An
     sampling = dict(seed=args.seed, cfg=args.cfg, sampler_name="euler", scheduler="normal",
                     positive=positive, negative=negative, denoise=1.0)
     return lambda: sample_auto_regional(run_ksampler, model, sets, 1.0, CLASS_POSITIONS, args.steps,
-                                        AUTO_FRACTION, 0.4, latent, texts=texts, restart=restart,
+                                        AUTO_FRACTION, REGION_THRESHOLD, latent, texts=texts, restart=restart,
                                         **sampling)[0]["samples"]
 
 
