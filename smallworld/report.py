@@ -1,4 +1,9 @@
-"""Report helpers: a grouped bar chart as a PNG (Pillow, no plotting library) and a paired bootstrap."""
+"""Report helpers: per-seed value lists, a paired bootstrap, a grouped bar chart as a PNG (Pillow only).
+
+Raw rows keep each metric's values per seed: ``per_seed[key][k]`` is the list of values that seed
+``k``'s pictures gave (one per target, pair of concepts or picture, depending on the metric), so
+that means pool every value of a scene and the bootstrap can resample scenes, then seeds.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,6 +46,21 @@ def bar_chart(summary: Mapping[str, Mapping[str, float]], metrics: Sequence[tupl
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def add_values(per_seed: dict, seed_index: int, values: Mapping[str, Sequence[float]], suffix: str = "") -> None:
+    """Append one picture's values (``score_picture``'s lists) to ``per_seed[key + suffix][seed_index]``."""
+    for key, found in values.items():
+        lists = per_seed.setdefault(key + suffix, [])
+        while len(lists) <= seed_index:
+            lists.append([])
+        lists[seed_index].extend(float(v) for v in found)
+
+
+def pooled_means(per_seed: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, float]:
+    """Each key's mean over all its values, every seed pooled (keys without any value are left out)."""
+    pooled = {key: [v for seed in seeds for v in seed] for key, seeds in per_seed.items()}
+    return {key: float(np.mean(values)) for key, values in pooled.items() if values}
 
 
 def paired_difference(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], key: str,

@@ -1,9 +1,9 @@
-"""The paired bootstrap of the composition table: known differences and intervals."""
+"""Report helpers: per-seed value lists and the paired bootstrap (known differences and intervals)."""
 from __future__ import annotations
 
 import pytest
 
-from concept_attention.smallworld.report import paired_difference
+from concept_attention.smallworld.report import add_values, paired_difference, pooled_means
 
 
 def rows(per_scene: list[list[list[float]]]) -> list[dict]:
@@ -29,3 +29,15 @@ def test_scenes_weigh_equally_and_the_interval_covers_the_difference():
 def test_scenes_missing_from_either_side_are_an_error():
     with pytest.raises(ValueError, match="no scene"):
         paired_difference(rows([[[1.0]]]), [], "leak")
+
+
+def test_per_seed_values_stay_aligned_with_seeds_and_pool_into_means():
+    per_seed: dict = {}
+    add_values(per_seed, 0, {"leak": [1.0, 0.0], "drawn": [1.0]}, "_combined")
+    add_values(per_seed, 1, {"leak": [], "drawn": [0.0]}, "_combined")  # nothing drawn: no leakage value
+    add_values(per_seed, 1, {"leak": [1.0]}, "_combined")  # a second picture of the same seed
+    assert per_seed == {"leak_combined": [[1.0, 0.0], [1.0]], "drawn_combined": [[1.0], [0.0]]}
+    assert pooled_means(per_seed) == {"leak_combined": pytest.approx(2 / 3), "drawn_combined": 0.5}
+    assert pooled_means({"leak": [[], []]}) == {}  # no value: left out, never a made-up 0
+    a, b = rows([[[1.0, 0.0], [1.0]]]), [{"scene": 0, "per_seed": {"leak": [[0.0], []]}}]
+    assert paired_difference(a, b, "leak", draws=50)[0] == pytest.approx(2 / 3)
