@@ -7,10 +7,12 @@
 Needs the shipped toy-world weights (``smallworld/weights``). Each variant learns the concepts of
 each reference scene from that one image, then is measured (``smallworld/experiment.py``): attention
 IoU of trigger and class maps with the objects' masks, and fidelity / leakage / extra objects / text
-alignment of fixed-seed samples. ``--quick`` (CI) trains DisenDiff and Custom Diffusion on one
-scene, measures attention only, and exits 1 unless calibration moves the IoU the right way.
-A second table (``smallworld/composition.py``) learns each object of a scene separately and samples
-the combined caption with the sets combined and with automatic regions (leakage, fidelity).
+alignment of fixed-seed samples, scored by evaluation v2 (``smallworld/evaluate.py``, report in
+``_results_v2.py``). Raw files written before v2 (no ``format`` key) are reported with evaluation
+v1's tables (``_results_v1.py``); the two are never merged. ``--quick`` (CI) trains DisenDiff and
+Custom Diffusion on one scene, measures attention only, and exits 1 unless calibration moves the
+IoU the right way. A second table (``smallworld/composition.py``) learns each object of a scene
+separately and samples the combined caption with the sets combined and with automatic regions.
 """
 from __future__ import annotations
 
@@ -23,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results_v1 as v1  # noqa: E402
+import _results_v2 as v2  # noqa: E402
 from _common import REPO_ROOT, machine_info, setup_comfy  # noqa: E402
 
-METRICS = [  # (key, column title, higher is better)
-    ("iou_trigger_own", "trigger IoU own ↑", True), ("iou_trigger_other", "trigger IoU other ↓", False),
-    ("iou_class_own", "class IoU own ↑", True), ("fidelity_single", "fidelity single ↑", True),
-    ("fidelity_combined", "fidelity combined ↑", True), ("leakage_single", "leakage single ↓", False),
-    ("leakage_combined", "leakage combined ↓", False), ("extra_objects", "extra objects ↓", False),
-    ("text_alignment", "text alignment ↑", True),
-]
+RAW_FORMAT = 2  # evaluation v2 (issue 18); files without "format" are v1 (_results_v1.py)
+TITLE = "Toy-world results: DisenDiff vs. Custom Diffusion and ablations"
+QUICK_METRICS = [("iou_trigger_own", "trigger IoU own ↑", True),
+                 ("iou_trigger_other", "trigger IoU other ↓", False)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,76 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def mean_rows(rows: list[dict]) -> dict[str, float]:
-    """Per-metric mean over runs (metrics missing from a run are skipped)."""
-    keys = [k for k, _, _ in METRICS if any(k in r for r in rows)]
-    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
-
-
-def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-    """Variants as rows, metrics as columns; the best value of each column in bold."""
-    summary = {name: values for name, values in summary.items() if values}  # variants with rows
-    keys = [(k, t, up) for k, t, up in METRICS if all(k in s for s in summary.values())]
-    lines = ["| variant | " + " | ".join(t for _, t, _ in keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    best = {k: (max if up else min)(s[k] for s in summary.values()) for k, _, up in keys}
-    for name, s in summary.items():
-        cells = [f"**{s[k]:.2f}**" if abs(s[k] - best[k]) < 1e-9 else f"{s[k]:.2f}" for k, _, _ in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def composition_section(per_mode: dict[str, list[dict]]) -> str:
-    """Markdown: the composition modes on separately learned concepts, mean over scenes."""
-    lines = ["| composition | fidelity combined ↑ | leakage combined ↓ | leakage, drawn objects ↓ "
-             "| colour leakage, drawn objects ↓ | its chance level | objects drawn ↑ | scenes × seeds |",
-             "|---|---|---|---|---|---|---|---|"]
-    for mode, rows in per_mode.items():
-        mean = {k: sum(r.get(k, float("nan")) for r in rows) / len(rows)
-                for k in ("fidelity_combined", "leakage_combined", "leakage_found", "colour_leakage",
-                          "colour_chance", "found")}
-        cells = " | ".join("–" if v != v else f"{v:.2f}" for v in mean.values())
-        lines.append(f"| {mode} | {cells} | {len(rows)} × {rows[0].get('seeds', 4)} |")
-    table = "\n".join(lines) + differences_to_combined(per_mode)
-    print(table)
-    return ("\n## Composition of separately learned concepts\n\nEach object learned on its own (one "
-            "concept set per object, trained with its mask); the combined caption sampled with the sets "
-            "composed by each mode of `smallworld/composition.py`: `combined` (every set everywhere), "
-            "`regional_auto` (regions from the class words' maps over the first 30 % of the steps, "
-            "the rest sampled regionally, each region reading the caption without the other "
-            "triggers), `regional_auto_shared` (the same, regions reading the whole caption), "
-            "`regional_auto_restart_triggers` (the same regions, then every step sampled again with "
-            "them, texts without the other triggers), `regional_auto_restart` (that, with texts "
-            "without the other concepts' whole phrases: the node's defaults), `regional_masks` (the "
-            "true object masks as regions, texts without the other triggers); `single` is no "
-            "composition: each concept sampled alone with its own set, the leakage its learning left "
-            "in it. *Leakage, drawn objects* counts only objects whose "
-            "shape was drawn; *colour leakage* is the same for colour alone (read exactly, where "
-            "patterns are read right about 60 % of the time through a simulated 8x VAE); "
-            "*its chance level* is "
-            "what it would read if a wrong colour were the other object's by chance only (the share "
-            "of one colour no object has); *objects drawn* is the share of objects drawn.\n\n"
-            + table + "\n")
-
-
-def differences_to_combined(per_mode: dict[str, list[dict]]) -> str:
-    """Markdown lines: each mode's leakage minus combined's, with paired 95 % bootstrap intervals."""
-    from concept_attention.smallworld.report import paired_difference
-
-    base = per_mode.get("combined", [])
-    if not base or not all("per_seed" in r for rows in per_mode.values() for r in rows):
-        return ""
-    lines = ["", "", "| against combined (95 % paired bootstrap over scenes and seeds) | leakage combined "
-             "| colour leakage, drawn objects |", "|---|---|---|"]
-    for mode, rows in per_mode.items():
-        if mode == "combined":
-            continue
-        cells = ["{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired_difference(rows, base, key))
-                 for key in ("leakage_combined", "colour_leakage")]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def write_raw(path: Path, raw: dict) -> None:
     """Rows so far, atomically (a sharded run killed at its time limit keeps what it finished)."""
     tmp = path.with_name(path.name + ".part")
@@ -145,13 +76,18 @@ def write_raw(path: Path, raw: dict) -> None:
 def merge_raw(paths: list[Path]) -> dict:
     """One raw record from several shards' files: rows and composition rows concatenated by scene.
 
-    Refuses shards run with different settings, or two rows for the same variant and scene.
+    Refuses shards run with different settings or evaluation formats, or two rows for the same
+    variant and scene.
     """
     merged: dict = {"rows": {}, "composition": {}, "minutes": 0.0, "machine": "", "settings": "",
                     "sources": []}
     machines: set[str] = set()
     for path in paths:
         part = json.loads(path.read_text())
+        version = part.get("format", 1)
+        if merged.setdefault("format", version) != version:
+            raise SystemExit(f"{path} holds evaluation v{version} rows, the others v{merged['format']}; "
+                             "report each evaluation from its own files")
         if merged["settings"] and part["settings"] != merged["settings"]:
             raise SystemExit(f"{path} was run with other settings ({part['settings']}); "
                              f"the others used {merged['settings']}")
@@ -173,32 +109,6 @@ def merge_raw(paths: list[Path]) -> dict:
         for rows in merged[key].values():
             rows.sort(key=lambda r: r["scene"])
     return merged
-
-
-TARGETS = [  # (metric, issue target, met when)
-    ("iou_trigger_own", ">= 0.5", lambda v: v >= 0.5), ("iou_trigger_other", "<= 0.1", lambda v: v <= 0.1),
-    ("fidelity_single", ">= 0.8", lambda v: v >= 0.8), ("leakage_combined", "<= 0.1", lambda v: v <= 0.1),
-    ("extra_objects", "<= 0.1", lambda v: v <= 0.1),
-]
-
-
-def targets_table(summary: dict[str, dict[str, float]]) -> str:
-    """DisenDiff against the targets it aims at, and its leakage against half of Custom Diffusion's."""
-    if "DisenDiff" not in summary:
-        return ""
-    ours = summary["DisenDiff"]
-    titles = {k: t for k, t, _ in METRICS}
-    lines = ["| target | DisenDiff | met? |", "|---|---|---|"]
-    for key, target, met in TARGETS:
-        if key in ours:
-            lines.append(f"| {titles[key]} {target} | {ours[key]:.2f} | {'yes' if met(ours[key]) else 'no'} |")
-    baseline = summary.get("Custom Diffusion", {})
-    for key in ("leakage_single", "leakage_combined"):
-        if key in ours and key in baseline:
-            ok = ours[key] <= baseline[key] / 2
-            lines.append(f"| {titles[key]} at most half of Custom Diffusion's ({baseline[key]:.2f}) | "
-                         f"{ours[key]:.2f} | {'yes' if ok else 'no'} |")
-    return "\n".join(lines)
 
 
 def sources_section(raw: dict) -> str:
@@ -251,34 +161,48 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard or args.scene_ids:
             return 0
     rows, minutes = raw["rows"], raw["minutes"]
-    summary = {v: mean_rows(r) for v, r in rows.items()}
-    table = markdown_table(summary)
-    print(table)
     if args.quick:
+        summary = {v: v2.scene_means(r) for v, r in rows.items()}
+        print(v2.table(summary, QUICK_METRICS))
         d, c = summary["DisenDiff"], summary["Custom Diffusion"]
         ok = d["iou_trigger_own"] - d["iou_trigger_other"] > c["iou_trigger_own"] - c["iou_trigger_other"]
         print(f"calibration {'improves' if ok else 'does NOT improve'} the trigger-map contrast "
               f"(own - other IoU): DisenDiff {d['iou_trigger_own'] - d['iou_trigger_other']:.3f} vs "
               f"Custom Diffusion {c['iou_trigger_own'] - c['iou_trigger_other']:.3f}")
         return 0 if ok else 1
-    composition = composition_section(raw["composition"]) if raw["composition"] else ""
+    title, body, summary, chart_metrics = report_body(raw, args.chart.name)
+    print(body)
     command = "python benchmarks/smallworld_disendiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
     scenes = len({r["scene"] for table_rows in rows.values() for r in table_rows})
     composed = len({r["scene"] for table_rows in raw["composition"].values() for r in table_rows})
     scenes_text = f"{scenes or composed} reference scenes" + (
         f", {composed} in the composition table" if scenes and composed not in (0, scenes) else "")
     args.chart.parent.mkdir(parents=True, exist_ok=True)
-    bar_chart(summary, [(k, t) for k, t, _ in METRICS], args.chart)
+    bar_chart(summary, chart_metrics, args.chart)
     args.out.write_text(
-        f"# Toy-world results: DisenDiff vs. Custom Diffusion and ablations\n\n"
+        f"# {title}\n\n"
         f"Command: `{command.strip()}` ({scenes_text}"
         + (")." if raw.get("sources") else f", {minutes:.0f} min on {raw['machine']}).")
-        + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{table}\n\n"
-        f"![bar chart]({args.chart.name})\n\n## DisenDiff against the targets\n\n"
-        f"{targets_table(summary)}\n{composition}"
+        + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{body}"
         "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
     print(f"wrote {args.out} and {args.chart}")
     return 0
+
+
+def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[str, float]], list]:
+    """(title, markdown after the settings line, per-variant summary, chart metrics) for the raw format."""
+    from concept_attention.smallworld.report import paired_difference
+
+    rows = raw["rows"]
+    chart = f"![bar chart]({chart_name})"
+    if raw.get("format", 1) == 1:
+        summary = {v: v2.scene_means(r) for v, r in rows.items()}
+        composition = v1.composition_section(raw["composition"], paired_difference) if raw["composition"] else ""
+        body = (f"{v1.NOTE}\n\n{v1.markdown_table(summary)}\n\n{chart}\n\n"
+                f"## DisenDiff against the targets\n\n{v1.targets_table(summary)}\n{composition}")
+        return (TITLE + " (evaluation v1)", body, summary, [(k, t) for k, t, _ in v1.METRICS])
+    body, summary, chart_metrics = v2.render(raw, paired_difference)
+    return TITLE + " (evaluation v2)", (f"{chart}\n\n" if summary else "") + body, summary, chart_metrics
 
 
 def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str], device: str) -> dict:
@@ -296,7 +220,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
     if args.scene_ids:
         indices = [int(i) for i in args.scene_ids.split(",")]
     scenes = sw.reference_scenes(args.scenes)
-    raw: dict = {"rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
+    raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
     started = time.monotonic()
 
@@ -312,7 +236,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
             row.update(scene=index, variant=variant, seconds=round(time.monotonic() - t0, 1))
             raw["rows"][variant].append(row)
             print(f"scene {index} {variant:<17} " + " ".join(
-                f"{k}={row[k]:.2f}" for k, _, _ in METRICS if k in row) + f" ({row['seconds']} s)", flush=True)
+                f"{k}={row[k]:.2f}" for k, _ in v2.CHART if k in row) + f" ({row['seconds']} s)", flush=True)
             record()
     if not (args.quick or args.no_composition):
         for index in indices:
@@ -323,7 +247,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
                                                                 modes=modes, seeds=seeds).items():
                 raw["composition"].setdefault(mode, []).append({**values, "scene": index})
                 print(f"scene {index} composition {mode:<14} " + " ".join(
-                    f"{k}={v:.2f}" for k, v in values.items() if k != "per_seed"), flush=True)
+                    f"{k}={values[k]:.2f}" for k, _, _ in v2.COMPOSITION if k in values), flush=True)
             record()
     record()
     return raw

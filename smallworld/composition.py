@@ -20,7 +20,9 @@ concept set per object, as a user would train from different pictures). The comb
 - ``single``: no composition at all, each concept alone with its own set ("a V1 shape1 on a grey
   background"): the leakage its learning left in it, the floor no composition can go below,
 
-and read back: fidelity of each concept and leakage of one concept's colour/pattern onto the other.
+and read back with evaluation v2 (``evaluate.score_picture``): fidelity of each concept, objects not
+drawn, extra objects, and leakage of one concept's colour (and pattern) onto the other next to its
+chance level.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from ..training.loop import TrainSettings, train_concepts
 from . import evaluate as ev
 from . import model as toy
 from . import quality
+from . import report
 from . import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
@@ -135,58 +138,38 @@ def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, see
 
 
 def _readouts(bundle: Any, sets: list[ConceptSet], scene: sw.Scene, mode: str, seed: int,
-              settings: ExperimentSettings, masks: torch.Tensor) -> list[list[ev.ObjectReadout]]:
-    """Per target object, what one seed's picture shows: one picture for all, or in 'single' one each."""
+              settings: ExperimentSettings, masks: torch.Tensor) -> list[tuple[list[ev.ObjectReadout], list[int]]]:
+    """What one seed's pictures show, each with the concepts its prompt asked for.
+
+    One picture of the combined caption asking for all, or in 'single' one picture per concept alone.
+    """
     if mode == "single":
-        return [ev.read_scene(sample_mode(bundle, [sets[i]], f"a V{i + 1} {obj.shape} on a "
-                                          f"{sw.DEFAULT_BACKGROUND} background", "combined", seed, settings))
+        return [(ev.read_scene(sample_mode(bundle, [sets[i]], f"a V{i + 1} {obj.shape} on a "
+                                           f"{sw.DEFAULT_BACKGROUND} background", "combined", seed, settings)), [i])
                 for i, obj in enumerate(scene.objects)]
     found = ev.read_scene(sample_mode(bundle, sets, caption_for(scene), mode, seed, settings, masks))
-    return [found] * len(scene.objects)
+    return [(found, list(range(len(scene.objects))))]
 
 
 def composition_metrics(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
                         sets: list[ConceptSet] | None = None, cache: Path | None = None,
                         modes: Sequence[str] = MODES, seeds: Sequence[int] | None = None
-                        ) -> dict[str, dict[str, float]]:
-    """Per mode: fidelity and leakage of the combined caption over the seeds (default: the settings').
+                        ) -> dict[str, dict[str, Any]]:
+    """Per mode: the evaluation-v2 metrics of its pictures over the seeds (default: the settings').
 
-    ``leakage_combined`` counts every target (its best-matching object, whatever it is);
-    ``leakage_found`` only targets whose own shape was drawn, so a mode is not credited with low
-    leakage for drawing fewer of the objects; ``colour_leakage`` is that for colour alone (the
-    read-out's exact attribute: patterns are read right only about 60 % of the time through the
-    VAE), and ``colour_chance`` what it would read if a wrong colour were the other's by chance.
-    ``per_seed`` keeps each seed's leakage values (same seeds in every mode, so modes pair up).
-    In 'single' each target is read from its own picture (the concept alone, see :func:`_readouts`).
+    Keys as ``evaluate.score_picture`` (``colour_leak`` next to ``colour_leak_chance``, ``fidelity_cp``,
+    ``not_drawn``, ...); ``per_seed`` keeps each seed's values (same seeds in every mode, so modes
+    pair up). In 'single' each concept is read from its own picture (see :func:`_readouts`).
     """
     sets = sets if sets is not None else train_separately(bundle, scene, settings, cache)
     targets = [{"shape": o.shape, "colour": o.colour, "pattern": o.pattern} for o in scene.objects]
     seeds = tuple(seeds if seeds is not None else settings.sample_seeds)
-    results = {}
     masks = torch.from_numpy(scene.masks.astype(np.float32))
-    used = {"colour": {t["colour"] for t in targets}}
+    results = {}
     for mode in modes:
-        fidelity, leak_found, chance = [], [], []
-        per_seed: dict[str, list[list[float]]] = {"leakage_combined": [], "colour_leakage": []}
-        for seed in seeds:
-            image_leak, image_colour = [], []
-            for i, (target, found) in enumerate(zip(targets, _readouts(bundle, sets, scene, mode, seed,
-                                                                       settings, masks))):
-                fidelity.append(ev.concept_fidelity(found, target))
-                others = [other for j, other in enumerate(targets) if j != i]
-                values = [ev.leakage(found, target, other) for other in others]
-                image_leak += values
-                if any(r.attributes()["shape"] == target["shape"] for r in found):
-                    leak_found += values
-                    image_colour += [ev.leakage(found, target, other, ("colour",)) for other in others]
-                    chance += [ev.chance_leakage(found, target, other, used, ("colour",)) for other in others]
-            per_seed["leakage_combined"].append(image_leak)
-            per_seed["colour_leakage"].append(image_colour)
-        leak = [v for image in per_seed["leakage_combined"] for v in image]
-        colour = [v for image in per_seed["colour_leakage"] for v in image]
-        results[mode] = {"fidelity_combined": float(np.mean(fidelity)), "leakage_combined": float(np.mean(leak)),
-                         "leakage_found": float(np.mean(leak_found)) if leak_found else 0.0,
-                         "colour_leakage": float(np.mean(colour)) if colour else 0.0,
-                         "colour_chance": float(np.mean(chance)) if chance else 0.0,
-                         "found": len(leak_found) / len(leak), "seeds": len(seeds), "per_seed": per_seed}
+        per_seed: dict = {}
+        for k, seed in enumerate(seeds):
+            for found, prompted in _readouts(bundle, sets, scene, mode, seed, settings, masks):
+                report.add_values(per_seed, k, ev.score_picture(found, targets, prompted))
+        results[mode] = {**report.pooled_means(per_seed), "seeds": len(seeds), "per_seed": per_seed}
     return results

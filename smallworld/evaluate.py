@@ -40,8 +40,7 @@ from .readout import (ObjectReadout, classify_colour, classify_pattern, classify
                       simulate_vae, to_rgb255)
 
 __all__ = [
-    "ATTRIBUTES", "ATTRIBUTE_VALUES", "SCORED", "ObjectReadout", "assign", "best_match", "chance_leakage",
-    "classify_colour", "concept_fidelity", "extra_object_rate", "leakage",
+    "ATTRIBUTES", "ATTRIBUTE_VALUES", "SCORED", "ObjectReadout", "assign", "classify_colour",
     "classify_pattern", "classify_shape", "ground_truth_accuracy", "iou_ceiling", "label_components",
     "mask_iou", "match_masks", "match_targets", "read_background", "read_scene", "resize",
     "score_picture", "segment", "simulate_vae", "text_alignment", "to_rgb255",
@@ -192,72 +191,6 @@ def score_picture(readouts: Sequence[ObjectReadout], targets: Sequence[Target],
             out["cp_leak"].append(float(np.mean(list(leaked.values()))))
             out["cp_leak_chance"].append(float(np.mean(list(chance.values()))))
     return out
-
-
-# Evaluation v1 (best match, no one-to-one pairing), until the harness moves to v2.
-def _score(readout: ObjectReadout, target: Target) -> float:
-    got = readout.attributes()
-    return sum((2.0 if k == "shape" else 1.0) * (got[k] == v) for k, v in _wanted(target).items())
-
-
-def best_match(readouts: Sequence[ObjectReadout], target: Target) -> Optional[ObjectReadout]:
-    """The object most like ``target`` (shape counts double; ties go to the larger object)."""
-    if not readouts:
-        return None
-    return max(readouts, key=lambda r: (_score(r, target), r.area))
-
-
-def concept_fidelity(readouts: Sequence[ObjectReadout], target: Target,
-                     keys: Sequence[str] = ("shape", "colour", "pattern")) -> float:
-    """Fraction of the target's ``keys`` reproduced by its best-matching object (0 if none)."""
-    wanted = _wanted(target, keys)
-    obj = best_match(readouts, wanted)
-    if obj is None or not wanted:
-        return 0.0
-    got = obj.attributes()
-    return sum(got[k] == v for k, v in wanted.items()) / len(wanted)
-
-
-def leakage(readouts: Sequence[ObjectReadout], target: Target, other: Target,
-            keys: Sequence[str] = ("colour", "pattern")) -> float:
-    """Fraction of ``other``'s distinct ``keys`` (default colour, pattern) found on target's object.
-
-    Only attributes where the two concepts differ count; 0.0 when they never differ or when no
-    object is found (a missing object shows up in ``concept_fidelity`` instead).
-    """
-    differing = [k for k in keys if other.get(k) is not None and other.get(k) != target.get(k)]
-    obj = best_match(readouts, target)
-    if obj is None or not differing:
-        return 0.0
-    got = obj.attributes()
-    return sum(got[k] == other[k] for k in differing) / len(differing)
-
-
-def chance_leakage(readouts: Sequence[ObjectReadout], target: Target, other: Target,
-                   used: Mapping[str, Iterable[str]], keys: Sequence[str] = ("colour", "pattern")) -> float:
-    """What :func:`leakage` would read if a wrong attribute were the other's by chance only.
-
-    For each attribute where the two concepts differ: the share of the target's object showing one
-    given value that no object of the scene has (``used``: the values the scene's objects have),
-    i.e. how often a value nobody asked for turns up. Leakage well above this is real bleed.
-    """
-    differing = [k for k in keys if other.get(k) is not None and other.get(k) != target.get(k)]
-    obj = best_match(readouts, target)
-    if obj is None or not differing:
-        return 0.0
-    got = obj.attributes()
-    shares = []
-    for key in differing:
-        unused = [v for v in ATTRIBUTE_VALUES[key] if v not in set(used[key])]
-        shares.append((got[key] in unused) / len(unused) if unused else 0.0)
-    return float(np.mean(shares))
-
-
-def extra_object_rate(readouts_per_image: Iterable[Sequence[ObjectReadout]],
-                      expected: int = 1) -> float:
-    """Fraction of images with more than ``expected`` objects (for single-concept prompts)."""
-    counts = [len(r) for r in readouts_per_image]
-    return float(np.mean([c > expected for c in counts])) if counts else 0.0
 
 
 def text_alignment(readouts: Sequence[ObjectReadout], prompt_objects: Sequence[Target],

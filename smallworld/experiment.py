@@ -10,9 +10,12 @@ the scene with ``training.loop.train_concepts`` (the same code the node runs), t
 - the "+ token bank" variant also learns a 16-token nested-attention bank per concept and samples
   with it (its trigger's value becomes query-dependent);
 - generation: "a Vi shape on a grey background" per concept and the combined caption, fixed seeds,
-  read back with ``readout.read_scene``: fidelity (shape+colour+pattern of the learned object),
-  leakage (another concept's colour/pattern on it), extra-object rate of single prompts, and text
-  alignment of "a Vi shape on a light blue background" (shape and background obeyed).
+  read back with ``readout.read_scene`` and scored by evaluation v2 (``evaluate.score_picture``:
+  one-to-one matching, fidelity of colour and pattern, shape apart, colour leakage and appearance
+  swap next to their chance levels, objects not drawn, extra objects), and text alignment of
+  "a Vi shape on a light blue background" (shape and background obeyed).
+
+Rows keep every metric's values per seed (``per_seed``) for paired bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from ..training.nested_subjects import with_concept_banks
 from ..training.triggers import concept_token_groups
 from . import evaluate as ev
 from . import quality
+from . import report
 from . import scenes as sw
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -124,19 +128,32 @@ def concept_maps(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
         return average_token_maps(token_maps, index)[0].float()
 
 
-def attention_ious(maps: torch.Tensor, scene: sw.Scene) -> dict[str, float]:
-    """Soft IoU of trigger/class maps with their own object and (mean) with the other objects."""
+def attention_ious(maps: torch.Tensor, scene: sw.Scene) -> dict[str, Any]:
+    """Soft IoU of trigger/class maps with their own object and (mean) with the other objects.
+
+    ``*_own_share`` is the own IoU as a share of the ceiling at the maps' resolution (each object's
+    mask pooled to the map size, :func:`evaluate.iou_ceiling`), ``iou_ceiling`` that ceiling. The
+    per-object values go to ``per_seed`` (one "seed": the training seed) for paired intervals.
+    """
     n = len(scene.objects)
-    own_t, other_t, own_c, other_c = [], [], [], []
+    values: dict[str, list[float]] = {k: [] for k in (
+        "iou_trigger_own", "iou_trigger_other", "iou_class_own", "iou_class_other", "iou_ceiling",
+        "iou_trigger_own_share", "iou_class_own_share")}
     for i in range(n):
         trigger, klass = maps[2 * i], maps[2 * i + 1]
-        own_t.append(ev.mask_iou(trigger, scene.masks[i]))
-        own_c.append(ev.mask_iou(klass, scene.masks[i]))
         others = [j for j in range(n) if j != i]
-        other_t.append(np.mean([ev.mask_iou(trigger, scene.masks[j]) for j in others]))
-        other_c.append(np.mean([ev.mask_iou(klass, scene.masks[j]) for j in others]))
-    return {"iou_trigger_own": float(np.mean(own_t)), "iou_trigger_other": float(np.mean(other_t)),
-            "iou_class_own": float(np.mean(own_c)), "iou_class_other": float(np.mean(other_c))}
+        ceiling = ev.iou_ceiling(scene.masks[i], maps.shape[-2:])
+        own_t, own_c = ev.mask_iou(trigger, scene.masks[i]), ev.mask_iou(klass, scene.masks[i])
+        values["iou_trigger_own"].append(own_t)
+        values["iou_class_own"].append(own_c)
+        values["iou_trigger_other"].append(float(np.mean([ev.mask_iou(trigger, scene.masks[j]) for j in others])))
+        values["iou_class_other"].append(float(np.mean([ev.mask_iou(klass, scene.masks[j]) for j in others])))
+        values["iou_ceiling"].append(ceiling)
+        values["iou_trigger_own_share"].append(own_t / ceiling)
+        values["iou_class_own_share"].append(own_c / ceiling)
+    per_seed: dict = {}
+    report.add_values(per_seed, 0, values)
+    return {**report.pooled_means(per_seed), "per_seed": per_seed}
 
 
 def _target(obj: sw.ObjectSpec) -> dict:
@@ -144,13 +161,20 @@ def _target(obj: sw.ObjectSpec) -> dict:
 
 
 def generation_metrics(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
-                       settings: ExperimentSettings) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Fidelity, leakage, extra objects and text alignment from fixed-seed samples (and the images)."""
+                       settings: ExperimentSettings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluation-v2 picture metrics of fixed-seed samples (means and ``per_seed``) and the images.
+
+    Each concept alone ("a Vi shape on a grey background", keys ``*_single``: there ``colour_leak``
+    is the appearance swap, another concept's colour on it) and the training caption (``*_combined``),
+    scored by :func:`evaluate.score_picture` against all the scene's concepts; text alignment of
+    "a Vi shape on a light blue background" (shape and background obeyed).
+    """
     model, clip = apply_concepts(bundle.model, bundle.clip, concepts)
     seeds = list(settings.sample_seeds)
     objects = scene.objects
     targets = [_target(o) for o in objects]
-    fidelity, leak, extra, align, images = [], [], [], [], {}
+    per_seed: dict = {}
+    images: dict[str, np.ndarray] = {}
 
     def sample(prompt: str) -> list:
         with torch.inference_mode():
@@ -160,24 +184,15 @@ def generation_metrics(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
         return [ev.read_scene(p) for p in pictures]
 
     for i, obj in enumerate(objects):
-        reads = sample(f"a V{i + 1} {obj.shape} on a grey background")
-        fidelity += [ev.concept_fidelity(r, targets[i]) for r in reads]
-        leak += [ev.leakage(r, targets[i], targets[j]) for r in reads for j in range(len(objects)) if j != i]
-        extra.append(ev.extra_object_rate(reads, expected=1))
+        for k, reads in enumerate(sample(f"a V{i + 1} {obj.shape} on a grey background")):
+            report.add_values(per_seed, k, ev.score_picture(reads, targets, [i]), "_single")
         prompt = f"a V{i + 1} {obj.shape} on a {BACKGROUND_SWAP} background"
-        for r, picture in zip(sample(prompt), images[prompt]):
-            align.append(ev.text_alignment(r, [{"shape": obj.shape}], BACKGROUND_SWAP,
-                                           ev.read_background(picture)))
-    combined_fidelity, combined_leak = [], []
-    for r in sample(caption_for(scene)):
-        for i in range(len(objects)):
-            combined_fidelity.append(ev.concept_fidelity(r, targets[i]))
-            combined_leak += [ev.leakage(r, targets[i], targets[j]) for j in range(len(objects)) if j != i]
-    metrics = {"fidelity_single": float(np.mean(fidelity)), "leakage_single": float(np.mean(leak)),
-               "extra_objects": float(np.mean(extra)), "text_alignment": float(np.mean(align)),
-               "fidelity_combined": float(np.mean(combined_fidelity)),
-               "leakage_combined": float(np.mean(combined_leak))}
-    return metrics, images
+        for k, (reads, picture) in enumerate(zip(sample(prompt), images[prompt])):
+            aligned = ev.text_alignment(reads, [{"shape": obj.shape}], BACKGROUND_SWAP, ev.read_background(picture))
+            report.add_values(per_seed, k, {"text_alignment": [aligned]})
+    for k, reads in enumerate(sample(caption_for(scene))):
+        report.add_values(per_seed, k, ev.score_picture(reads, targets), "_combined")
+    return {**report.pooled_means(per_seed), "per_seed": per_seed}, images
 
 
 def run_scene(bundle: Any, scene: sw.Scene, variant: str, settings: ExperimentSettings,
@@ -186,6 +201,7 @@ def run_scene(bundle: Any, scene: sw.Scene, variant: str, settings: ExperimentSe
     result = train_variant(bundle, scene, variant, settings)
     row = attention_ious(concept_maps(bundle, scene, result.concepts, settings), scene)
     if generate:
-        row.update(generation_metrics(bundle, scene, result.concepts, settings)[0])
+        pictures = generation_metrics(bundle, scene, result.concepts, settings)[0]
+        row.update({**pictures, "per_seed": {**row["per_seed"], **pictures["per_seed"]}})
     row["stopped"] = result.stopped
     return row

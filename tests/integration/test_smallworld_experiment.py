@@ -1,6 +1,8 @@
 """The toy-world experiment's plumbing on a random toy model (numbers come from the shipped one)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -26,8 +28,12 @@ def test_token_bank_variant_trains_banks_and_samples_with_them(random_toy):
     plain = exp.train_variant(random_toy, scene, "DisenDiff", TINY)
     assert all(c.bank is None for c in plain.concepts.concepts)
     metrics, images = exp.generation_metrics(random_toy, scene, result.concepts, TINY)
-    assert set(metrics) == {"fidelity_single", "leakage_single", "extra_objects", "text_alignment",
-                            "fidelity_combined", "leakage_combined"}
+    per_seed = metrics.pop("per_seed")
+    assert {"fidelity_cp_single", "fidelity_cp_combined", "not_drawn_single", "not_drawn_combined",
+            "extra_rate_single", "extra_rate_combined", "shape_right_single", "text_alignment"} <= set(metrics)
+    assert set(metrics) <= set(per_seed) and all(len(v) == len(TINY.sample_seeds) for v in per_seed.values())
+    assert len(per_seed["not_drawn_single"][0]) == len(scene.objects)  # one per concept alone
+    assert len(per_seed["extra_rate_combined"][0]) == 1  # one combined picture per seed
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     assert len(images) == 2 * len(scene.objects) + 1
     maps = exp.concept_maps(random_toy, scene, result.concepts, TINY)
@@ -61,14 +67,14 @@ def test_composition_trains_one_set_per_object_and_scores_every_mode(random_toy)
     results = composition.composition_metrics(random_toy, scene, TINY, sets=sets)
     assert set(results) == set(composition.MODES)
     for values in results.values():
-        assert set(values) == {"fidelity_combined", "leakage_combined", "leakage_found", "colour_leakage",
-                               "colour_chance", "found", "seeds", "per_seed"}
+        assert {"fidelity_cp", "shape_right", "not_drawn", "extra_rate", "seeds", "per_seed"} <= set(values)
         assert values["seeds"] == len(TINY.sample_seeds)
         assert all(0.0 <= v <= 1.0 for k, v in values.items() if k not in ("seeds", "per_seed"))
-        per_seed = values["per_seed"]["leakage_combined"]
+        per_seed = values["per_seed"]["not_drawn"]
         assert len(per_seed) == len(TINY.sample_seeds)
         pooled = [v for image in per_seed for v in image]
-        assert sum(pooled) / len(pooled) == pytest.approx(values["leakage_combined"])
+        assert len(pooled) == len(scene.objects) * len(TINY.sample_seeds)
+        assert sum(pooled) / len(pooled) == pytest.approx(values["not_drawn"])
     caption = exp.caption_for(scene)
     pictures = {mode: composition.sample_mode(random_toy, sets, caption, mode, 1, TINY,
                                               torch.from_numpy(scene.masks.astype("float32")))
@@ -98,7 +104,8 @@ def test_single_mode_reads_each_concept_from_a_picture_of_it_alone(random_toy, m
     results = composition.composition_metrics(random_toy, scene, TINY, sets=sets, modes=("single",))
     assert calls == [([[f"V{i + 1}"]], f"a V{i + 1} {obj.shape} on a grey background", "combined")
                      for i, obj in enumerate(scene.objects)]
-    assert results["single"]["fidelity_combined"] == 0.0  # a blank picture shows no object
+    assert results["single"]["fidelity_cp"] == 0.0  # a blank picture shows no object
+    assert results["single"]["not_drawn"] == 1.0 and "colour_leak" not in results["single"]  # never leakage
 
 
 def _benchmark_module():
@@ -115,19 +122,20 @@ def _benchmark_module():
 
 
 def test_benchmark_composition_section_has_a_row_per_mode(random_toy):
+    from concept_attention.smallworld.report import paired_difference
+
     module = _benchmark_module()
     scene = sw.reference_scenes(1)[0]
     per_mode = {mode: [{**values, "scene": 0}]
                 for mode, values in composition.composition_metrics(random_toy, scene, TINY).items()}
-    section = module.composition_section(per_mode)
+    section = module.v2.composition_section(per_mode, paired_difference)
     named = [line for line in section.splitlines() if line.startswith(("| combined", "| regional", "| single"))]
-    rows = [row for row in named if len(row.split("|")) == 10]
+    rows = [row for row in named if row.split("|")[-2].strip() == f"1 × {len(TINY.sample_seeds)}"]
     assert [row.split("|")[1].strip() for row in rows] == list(composition.MODES)
-    assert rows[0].split("|")[-2].strip() == f"1 × {len(TINY.sample_seeds)}"
-    differences = [row for row in named if len(row.split("|")) == 5]  # each mode against combined
+    fidelity = rows[0].split("|")[2].strip().strip("*")
+    assert float(fidelity) == round(per_mode["combined"][0]["fidelity_cp"], 2)
+    differences = [row for row in named if row not in rows]  # each mode against combined
     assert [row.split("|")[1].strip() for row in differences] == list(composition.MODES[1:])
-    fidelity = float(rows[0].split("|")[2])
-    assert fidelity == round(per_mode["combined"][0]["fidelity_combined"], 2)
 
 
 def test_sharded_raw_records_merge_in_scene_order(tmp_path):
@@ -145,7 +153,7 @@ def test_sharded_raw_records_merge_in_scene_order(tmp_path):
     assert [r["scene"] for r in merged["rows"]["DisenDiff"]] == [0, 1, 2, 3]
     assert [r["scene"] for r in merged["composition"]["combined"]] == [0, 1, 2, 3]
     assert merged["minutes"] == 5.0  # side by side: the longest shard
-    assert module.mean_rows(merged["rows"]["DisenDiff"])["fidelity_single"] == 1.5
+    assert module.v2.scene_means(merged["rows"]["DisenDiff"])["fidelity_single"] == 1.5
 
 
 def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
@@ -201,10 +209,50 @@ def test_targets_table_compares_disendiff_with_the_targets_and_the_baseline():
     module = _benchmark_module()
     summary = {"DisenDiff": {"iou_trigger_own": 0.6, "iou_trigger_other": 0.2, "leakage_combined": 0.05},
                "Custom Diffusion": {"leakage_combined": 0.2}}
-    table = module.targets_table(summary)
+    table = module.v1.targets_table(summary)
     assert "| trigger IoU own ↑ >= 0.5 | 0.60 | yes |" in table
     assert "| trigger IoU other ↓ <= 0.1 | 0.20 | no |" in table
     assert "half of Custom Diffusion's (0.20) | 0.05 | yes |" in table
+
+
+def _v2_row(scene: int, leak: list[list[float]], share: float) -> dict:
+    per_seed = {"colour_leak_combined": leak, "colour_leak_chance_combined": [[0.1] * len(s) for s in leak],
+                "iou_trigger_own_share": [[share]]}
+    pooled = [v for s in leak for v in s]
+    return {"scene": scene, "colour_leak_combined": sum(pooled) / len(pooled), "colour_leak_chance_combined": 0.1,
+            "iou_trigger_own_share": share, "per_seed": per_seed}
+
+
+def test_v2_report_shows_chance_levels_paired_differences_and_targets(tmp_path):
+    module = _benchmark_module()
+    ours = [_v2_row(s, [[0.0, 0.0], [0.0]], 0.9) for s in range(3)]
+    theirs = [_v2_row(s, [[1.0, 0.0], [1.0]], 0.5) for s in range(3)]
+    path = tmp_path / "v2.json"
+    module.write_raw(path, {"format": 2, "rows": {"DisenDiff": ours, "Custom Diffusion": theirs},
+                            "composition": {}, "minutes": 1.0, "machine": "CPU", "settings": "steps=2"})
+    out = tmp_path / "results.md"
+    assert module.main(["--from-raw", str(path), "--out", str(out), "--chart", str(tmp_path / "c.png")]) == 0
+    text = out.read_text()
+    assert "(evaluation v2)" in text.splitlines()[0] and "Evaluation v2" in text
+    assert "| DisenDiff | **0.00** (0.10) |" in text  # leakage next to its chance level
+    assert "| Custom Diffusion | 0.67 (0.10) |" in text  # per-scene pooled mean: 2 of 3 values
+    assert "| trigger IoU own / ceiling ↑ | +0.400 [+0.400, +0.400] |" in text  # DisenDiff − Custom Diffusion
+    cell = next(line for line in text.splitlines() if line.startswith("| colour leakage combined ↓ | "))
+    difference, low, high = (float(x) for x in re.findall(r"[-+]\d\.\d+", cell))
+    assert difference == -0.667 and low < difference < high < 0  # seeds resampled within scenes
+    assert "| trigger IoU own ≥ 0.8 × ceiling | 0.90 | yes |" in text
+    assert f"interval excluding zero | 0.00, {cell.split('| ', 2)[2].rstrip(' |')} | yes |" in text
+
+
+def test_merging_refuses_to_mix_evaluation_formats(tmp_path):
+    module = _benchmark_module()
+    base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},
+            "minutes": 1.0, "machine": "CPU", "settings": "steps=200"}
+    paths = [tmp_path / "v1.json", tmp_path / "v2.json"]
+    module.write_raw(paths[0], base)
+    module.write_raw(paths[1], {**base, "format": 2, "rows": {"DisenDiff": [{"scene": 1}]}})
+    with pytest.raises(SystemExit, match="evaluation v2 rows, the others v1"):
+        module.merge_raw(paths)
 
 
 def test_separately_learned_sets_are_cached_and_reused(random_toy, tmp_path, monkeypatch):

@@ -211,36 +211,6 @@ def test_ties_go_to_the_larger_object_then_the_earlier_target() -> None:
     assert ev.match_targets([red], [orange_circle, purple_circle]) == [0, None]
 
 
-def test_fidelity_and_leakage() -> None:
-    a = {"shape": "circle", "colour": "purple", "pattern": "stripes"}
-    b = {"shape": "square", "colour": "orange", "pattern": "dots"}
-    good = [_obj("circle", "purple", "stripes"), _obj("square", "orange", "dots")]
-    assert ev.concept_fidelity(good, a) == 1.0 and ev.concept_fidelity(good, b) == 1.0
-    assert ev.leakage(good, a, b) == 0.0 and ev.leakage(good, b, a) == 0.0
-    leaky = [_obj("circle", "purple", "stripes"), _obj("square", "purple", "dots")]
-    assert ev.leakage(leaky, b, a) == 0.5
-    assert ev.concept_fidelity(leaky, b) == pytest.approx(2 / 3)
-    assert ev.concept_fidelity([], a) == 0.0 and ev.leakage([], a, b) == 0.0
-    assert ev.concept_fidelity([_obj("star", "red", "solid")], a) == 0.0
-    assert ev.extra_object_rate([good, good[:1], [], leaky + good]) == 0.5
-
-
-def test_chance_leakage_is_the_share_of_one_unused_value() -> None:
-    a = {"shape": "circle", "colour": "purple", "pattern": "stripes"}
-    b = {"shape": "square", "colour": "orange", "pattern": "dots"}
-    used = {"colour": {"purple", "orange"}, "pattern": {"stripes", "dots"}}  # 6 colours, 2 patterns unused
-    right = [_obj("circle", "purple", "stripes")]
-    assert ev.chance_leakage(right, a, b, used) == 0.0
-    unasked = [_obj("circle", "red", "checks")]  # both attributes wrong, neither b's
-    assert ev.leakage(unasked, a, b) == 0.0
-    assert ev.chance_leakage(unasked, a, b, used) == pytest.approx((1 / 6 + 1 / 2) / 2)
-    leaked = [_obj("circle", "orange", "stripes")]  # b's colour: leakage, not chance
-    assert ev.leakage(leaked, a, b) == 0.5 and ev.chance_leakage(leaked, a, b, used) == 0.0
-    same_pattern = {**b, "pattern": "stripes"}  # only colour differs, so only colour counts
-    assert ev.chance_leakage(unasked, a, same_pattern, used) == pytest.approx(1 / 6)
-    assert ev.chance_leakage([], a, b, used) == 0.0
-
-
 def test_text_alignment() -> None:
     got = [_obj("circle", "purple", "stripes", "left"), _obj("square", "red", "solid", "right")]
     prompt = [{"shape": "square", "colour": "red", "position": "right"},
@@ -271,7 +241,6 @@ def test_reference_scene_maps_match_their_masks() -> None:
     readouts = ev.read_scene(scene.image)
     for obj, got in zip(scene.objects, ev.match_masks(readouts, scene.masks)):
         assert got is not None and got.attributes() == obj.attributes(scene.size)
-        assert ev.concept_fidelity(readouts, obj.attributes(scene.size)) == 1.0
     scores = ev.score_picture(readouts, [o.attributes(scene.size) for o in scene.objects])
     assert scores["fidelity_cp"] == [1.0] * len(scene.objects) and not any(scores["colour_leak"])
     assert scores["extra_rate"] == [0.0] and scores["shape_right"] == [1.0] * len(scene.objects)
