@@ -10,152 +10,37 @@ stacked with it as ``A`` (and a second install ``B``) in every order, up to thre
 * the result differs from each side alone, except the pass-through recorder, where it equals the
   other pack alone;
 * each foreign callback runs exactly as often as with the other pack alone (regional: once per
-  region plus once for the background, because the regional hook attends once for each).
+  region plus once for the background, because the regional hook attends once for each), and
+  always on the whole feature map.
+
+Stock ComfyUI nodes and patch kinds: test_coexistence_stock.py.
 """
 from __future__ import annotations
 
 import copy
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 from concept_attention.attention.chain import AttentionChain
 from concept_attention.attention.coexistence import coexistence_wrapper
-from concept_attention.attention.patching import (chain_at, install_hook, install_nested, install_regional,
-                                                 model_layers, remove_hooks)
+from concept_attention.attention.patching import (chain_at, install_hook, install_regional, model_layers,
+                                                 remove_hooks)
 from concept_attention.attention.recorder import AttentionRecorder, MapStore
-from concept_attention.attention.tokens import locate_words
-from concept_attention.training.nested_subjects import SubjectSpec, build_sources, encode_prompt
-from support.attn2_pack import AddingReplace, apply_pack, make_callback
+from concept_attention.training.nested_subjects import SubjectSpec
+from support.attn2_pack import AddingReplace, apply_pack
+from support.coexistence_stacks import (ARCHS, CALLS, FEATURES, FOREIGN, PER_DEPTH, PROCEED_CALLS, PROMPT,
+                                        SIZE, STEPS, Stacks, differ, sample)
 from support.synthetic_concepts import synthetic_set
 
-PROMPT = "a photo of a cat and a dog"
-STEPS, SIZE = 2, 16  # latent 16x16: every tiny layer keeps at least 4x4 queries
-PER_DEPTH = {"sd15": False, "sdxl": True}  # how the other pack keys each architecture
-CALLS: Counter = Counter()
-FOREIGN = {"A": make_callback("A", CALLS), "B": make_callback("B", CALLS)}
-PROCEED_CALLS = {"recorder": 1, "regional": 3, "nested": 1}  # per layer call: see the docstring
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared machine: one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sample(tiny: Any, model: Any, positive: Any = None, steps: int = STEPS) -> torch.Tensor:
-    """comfy.sample.sample as the stock KSampler calls it."""
-    import comfy.sample
-
-    latent = torch.zeros(1, 4, SIZE, SIZE)
-    noise = comfy.sample.prepare_noise(latent, 0)
-    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive or tiny.encode(PROMPT),
-                               tiny.encode(""), latent, seed=0, disable_pbar=True)
-
-
-@dataclass
-class Feature:
-    """One of our patching features: how it installs on a MODEL and what it samples with."""
-
-    install: Callable[[Any], Any]  # MODEL -> patched clone
-    positive: Any = None
-    stores: list | None = None  # map stores of the installed recorders, newest last
-
-
-def make_feature(tiny: Any, name: str) -> Feature:
-    if name == "recorder":
-        stores: list[MapStore] = []
-        tokens = [group[0] for group in locate_words(tiny.bundle.clip, PROMPT, ["cat", "dog"])]
-
-        def install(model: Any) -> Any:
-            patched, store = model.clone(), MapStore()
-            store.set_tokens(tokens)
-            install_hook(patched, AttentionRecorder(store=store), "all")
-            stores.append(store)
-            return patched
-
-        return Feature(install, stores=stores)
-    if name == "regional":
-        sets = [synthetic_set(tiny.bundle, [t], seed, scale=0.3) for t, seed in (("V1", 1), ("V2", 2))]
-        masks = torch.zeros(2, SIZE, SIZE)
-        masks[0, :, : SIZE // 2], masks[1, :, SIZE // 2:] = 1, 1
-
-        def install(model: Any) -> Any:
-            patched = model.clone()
-            install_regional(patched, [s.kv_deltas for s in sets], masks)
-            return patched
-
-        return Feature(install)
-    conditioning, features = encode_prompt(tiny.bundle.clip, PROMPT)
-    bank = 3 * torch.randn(8, features.shape[-1], generator=torch.Generator().manual_seed(5))
-    sources = build_sources(tiny.bundle.clip, PROMPT, features, [SubjectSpec("cat", bank=bank)],
-                            model_layers(tiny.bundle.model))
-
-    def install(model: Any) -> Any:
-        patched = model.clone()
-        install_nested(patched, sources)
-        return patched
-
-    return Feature(install, positive=conditioning)
-
-
-@dataclass
-class Run:
-    latent: torch.Tensor
-    calls: Counter
-    model: Any
-
-
-class Stacks:
-    """Builds and samples stacks like "A,O,B" (A, B: the other pack's installs; O: ours), cached."""
-
-    def __init__(self, request: pytest.FixtureRequest) -> None:
-        self.request = request
-        self.features: dict[tuple[str, str], Feature] = {}
-        self.runs: dict[tuple[str, str, str], Run] = {}
-
-    def feature(self, arch: str, name: str) -> Feature:
-        if (arch, name) not in self.features:
-            self.features[arch, name] = make_feature(self.request.getfixturevalue(arch), name)
-        return self.features[arch, name]
-
-    def build(self, arch: str, name: str, order: str) -> Any:
-        tiny = self.request.getfixturevalue(arch)
-        model = tiny.bundle.model
-        for step in order.split(","):
-            model = (self.feature(arch, name).install(model) if step == "O"
-                     else apply_pack(model, FOREIGN[step], PER_DEPTH[arch]))
-        return model
-
-    def run(self, arch: str, name: str, order: str) -> Run:
-        if (arch, name, order) not in self.runs:
-            tiny = self.request.getfixturevalue(arch)
-            model = self.build(arch, name, order)
-            CALLS.clear()
-            latent = sample(tiny, model, self.feature(arch, name).positive)
-            self.runs[arch, name, order] = Run(latent, Counter(CALLS), model)
-        return self.runs[arch, name, order]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def stacks(request: pytest.FixtureRequest) -> Stacks:
     return Stacks(request)
-
-
-def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Clearly different: by more than 0.1 % of the latent's range, far beyond float noise (the
-    other pack's term moves the tiny models' latents, some hundreds in size, by tens)."""
-    return float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
-
-
-ARCHS = ["sd15", "sdxl"]
-FEATURES = ["recorder", "regional", "nested"]
 
 
 @pytest.mark.parametrize("feature", FEATURES)
@@ -515,116 +400,3 @@ def test_removing_our_hooks_keeps_what_other_packs_added(request):
     alone = apply_pack(tiny.bundle.model, FOREIGN["A"], per_depth=True)
     remove_hooks(both, [hook])
     assert torch.equal(sample(tiny, both), sample(tiny, alone))
-
-
-# ----- stock ComfyUI nodes and patch kinds that touch attention ------------------------------
-class ContextShift:
-    """Like the stock Hypernetwork Loader's patch (set_model_attn1_patch/attn2_patch): a small
-    residual map on the keys' and values' inputs, for layers of its width. The stock loader reads
-    pickled files only, so the patch is built here."""
-
-    def __init__(self, width: int, seed: int = 7) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.k = torch.randn(width, width, generator=g) / width ** 0.5
-        self.v = torch.randn(width, width, generator=g) / width ** 0.5
-
-    def __call__(self, n, context, value, extra_options):
-        if context.shape[-1] != self.k.shape[0]:
-            return n, context, value
-        return n, context + torch.tanh(context @ self.k), value + torch.tanh(value @ self.v)
-
-
-def with_context_shift(model: Any, width: int) -> Any:
-    patched = model.clone()
-    shift = ContextShift(width)
-    patched.set_model_attn1_patch(shift)
-    patched.set_model_attn2_patch(shift)
-    return patched
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_hypernetwork_like_attn2_patch_before_or_after_regional(request, arch):
-    """Regional deltas act on the text features as to_k/to_v receive them, after the other patch."""
-    tiny = request.getfixturevalue(arch)
-    width = tiny.encode("a")[0][0].shape[-1]
-    concepts = synthetic_set(tiny.bundle, ["V1"], 1, scale=0.3)
-    full = torch.ones(1, SIZE, SIZE)
-
-    def regional(model):
-        patched = model.clone()
-        install_regional(patched, [concepts.kv_deltas], full)
-        return patched
-
-    after = sample(tiny, with_context_shift(regional(tiny.bundle.model), width))
-    before = sample(tiny, regional(with_context_shift(tiny.bundle.model, width)))
-    assert torch.equal(after, before)
-    merged = tiny.bundle.model.clone()
-    merged.add_patches({k: ("diff", (d,)) for k, d in concepts.kv_deltas.items()}, 1.0)
-    reference = sample(tiny, with_context_shift(merged, width))
-    assert differ(reference, sample(tiny, merged))  # the shift matters far beyond the tolerance
-    # c (W0 + d)^T vs c W0^T + c d^T: equal up to float rounding, carried through the steps
-    torch.testing.assert_close(after, reference, rtol=1e-3, atol=2e-3)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_hypernetwork_like_attn2_patch_before_or_after_nested(stacks, request, arch):
-    tiny = request.getfixturevalue(arch)
-    width = tiny.encode("a")[0][0].shape[-1]
-    feature = stacks.feature(arch, "nested")
-    after = sample(tiny, with_context_shift(feature.install(tiny.bundle.model), width), feature.positive)
-    before = sample(tiny, feature.install(with_context_shift(tiny.bundle.model, width)), feature.positive)
-    assert torch.equal(after, before)
-    assert differ(after, sample(tiny, with_context_shift(tiny.bundle.model, width)))
-
-
-def _sag(model: Any) -> Any:
-    from comfy_extras.nodes_sag import SelfAttentionGuidance
-
-    return SelfAttentionGuidance.execute(model, 0.5, 2.0).result[0]
-
-
-def _pag(model: Any) -> Any:
-    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
-
-    return PerturbedAttentionGuidance.execute(model, 3.0).result[0]
-
-
-def _unet_function_wrapper(model: Any) -> Any:
-    patched = model.clone()
-
-    def wrapper(apply_model, args):  # e.g. a pack that rescales the model's input
-        return apply_model(args["input"] * 1.05, args["timestep"], **args["c"])
-
-    patched.set_model_unet_function_wrapper(wrapper)
-    return patched
-
-
-def _tome(model: Any) -> Any:
-    from comfy_extras.nodes_tomesd import TomePatchModel
-
-    return TomePatchModel.execute(model, 0.5).result[0]
-
-
-STOCK = {"sag": _sag, "pag": _pag, "tome": _tome, "model_function_wrapper": _unet_function_wrapper}
-
-
-@pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("stock", list(STOCK))
-def test_stock_attention_patches_in_either_order(stacks, request, stock, feature):
-    """Self-attention guidance (attn1 replace + an extra UNet pass), perturbed-attention guidance
-    (attn1 replace in its own pass), token merging (attn1 patch + attn1 output patch) and a
-    model_function_wrapper, before or after ours (SD1.5, with the other pack installed after ours,
-    so our wrapper must find it)."""
-    tiny = request.getfixturevalue("sd15")
-    patch, ours = STOCK[stock], stacks.feature("sd15", feature)
-    stock_first = apply_pack(ours.install(patch(tiny.bundle.model)), FOREIGN["A"], per_depth=False)
-    CALLS.clear()
-    first = sample(tiny, stock_first, ours.positive)
-    calls_first = Counter(CALLS)
-    stock_last = patch(apply_pack(ours.install(tiny.bundle.model), FOREIGN["A"], per_depth=False))
-    CALLS.clear()
-    last = sample(tiny, stock_last, ours.positive)
-    assert torch.equal(first, last) and CALLS == calls_first and CALLS["A"] > 0
-    without = sample(tiny, apply_pack(ours.install(tiny.bundle.model), FOREIGN["A"], per_depth=False),
-                     ours.positive)
-    assert differ(first, without)
