@@ -1,13 +1,14 @@
 """A chain of attention hooks run inside one cross-attention layer.
 
 Each hook is middleware: it receives the projected ``q, k, v`` and a ``proceed`` callable that
-runs the rest of the chain (ending in the stock attention, or in another pack's replace function
-that was installed before us) and returns ``[B, Nq, heads*dim_head]``. Hooks are immutable
+runs the rest of the chain (ending in the stock attention, or in another pack's attention patches,
+see :class:`AttentionChain`) and returns ``[B, Nq, heads*dim_head]``. Hooks are immutable
 descriptions; state that must be collected (maps) lives in objects the hook points to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -15,16 +16,24 @@ import torch
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
+# transformer_options key (so also extra_options) under which the attn2 replace table in force for
+# this UNet call is exposed to our chains (attention/coexistence.py puts it there).
+LIVE_REPLACES_KEY = "concept_attention_attn2"
+# The sigma callbacks are tested against when the caller gave none (as in training): ComfyUI's
+# percent_to_sigma(0.0), the largest sigma a start_percent can name, so a window opened at 0 % holds.
+SIGMA_WHEN_ABSENT = 999999999.9
+_UNREAD = object()
 
 
 class AttentionContext:
     """What a hook may know about the current call, derived from ComfyUI's ``extra_options``."""
 
-    __slots__ = ("options", "batch")
+    __slots__ = ("options", "batch", "_sigma")
 
     def __init__(self, options: dict[str, Any], batch: int):
         self.options = options
         self.batch = batch
+        self._sigma: Any = _UNREAD  # read on first use: reading a device tensor syncs
 
     @property
     def heads(self) -> int:
@@ -43,10 +52,14 @@ class AttentionContext:
 
     @property
     def sigma(self) -> float | None:
-        sigmas = self.options.get("sigmas")
-        if sigmas is None:
-            return None
-        return float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas)
+        """This call's sigma (None when the caller gave none), read once per layer call."""
+        if self._sigma is _UNREAD:
+            sigmas = self.options.get("sigmas")
+            if sigmas is None:
+                self._sigma = None
+            else:
+                self._sigma = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas)
+        return self._sigma
 
     def row_kinds(self) -> list[int]:
         """COND or UNCOND per batch row (all COND when the caller did not say, as in training)."""
@@ -92,43 +105,116 @@ class AttentionHook:
         return proceed(q, k, v)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class AttentionChain:
-    """The callable installed as ComfyUI's attn2 replace for one layer key."""
+    """The callable installed as ComfyUI's attn2 replace for one layer key.
+
+    Our hooks run outermost; what their ``proceed`` finally reaches (the *base*) is another pack's
+    replace ``inner`` captured at this per-depth key when the chain was made, else the replace
+    another pack keeps under the block-level key ``(block, id)`` (looked up when the layer runs,
+    see ``attention/coexistence.py``), else ComfyUI's stock attention; then every callback added
+    with :meth:`add` whose sigma window holds the current sigma adds its term, in the order added.
+
+    ``hooks`` never change in place (:meth:`with_hook` and :meth:`without` make new chains).
+    ``add`` and ``to`` change the chain in place, as other packs and ComfyUI expect of an object at
+    a replace key; a clone's chain is its own copy (``__deepcopy__``), so they never reach the
+    model a clone came from.
+    """
 
     hooks: tuple[AttentionHook, ...] = ()
-    inner: Callable[..., torch.Tensor] | None = None  # another pack's replace, kept and called
-    stock: Callable[..., torch.Tensor] | None = field(default=None, compare=False)
+    inner: Callable[..., torch.Tensor] | None = None  # another pack's replace at our per-depth key
+    stock: Callable[..., torch.Tensor] | None = None
+    # The Attn2Replace protocol: (callback, kwargs) pairs, each adding
+    # ``callback(out, q, k, v, extra_options, **kwargs)`` while sigma_end <= sigma <= sigma_start.
+    callbacks: list[tuple[Callable[..., torch.Tensor], dict[str, Any]]] = field(default_factory=list)
+    # The block-level replace seen at install; the base only where the live table is not exposed.
+    fallback: Callable[..., torch.Tensor] | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  extra_options: dict[str, Any]) -> torch.Tensor:
-        def base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if self.inner is not None:
-                return self.inner(q, k, v, extra_options)
-            return self.stock(q, k, v, extra_options)
-
         ctx = AttentionContext(extra_options, q.shape[0])
-        active = [hook for hook in self.hooks if hook.is_active(ctx)]
+        foreign = self.foreign_base(extra_options)
+        callbacks = self.active_callbacks(ctx) if self.callbacks else ()
+        below = self.stock if foreign is None else foreign
+
+        def base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = below(q, k, v, extra_options)
+            if not callbacks:
+                return out
+            for callback, kwargs in callbacks:
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+            return out.to(q.dtype)
+
+        # Stock attention is per query and per row; another pack's function or callback may need
+        # the whole feature map and batch.
+        base.query_subsets = foreign is None and not callbacks  # type: ignore[attr-defined]
         call: AttentionFn = base
-        # Stock attention is per query; another pack's function may need the whole feature map.
-        call.query_subsets = self.inner is None  # type: ignore[attr-defined]
-        for hook in reversed(active):
+        for hook in reversed([hook for hook in self.hooks if hook.is_active(ctx)]):
             call = _bind(hook, ctx, call)
         return call(q, k, v)
 
-    def with_hook(self, hook: AttentionHook) -> "AttentionChain":
-        """A new chain with ``hook`` appended (innermost of ours, still outside ``inner``)."""
-        return AttentionChain(self.hooks + (hook,), self.inner, self.stock)
+    def foreign_base(self, extra_options: dict[str, Any]) -> Callable[..., torch.Tensor] | None:
+        """The other pack's replace our hooks proceed into in this call, or None for stock."""
+        if self.inner is not None:
+            return self.inner
+        table = extra_options.get(LIVE_REPLACES_KEY)
+        if table is None:
+            return self.fallback
+        found = table.get(extra_options.get("block"))
+        return None if isinstance(found, AttentionChain) else found
+
+    def active_callbacks(self, ctx: AttentionContext) -> list[tuple[Callable[..., torch.Tensor], dict[str, Any]]]:
+        """The added callbacks whose sigma window holds this call's sigma."""
+        sigma = ctx.sigma
+        sigma = SIGMA_WHEN_ABSENT if sigma is None else sigma
+        return [(callback, kwargs) for callback, kwargs in self.callbacks
+                if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf"))]
+
+    def add(self, callback: Callable[..., torch.Tensor], **kwargs: Any) -> None:
+        """Protocol entry point for another pack: add ``callback``'s term to this layer's output."""
+        self.callbacks.append((callback, kwargs))
+
+    def with_hook(self, hook: AttentionHook, outermost: bool = False) -> "AttentionChain":
+        """A new chain with ``hook`` added innermost of ours (still outside the base), or outermost."""
+        hooks = (hook,) + self.hooks if outermost else self.hooks + (hook,)
+        return replace(self, hooks=hooks, callbacks=list(self.callbacks))
 
     def without(self, hooks: Sequence[AttentionHook]) -> "AttentionChain":
         """A new chain without the given hooks (compared by identity)."""
         kept = tuple(h for h in self.hooks if all(h is not other for other in hooks))
-        return AttentionChain(kept, self.inner, self.stock)
+        return replace(self, hooks=kept, callbacks=list(self.callbacks))
+
+    def rebased(self, replacement: Callable[..., torch.Tensor]) -> "AttentionChain":
+        """Our hooks over ``replacement``, a replace another pack wrote over this chain's key.
+
+        That pack replaced the chain with everything below it, so only the hooks are kept: the
+        result is what installing our hooks after that pack would have given.
+        """
+        return AttentionChain(self.hooks, inner=replacement, stock=self.stock)
+
+    def to(self, *args: Any, **kwargs: Any) -> "AttentionChain":
+        """ComfyUI moves replace objects with ``.to``; pass it on to the replace we hide."""
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(*args, **kwargs)
+        return self
+
+    def models(self) -> list[Any]:
+        """Models the replace we hide needs loaded (ComfyUI asks replace objects for them)."""
+        return list(self.inner.models()) if hasattr(self.inner, "models") else []
 
     def __deepcopy__(self, memo: dict) -> "AttentionChain":
-        # ModelPatcher.clone() deep-copies model_options; a chain is immutable, and the objects its
-        # hooks point to (map stores, cached tensors) must stay shared, not be duplicated per clone.
-        return self
+        # ModelPatcher.clone() deep-copies model_options. The copy gets its own callback list and
+        # its own copy of the replace it wraps (through ``memo``, so an object also referenced
+        # elsewhere in the same options stays one object); hooks are immutable descriptions and
+        # stay shared, with the map stores they write to, which belong to the node that made them.
+        copied = AttentionChain.__new__(AttentionChain)
+        memo[id(self)] = copied
+        copied.hooks = self.hooks
+        copied.stock = self.stock
+        copied.inner = copy.deepcopy(self.inner, memo)
+        copied.callbacks = copy.deepcopy(self.callbacks, memo)
+        copied.fallback = copy.deepcopy(self.fallback, memo)
+        return copied
 
 
 def _bind(hook: AttentionHook, ctx: AttentionContext, proceed: AttentionFn) -> AttentionFn:

@@ -128,7 +128,10 @@ class NestedContextPatch:
         return n, context, value
 
     def __deepcopy__(self, memo: dict) -> "NestedContextPatch":
-        return self  # immutable; clones share it (see AttentionChain.__deepcopy__)
+        # Frozen, and nothing in the pack changes it or its subjects, so a clone (ModelPatcher.clone
+        # deep-copies model_options) shares it instead of copying every bank. The one writer of
+        # its tensors is the trainer that built them, on purpose (training/loop.py, bank_index).
+        return self
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,9 +2,9 @@
 
 Hooks are installed as :class:`AttentionChain` objects in ``transformer_options["patches_replace"]
 ["attn2"]`` under per-depth keys ``(block, id, depth)``. Installation is copy-on-write: the dicts on
-the path are copied, so a clone never shares a mutable level with the model it came from. A
-replace function that another pack installed earlier (per-depth or per-block key) becomes the
-chain's ``inner`` callable and keeps running.
+the path are copied, so a clone never shares a mutable level with the model it came from. Other
+packs' attention patches keep running in whatever order they were installed: see
+``attention/coexistence.py`` and docs/reliability.md, "Coexistence".
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .chain import AttentionChain, AttentionHook
+from .coexistence import CHAINS_KEY, with_wrapper
 from .layers import CrossAttentionLayer, LayerKey, discover_layers, select_layers
 from .nested_hook import NestedAttentionHook, NestedContextPatch, NestedSource
 from .regional import RegionalKV, stash_context
@@ -40,6 +41,10 @@ def resolve_layers(model: Any, selector: str | Iterable[CrossAttentionLayer]) ->
     return list(selector)
 
 
+def _transformer_options(model: Any) -> dict[str, Any]:
+    return model.model_options.get("transformer_options", {})
+
+
 def _attn2_replaces(model_options: dict[str, Any]) -> dict[Any, Any]:
     return model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
@@ -50,19 +55,26 @@ def chain_at(model: Any, key: LayerKey) -> AttentionChain | None:
     return entry if isinstance(entry, AttentionChain) else None
 
 
-def _write_transformer_option(model: Any, group: str, name: str, value: Any) -> None:
-    """Set ``transformer_options[group][name]``, copying every dict on the path (copy-on-write)."""
+def _write_transformer_options(model: Any, transformer_options: dict[str, Any]) -> None:
+    """Give ``model`` new transformer options (in a new ``model_options`` dict), with our wrapper."""
     options = dict(model.model_options)
-    transformer_options = dict(options.get("transformer_options", {}))
-    entries = dict(transformer_options.get(group, {}))
-    entries[name] = value
-    transformer_options[group] = entries
-    options["transformer_options"] = transformer_options
+    options["transformer_options"] = with_wrapper(transformer_options)
     model.model_options = options
 
 
-def _write_attn2(model: Any, attn2: dict[Any, Any]) -> None:
-    _write_transformer_option(model, "patches_replace", "attn2", attn2)
+def _write_transformer_option(model: Any, group: str, name: str, value: Any) -> None:
+    """Set ``transformer_options[group][name]``, copying every dict on the path (copy-on-write)."""
+    transformer_options = dict(_transformer_options(model))
+    transformer_options[group] = {**transformer_options.get(group, {}), name: value}
+    _write_transformer_options(model, transformer_options)
+
+
+def _write_chains(model: Any, attn2: dict[Any, Any], chains: dict[LayerKey, AttentionChain]) -> None:
+    """Set the attn2 replace table and the registry of our chains (copy-on-write)."""
+    transformer_options = dict(_transformer_options(model))
+    transformer_options["patches_replace"] = {**transformer_options.get("patches_replace", {}), "attn2": attn2}
+    transformer_options[CHAINS_KEY] = chains
+    _write_transformer_options(model, transformer_options)
 
 
 def install_hook(model: Any, hook: AttentionHook,
@@ -70,20 +82,24 @@ def install_hook(model: Any, hook: AttentionHook,
                  outermost: bool = False) -> list[CrossAttentionLayer]:
     """Add ``hook`` to the chains of the chosen layers of ``model`` (a clone you own).
 
-    Hooks run outermost first; a new hook goes innermost of ours unless ``outermost``.
+    Hooks run outermost first; a new hook goes innermost of ours unless ``outermost``. Another
+    pack's replace already at a layer's per-depth key becomes the chain's ``inner`` and keeps running.
     """
     chosen = resolve_layers(model, layers)
     attn2 = dict(_attn2_replaces(model.model_options))
+    chains = dict(_transformer_options(model).get(CHAINS_KEY, {}))
     for layer in chosen:
         existing = attn2.get(layer.key)
-        if isinstance(existing, AttentionChain) and outermost:
-            attn2[layer.key] = AttentionChain((hook,) + existing.hooks, existing.inner, existing.stock)
-        elif isinstance(existing, AttentionChain):
-            attn2[layer.key] = existing.with_hook(hook)
-        else:
-            foreign = existing if existing is not None else attn2.get(layer.key[:2])
-            attn2[layer.key] = AttentionChain((hook,), inner=foreign, stock=stock_attention)
-    _write_attn2(model, attn2)
+        if not isinstance(existing, AttentionChain):
+            ours = chains.get(layer.key)
+            if existing is not None and ours is not None:  # a pack wrote over our chain after us
+                existing = ours.rebased(existing)
+            else:
+                block_level = attn2.get(layer.key[:2])
+                existing = AttentionChain(inner=existing, stock=stock_attention, fallback=None
+                                          if isinstance(block_level, AttentionChain) else block_level)
+        attn2[layer.key] = chains[layer.key] = existing.with_hook(hook, outermost)
+    _write_chains(model, attn2, chains)
     return chosen
 
 
@@ -91,17 +107,28 @@ def remove_hooks(model: Any, hooks: Iterable[AttentionHook]) -> None:
     """Take hooks out of every chain of ``model``; chains left empty give their key back."""
     hooks = list(hooks)
     attn2 = dict(_attn2_replaces(model.model_options))
+    chains = dict(_transformer_options(model).get(CHAINS_KEY, {}))
+    for key, ours in list(chains.items()):  # chains another pack wrote over (see install_hook)
+        if not isinstance(attn2.get(key), AttentionChain):
+            kept = ours.without(hooks)
+            if kept.hooks:
+                chains[key] = kept
+            else:
+                del chains[key]
     for key, entry in list(attn2.items()):
         if not isinstance(entry, AttentionChain):
             continue
         chain = entry.without(hooks)
+        chains.pop(key, None)
         if chain.hooks:
+            attn2[key] = chains[key] = chain
+        elif chain.callbacks:  # other packs' callbacks were added to it: it must keep running them
             attn2[key] = chain
-        elif chain.inner is not None and attn2.get(key[:2]) is not chain.inner:
+        elif chain.inner is not None:
             attn2[key] = chain.inner
         else:
             del attn2[key]
-    _write_attn2(model, attn2)
+    _write_chains(model, attn2, chains)
 
 
 def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]], masks: torch.Tensor,
@@ -118,9 +145,8 @@ def install_regional(model: Any, region_deltas: list[dict[str, torch.Tensor]], m
     if texts is not None and len(texts) != len(region_deltas):
         raise ValueError(f"{len(region_deltas)} regions but {len(texts)} region texts")
     texts = tuple(texts) if texts is not None and any(t is not None for t in texts) else ()
-    patches = model.model_options.get("transformer_options", {}).get("patches", {})
-    if stash_context not in patches.get("attn2_patch", []):
-        model.set_model_attn2_patch(stash_context)
+    if stash_context not in _attn2_patches(model):
+        _write_attn2_patches(model, _attn2_patches(model) + [stash_context])
     hooks = []
     for layer in model_layers(model):
         k_key, v_key = layer.weight_keys
@@ -138,7 +164,7 @@ def _attn2_patches(model: Any) -> list[Any]:
     return list(model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", []))
 
 
-def _write_attn2_patches(model: Any, patch_list: list[Any]) -> None:
+def _write_attn2_patches(model: Any, patch_list: list[Any]) -> None:  # copy-on-write
     _write_transformer_option(model, "patches", "attn2_patch", patch_list)
 
 

@@ -38,6 +38,18 @@ class Conditioned:
                                    seed=seed, disable_pbar=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Tiny tensors on a shared machine: one torch thread is faster and deterministic.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sd15() -> Conditioned:
     """Tiny SD1.5-architecture model, CLIP and VAE."""

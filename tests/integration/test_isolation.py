@@ -42,13 +42,7 @@ MAX_TRACEMALLOC_GROWTH = 512 << 10  # bytes of Python heap over the traced runs 
 MAX_RSS_GROWTH = 48 << 20  # bytes; allocator noise on a shared machine, a leak of one latent per run would be visible in tensors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared machine: one thread is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _structure(value: Any) -> Any:

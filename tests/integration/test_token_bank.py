@@ -26,13 +26,7 @@ PROMPT = "a photo of V1 cat"
 TRIGGER_ROWS = [4, 7]  # [SOT] photo of a V1 cat and V2 dog
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _picture() -> torch.Tensor:
