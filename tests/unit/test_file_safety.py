@@ -132,9 +132,11 @@ class Fault(Exception):
     """The injected failure."""
 
 
-def _failing_on_call(original: Callable, call: int, error: BaseException) -> Callable:
-    """``original``, except that its ``call``-th call (0-based) raises ``error`` instead."""
-    count = [0]
+def _failing_on_call(original: Callable, call: int, error: BaseException,
+                     count: list[int] | None = None) -> Callable:
+    """``original``, except that its ``call``-th call (0-based) raises ``error`` instead; functions
+    given the same ``count`` share the count of calls."""
+    count = [0] if count is None else count
 
     def wrapper(*args, **kwargs):
         count[0] += 1
@@ -176,16 +178,8 @@ def test_a_fault_anywhere_in_a_multi_file_write_changes_nothing(
         monkeypatch.setattr(io_utils, "_fsync_file", _failing_on_call(io_utils._fsync_file, call, error))
     else:  # the k-th move into place (os.link for new files and kept copies, os.replace over old ones)
         moves = [0]
-
-        def counted(original: Callable) -> Callable:
-            def move(*args, **kwargs):
-                moves[0] += 1
-                if moves[0] == call + 1:
-                    raise error
-                return original(*args, **kwargs)
-            return move
-        monkeypatch.setattr(io_utils.os, "link", counted(os.link))
-        monkeypatch.setattr(io_utils.os, "replace", counted(os.replace))
+        monkeypatch.setattr(io_utils.os, "link", _failing_on_call(os.link, call, error, moves))
+        monkeypatch.setattr(io_utils.os, "replace", _failing_on_call(os.replace, call, error, moves))
     with pytest.raises(type(error)):
         write_files_atomically(files, overwrite=overwrite)
     monkeypatch.undo()
