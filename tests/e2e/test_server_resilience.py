@@ -176,7 +176,7 @@ SEQUENCE: list[Step] = [
         "concepts": node("ConceptAttention_LoadConcepts", concept_name=PAIR),
         "export": node("ConceptAttention_ExportConcepts", concepts=link("concepts"), name="resilience_export",
                        rank=0)},
-        ("V1.safetensors already exists", "nothing was written"), unchanged=(f"{EMBEDDINGS}/V1.safetensors",),
+        ("V1.safetensors", "already exist", "nothing was written"), unchanged=(f"{EMBEDDINGS}/V1.safetensors",),
         absent=(f"{LORAS}/resilience_export.safetensors",)),
     Step("strength NaN through the API", lambda: _edit(sample(PAIR), "apply", strength=NAN),
          ("'strength' must be a finite number from -2 to 2, got nan",)),

@@ -108,11 +108,16 @@ class Env:
         return concepts
 
     def nan_model(self) -> Any:
-        """The tiny model with a patch that makes every prediction NaN (a broken model or patch)."""
-        model = self.b.model.clone()
-        model.set_model_unet_function_wrapper(
-            lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) * float("nan"))
-        return model
+        """The tiny model with a patch that makes every prediction NaN (a broken model or patch).
+
+        Kept for the module, as ComfyUI's cache keeps a node's output: a clone of a patcher that is
+        gone would stay in ComfyUI's list of loaded models as a "memory leak" of the tests.
+        """
+        if not hasattr(self, "_nan_model"):
+            self._nan_model = self.b.model.clone()
+            self._nan_model.set_model_unet_function_wrapper(
+                lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) * float("nan"))
+        return self._nan_model
 
     def bad_file(self, name: str, edit: Callable[[list[dict]], list[dict]]) -> str:
         """A concept file in models/concepts whose concept list was edited past the checks of saving."""
