@@ -1,6 +1,10 @@
-"""Pieces shared by the pack's nodes: naming, the stock KSampler inputs, small parsers."""
+"""Pieces shared by the pack's nodes: naming, the stock KSampler inputs, input checks, parsers."""
 from __future__ import annotations
 
+import logging
+import math
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -8,6 +12,53 @@ from comfy_api.latest import io
 
 NODE_PREFIX = "ConceptAttention_"
 CATEGORY = "concept_attention"
+
+log = logging.getLogger(__name__)
+
+
+def overwrite_input(replaces: str) -> io.Boolean.Input:
+    """The ``overwrite`` switch of every node that writes files (docs/reliability.md, "Files")."""
+    return io.Boolean.Input("overwrite", default=False, optional=True,
+                            tooltip=f"Off (default): if {replaces} already exists, nothing is written "
+                                    "and the node stops with a message (before any work). On: "
+                                    "REPLACES the existing file(s).")
+
+
+def listed_model_path(folder: str, name: str, input_name: str) -> str:
+    """Full path of ``name`` as ComfyUI lists it in ``models/<folder>``; names not in the list and
+    links that lead out of the folder's paths are refused, naming the input."""
+    import folder_paths
+
+    from ..training.io_utils import inside_folder
+
+    if not isinstance(name, str) or name not in folder_paths.get_filename_list(folder):
+        raise ValueError(f"{input_name} {name!r} is not a file in models/{folder}: choose one of the "
+                         "listed files (refresh the list if you just added it)")
+    path = folder_paths.get_full_path_or_raise(folder, name)
+    if not any(inside_folder(path, root) for root in folder_paths.get_folder_paths(folder)):
+        raise ValueError(f"{input_name} {name!r} is a link to {os.path.realpath(path)}, outside "
+                         f"models/{folder}: the pack does not follow links out of its folders; copy "
+                         f"the file into models/{folder}")
+    return path
+
+
+def check_numbers(node: type[io.ComfyNode], values: Mapping[str, Any]) -> None:
+    """Refuse a NaN, infinite or out-of-range number for any FLOAT/INT input of ``node``.
+
+    The server checks the declared ranges, but NaN passes every comparison (and library callers
+    are not checked at all), so each node calls this first with its arguments.
+    """
+    for spec in node.define_schema().inputs:
+        if not isinstance(spec, (io.Float.Input, io.Int.Input)) or values.get(spec.id) is None:
+            continue
+        value = values[spec.id]
+        low, high = spec.min, spec.max
+        bounds = f" from {low:g} to {high:g}" if low is not None and high is not None else ""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (not number or not math.isfinite(value) or (low is not None and value < low)
+                or (high is not None and value > high)):
+            raise ValueError(f"'{spec.id}' must be a finite number{bounds}, got {value!r}: set it in "
+                             f"the node (default {spec.default!r})")
 
 
 def ksampler_inputs(with_positive: bool = True) -> list[io.Input]:
@@ -69,6 +120,20 @@ def check_latent(latent: Any, name: str = "latent_image") -> dict:
     if not torch.isfinite(samples).all():
         raise ValueError(f"'{name}' contains NaN or infinite values: re-encode the image or check "
                          "the node that produced the latent (e.g. a VAE in fp16)")
+    return latent
+
+
+def check_sampled(latent: dict, node: str) -> dict:
+    """Refuse a sampled latent with NaN or infinite values (it decodes to a black picture) and warn
+    about one that is a single value everywhere (a flat picture): what a 'successful' run gave."""
+    samples = latent["samples"]
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError(f"{node}: sampling produced NaN or infinite values, so the picture would be "
+                         "black: lower 'strength' or 'cfg', check the concepts (load them again), or "
+                         "run the model in fp32 (--force-fp32)")
+    if samples.numel() > 1 and float(samples.amax() - samples.amin()) == 0.0:
+        log.warning("%s: the sampled latent is one value everywhere (%.4g), so the picture is flat; "
+                    "check the model and the concepts' strength", node, float(samples.flatten()[0]))
     return latent
 
 

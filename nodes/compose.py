@@ -13,8 +13,8 @@ from ..training.concept_file import save_concepts
 from ..training.concepts import check_compatible
 from ..training.auto_regions import class_word_positions, region_text_features, sample_auto_regional
 from ..training.merge import merge_concept_sets
-from .common import (CATEGORY, NODE_PREFIX, check_latent, check_masks_finite, ksampler_inputs,
-                     run_ksampler)
+from .common import (CATEGORY, NODE_PREFIX, check_latent, check_masks_finite, check_numbers,
+                     check_sampled, ksampler_inputs, overwrite_input, run_ksampler)
 from .concepts import Concepts, concept_path
 
 MODES = ("off", "combined", "regional", "regional_auto")
@@ -43,6 +43,7 @@ class MergeConcepts(io.ComfyNode):
                 Concepts.Input("concepts_3", optional=True, tooltip="Optional third set."),
                 io.String.Input("save_name", default="", optional=True,
                                 tooltip="If set, write the merged set to models/concepts/<name>.safetensors."),
+                overwrite_input("models/concepts/<save_name>.safetensors"),
             ],
             outputs=[Concepts.Output(display_name="CONCEPTS", tooltip="The merged concept set; "
                                                                       "apply it like any other.")],
@@ -51,12 +52,12 @@ class MergeConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts_1, concepts_2, concepts_3=None,
-                save_name: str = "") -> io.NodeOutput:
+                save_name: str = "", overwrite: bool = False) -> io.NodeOutput:
         sets = [s for s in (concepts_1, concepts_2, concepts_3) if s is not None]
+        path = concept_path(save_name, overwrite=overwrite) if save_name.strip() else None
         merged = merge_concept_sets(model, clip, sets)
-        if save_name.strip():
-            path = concept_path(save_name)
-            save_concepts(path, merged)
+        if path is not None:
+            save_concepts(path, merged, overwrite=overwrite)
             log.info("merged concepts %s saved to %s", merged.describe(), path)
         return io.NodeOutput(merged)
 
@@ -134,6 +135,7 @@ class ConceptSampler(io.ComfyNode):
                 positive_text: str = "", auto_steps: float = 0.3,
                 region_threshold: float = 0.4, region_texts: bool = True,
                 auto_restart: bool = True) -> io.NodeOutput:
+        check_numbers(cls, locals())
         sets = [s for s in (concepts_1, concepts_2, concepts_3) if s is not None]
         for concepts in sets:
             check_compatible(concepts, model, None)
@@ -144,11 +146,16 @@ class ConceptSampler(io.ComfyNode):
         size = latent_image["samples"].shape[-2:]
         image_size = (size[0] * 8, size[1] * 8)
         if composition == "regional_auto":
+            if denoise == 0:
+                raise ValueError("'denoise' is 0, so no step is sampled, but regional_auto finds its "
+                                 "regions while sampling: set denoise above 0 (1.0 for a new picture), "
+                                 "or use 'regional' with masks")
             per_set = cls._class_words(clip, positive_text, positive, sets)
             texts = region_text_features(clip, positive_text, sets) if region_texts else None
             latent, regions = sample_auto_regional(run_ksampler, model, sets, strength, per_set, steps,
                                                    auto_steps, region_threshold, latent_image, texts=texts,
                                                    restart=auto_restart, **sampling)
+            check_sampled(latent, "KSampler with Concepts")
             regions = regions.reshape(-1, *regions.shape[-2:])
             return io.NodeOutput(latent, F.interpolate(regions[None], size=image_size, mode="nearest")[0])
         patched, regions = model, torch.zeros(len(sets), *image_size)
@@ -177,7 +184,8 @@ class ConceptSampler(io.ComfyNode):
             regions = masks.float()
         elif composition != "off":
             raise ValueError(f"unknown composition {composition!r}; use one of {MODES}")
-        return io.NodeOutput(run_ksampler(patched, steps=steps, latent=latent_image, **sampling), regions)
+        latent = run_ksampler(patched, steps=steps, latent=latent_image, **sampling)
+        return io.NodeOutput(check_sampled(latent, "KSampler with Concepts"), regions)
 
     @staticmethod
     def _check_text(clip, positive_text: str, positive) -> None:

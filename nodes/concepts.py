@@ -12,12 +12,12 @@ from ..attention.visualize import colorize, upscale_maps
 from ..training.apply import apply_concepts
 from ..training.concept_file import load_concepts, save_concepts, save_partial_concepts
 from ..training.data import parse_concept_specs
-from ..training.export import (NAME_ADVICE, check_file_stem, concepts_with_banks, save_embeddings,
-                               save_lora)
+from ..training.export import concepts_with_banks, export_concepts
+from ..training.io_utils import NAME_ADVICE, TargetExistsError, check_file_stem, check_targets, next_free_path
 from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
 from ..training.prior import captions_for, generate_prior_images
-from .common import CATEGORY, NODE_PREFIX
+from .common import CATEGORY, NODE_PREFIX, check_numbers, listed_model_path, overwrite_input
 from .web_api import LiveTraining
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,16 @@ Concepts = io.Custom("CONCEPTS")
 CONCEPTS_FOLDER = "concepts"
 
 
-def concept_path(name: str, what: str = "save_name") -> str:
-    """Where Save/Train/Merge write ``name`` in the first concepts folder (refusing path tricks)."""
+def concept_path(name: str, what: str = "save_name", overwrite: bool = True) -> str:
+    """Where Save/Train/Merge write ``name`` in the first concepts folder (refusing path tricks);
+    without ``overwrite`` a name that is taken is refused too, before any work."""
     import folder_paths
 
     stem = check_file_stem(name.strip().removesuffix(".safetensors"), f"the {what} (a concept file name)",
                            NAME_ADVICE)
-    return os.path.join(folder_paths.get_folder_paths(CONCEPTS_FOLDER)[0], f"{stem}.safetensors")
+    path = os.path.join(folder_paths.get_folder_paths(CONCEPTS_FOLDER)[0], f"{stem}.safetensors")
+    check_targets([path], overwrite, what)
+    return path
 
 
 def report_progress_text(node_id: str, text: str) -> None:
@@ -77,8 +80,9 @@ class TrainConcepts(io.ComfyNode):
                                tooltip="Weight of the attention losses (official code: 0.01)."),
                 io.String.Input("save_name", default="",
                                 tooltip="If set, save to models/concepts/<name>.safetensors (also a "
-                                        "partial file when interrupted; it never replaces a "
-                                        "finished file: then it is <name>_partial)."),
+                                        "partial file when interrupted, which never replaces "
+                                        "anything: then it is <name>_partial). An existing file "
+                                        "is only replaced with 'overwrite' on."),
                 io.Int.Input("micro_batch", default=2, min=1, max=64, optional=True,
                              tooltip="Images per forward pass."),
                 io.Int.Input("grad_accumulation", default=4, min=1, max=64, optional=True,
@@ -110,6 +114,7 @@ class TrainConcepts(io.ComfyNode):
                              tooltip="Also learn this many nested-attention tokens per concept "
                                      "(4 to 16 is typical; 0 = off). Use them with Nested Subject "
                                      "(Concept Token Bank) -> Apply Nested Attention."),
+                overwrite_input("models/concepts/<save_name>.safetensors"),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Model with the learned K/V deltas."),
@@ -130,12 +135,14 @@ class TrainConcepts(io.ComfyNode):
                 precision: str = "fp32", gradient_checkpointing: bool = False,
                 masks=None, prior_images=None, prior_captions: str = "",
                 generated_priors: int = 0, caption: str = "",
-                map_layers: str = "latent/4", token_bank: int = 0) -> io.NodeOutput:
+                map_layers: str = "latent/4", token_bank: int = 0,
+                overwrite: bool = False) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
+        check_numbers(cls, locals())
         specs = parse_concept_specs(concepts)
-        path = concept_path(save_name) if save_name.strip() else None
+        path = concept_path(save_name, overwrite=overwrite) if save_name.strip() else None
         settings = TrainSettings(
             steps=steps, learning_rate=learning_rate, resolution=resolution, seed=seed,
             micro_batch=micro_batch, grad_accumulation=grad_accumulation,
@@ -162,17 +169,28 @@ class TrainConcepts(io.ComfyNode):
 
         def keep_partial(partial) -> None:
             if path is not None:
-                written = save_partial_concepts(path, partial)
+                written = save_partial_concepts(path, partial, overwrite=overwrite)
                 log.info("training interrupted: partial concepts saved to %s", written)
 
         result = train_concepts(model, clip, vae, image, specs, settings, masks=masks,
                                 prior=prior, progress=progress, on_checkpoint=keep_partial)
+        new_model, new_clip = apply_concepts(model, clip, result.concepts)  # refuses a diverged run
         if path is not None:
-            save_concepts(path, result.concepts)
-        new_model, new_clip = apply_concepts(model, clip, result.concepts)
+            cls._save(path, result.concepts, overwrite)
         maps = cls._maps_image(result.maps, resolution)
         return io.NodeOutput(new_model, new_clip, result.concepts, maps,
                              loss_curve_image(result.history))
+
+    @staticmethod
+    def _save(path: str, concepts, overwrite: bool) -> None:
+        """Save the finished run; if its name was taken during the run, keep it under the next free
+        name rather than lose it or replace what appeared (the name was checked before training)."""
+        try:
+            save_concepts(path, concepts, overwrite=overwrite)
+        except TargetExistsError:
+            kept = next_free_path(path)
+            save_concepts(kept, concepts, overwrite=False)
+            log.warning("%s appeared while training; the trained concepts were saved to %s", path, kept)
 
     @staticmethod
     def _maps_image(maps, size: int) -> torch.Tensor:
@@ -204,6 +222,7 @@ class ApplyConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, strength: float) -> io.NodeOutput:
+        check_numbers(cls, locals())
         return io.NodeOutput(*apply_concepts(model, clip, concepts, strength))
 
 
@@ -226,13 +245,7 @@ class LoadConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, concept_name: str) -> io.NodeOutput:
-        import folder_paths
-
-        if concept_name not in folder_paths.get_filename_list(CONCEPTS_FOLDER):
-            raise ValueError(f"concept_name {concept_name!r} is not a file in models/concepts: choose "
-                             "one of the listed files (refresh the list if you just added it)")
-        return io.NodeOutput(load_concepts(folder_paths.get_full_path_or_raise(CONCEPTS_FOLDER,
-                                                                               concept_name)))
+        return io.NodeOutput(load_concepts(listed_model_path(CONCEPTS_FOLDER, concept_name, "concept_name")))
 
 
 class SaveConcepts(io.ComfyNode):
@@ -246,15 +259,16 @@ class SaveConcepts(io.ComfyNode):
             category=CATEGORY,
             inputs=[Concepts.Input("concepts", tooltip="Concepts to save."),
                     io.String.Input("name", default="my_concepts",
-                                    tooltip="File name without extension.")],
+                                    tooltip="File name without extension."),
+                    overwrite_input("models/concepts/<name>.safetensors")],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file went.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, concepts, name: str) -> io.NodeOutput:
-        path = concept_path(name, "name")
-        save_concepts(path, concepts)
+    def execute(cls, concepts, name: str, overwrite: bool = False) -> io.NodeOutput:
+        path = concept_path(name, "name", overwrite)
+        save_concepts(path, concepts, overwrite=overwrite)
         return io.NodeOutput(path)
 
 
@@ -271,22 +285,24 @@ class ExportConcepts(io.ComfyNode):
                     io.String.Input("name", default="my_concepts",
                                     tooltip="LoRA file name (models/loras/<name>.safetensors)."),
                     io.Int.Input("rank", default=0, min=0, max=4096,
-                                 tooltip="0 = exact (full) deltas; otherwise a low-rank SVD LoRA.")],
+                                 tooltip="0 = exact (full) deltas; otherwise a low-rank SVD LoRA."),
+                    overwrite_input("models/loras/<name>.safetensors or an embedding "
+                                    "models/embeddings/<trigger>.safetensors")],
             outputs=[io.String.Output(display_name="report",
                                       tooltip="Files written and the low-rank error.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, concepts, name: str, rank: int) -> io.NodeOutput:
+    def execute(cls, concepts, name: str, rank: int, overwrite: bool = False) -> io.NodeOutput:
         import comfy.model_management
         import folder_paths
 
         stem = check_file_stem(name.strip(), "the name (a LoRA file name)", NAME_ADVICE)
         lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{stem}.safetensors")
-        errors = save_lora(lora_path, concepts, rank or None,
-                           device=comfy.model_management.get_torch_device())
-        written = save_embeddings(folder_paths.get_folder_paths("embeddings")[0], concepts)
+        lora_path, written, errors = export_concepts(
+            lora_path, folder_paths.get_folder_paths("embeddings")[0], concepts, rank or None,
+            overwrite=overwrite, device=comfy.model_management.get_torch_device())
         worst = max(errors.values()) if errors else 0.0
         report = (f"LoRA: {lora_path} (rank {'full' if not rank else rank}, worst relative error "
                   f"{worst:.4f}); embeddings: {', '.join(str(p) for p in written)}; prompt with "

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..attention.patching import install_nested, model_layers, resolve_layers
 from ..training.nested_subjects import SubjectSpec, build_sources, encode_prompt
-from .common import CATEGORY, NODE_PREFIX
+from .common import CATEGORY, NODE_PREFIX, check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class ApplyNestedAttention(io.ComfyNode):
     def execute(cls, model, clip, text: str, subject_1, subject_2=None, subject_3=None,
                 exclusive: bool = True, layers: str = "all", start_percent: float = 0.0,
                 end_percent: float = 1.0) -> io.NodeOutput:
+        check_numbers(cls, locals())
         sigma_max, sigma_min = sigma_window(model, start_percent, end_percent)
         specs = [s.with_knobs(sigma_max=sigma_max, sigma_min=sigma_min)
                  for s in (subject_1, subject_2, subject_3) if s is not None]
@@ -125,6 +126,7 @@ class NestedSubjectFromBank(io.ComfyNode):
     @classmethod
     def execute(cls, concepts, trigger: str, strength: float, token_weight: float,
                 mask=None) -> io.NodeOutput:
+        check_numbers(cls, locals())
         concept = concepts.find(trigger.strip()) if trigger.strip() else concepts.concepts[0]
         if concept.bank is None:
             raise ValueError(f"concept {concept.trigger!r} has no token bank: train it with "

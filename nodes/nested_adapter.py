@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from comfy_api.latest import io
 from ..attention.layers import CrossAttentionLayer
 from ..training.nested_adapter import NestedAdapter, load_adapter
 from ..training.nested_subjects import SubjectSpec
-from .common import CATEGORY, NODE_PREFIX
+from .common import CATEGORY, NODE_PREFIX, check_numbers
 from .nested import subject_knob_inputs, subject_output
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,15 @@ def adapter_path(name: str) -> str:
     """Full path of a listed adapter file."""
     import folder_paths
 
+    from ..training.io_utils import inside_folder
+
     for folder in _folders():
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
+            if not any(inside_folder(path, root) for root in folder_paths.get_folder_paths(folder)):
+                raise ValueError(f"adapter_name {name!r} is a link to {os.path.realpath(path)}, outside "
+                                 f"models/{folder}: the pack does not follow links out of its "
+                                 f"folders; copy the file into models/{folder}")
             return path
     raise FileNotFoundError(f"nested adapter {name!r} not found in models/{ADAPTERS_FOLDER} "
                             f"or models/{IPADAPTER_FOLDER}")
@@ -123,6 +130,7 @@ class NestedSubjectFromImage(io.ComfyNode):
     @classmethod
     def execute(cls, adapter, clip_vision, image, word: str, strength: float, token_weight: float,
                 mask=None) -> io.NodeOutput:
+        check_numbers(cls, locals())
         word = word.strip()
         if not word:
             raise ValueError("give the subject word of the prompt, e.g. 'cat'")

@@ -11,8 +11,8 @@ from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.visualize import colorize, overlay, upscale_maps
 from ..training.triggers import locate_words_and_triggers
-from .common import (CATEGORY, NODE_PREFIX, check_latent, ksampler_inputs, run_ksampler,
-                     split_words)
+from .common import (CATEGORY, NODE_PREFIX, check_latent, check_numbers, check_sampled, ksampler_inputs,
+                     run_ksampler, split_words)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,11 @@ class AttentionMapSampler(io.ComfyNode):
     def execute(cls, model, clip, positive_text: str, words: str, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, negative, latent_image, denoise: float,
                 layers: str, step_start: float, step_end: float, vae=None) -> io.NodeOutput:
+        check_numbers(cls, locals())
         check_latent(latent_image)
+        if denoise == 0:
+            raise ValueError("'denoise' is 0, so no step is sampled and no attention map can be "
+                             "recorded: set denoise above 0 (1.0 for a new picture)")
         word_list = split_words(words)
         positions = locate_words_and_triggers(clip, positive_text, word_list)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(positive_text))
@@ -70,8 +74,11 @@ class AttentionMapSampler(io.ComfyNode):
         store = MapStore()
         store.set_tokens([p for group in positions for p in group])
         install_hook(patched, AttentionRecorder(store=store), layers)
-        latent = run_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                              latent_image, denoise)
+        latent = check_sampled(run_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
+                                            negative, latent_image, denoise), "KSampler with Attention Maps")
+        if not store.steps:
+            raise ValueError(f"no attention maps were recorded while sampling with layers {layers!r}: "
+                             "choose layers the model has ('all', 'latent/4')")
 
         maps = cls._word_maps(store, positions, latent["samples"], step_start, step_end)
         batch, n_words, height, width = maps.shape

@@ -45,16 +45,12 @@ def _describe_architecture(architecture: dict[str, Any]) -> str:
 
 def concept_file_entry(name: str) -> dict[str, Any]:
     """What the front end needs to know about one listed concept file (never raises)."""
-    import folder_paths
-
     from ..training.concept_file import concept_file_info
+    from .common import listed_model_path
 
     entry: dict[str, Any] = {"name": name}
     try:
-        path = folder_paths.get_full_path(CONCEPTS_FOLDER, name)
-        if path is None:
-            raise FileNotFoundError(f"{name} is no longer in the concepts folders")
-        info = concept_file_info(path)
+        info = concept_file_info(listed_model_path(CONCEPTS_FOLDER, name, "concept file"))
         metadata = info.get("metadata") or {}
         entry.update({
             "triggers": list(info["triggers"]),

@@ -1,6 +1,7 @@
 """Put learned concepts into a MODEL and a CLIP (clones), as Apply and Train return them."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .concepts import ConceptSet, check_compatible
@@ -13,6 +14,7 @@ def apply_concepts(model: Any, clip: Any, concepts: ConceptSet,
 
     Returns patched clones; either input may be None to patch only the other.
     """
+    check_strength(strength)
     check_compatible(concepts, model, clip)
     patched_model = None
     if model is not None:
@@ -26,3 +28,11 @@ def apply_concepts(model: Any, clip: Any, concepts: ConceptSet,
     if clip is not None:
         patched_clip = with_triggers(clip, {c.trigger: c.embeddings for c in concepts.concepts})
     return patched_model, patched_clip
+
+
+def check_strength(strength: float, name: str = "strength") -> float:
+    """A concept strength is a finite number (NaN or infinity would sample black pictures)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"'{name}' must be a finite number, got {strength!r}: use 1.0 for the "
+                         "concepts as trained, 0 for none")
+    return float(strength)

@@ -114,9 +114,10 @@ def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet]
     start instead of finishing what the first steps blended with every set everywhere (it costs the
     first stage's steps once more).
     """
-    split = min(steps - 1, max(1, round(auto_fraction * steps)))
     if steps < 2:
-        raise ValueError("automatic regions need at least 2 sampling steps")
+        raise ValueError(f"'steps' is {steps}: automatic regions need at least 2 sampling steps (some "
+                         "to find the regions, the rest to draw in them)")
+    split = min(steps - 1, max(1, round(auto_fraction * steps)))
     combined = model
     for concepts in sets:
         combined, _ = apply_concepts(combined, None, concepts, strength)

@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
-from .concepts import ENCODER_KEYS, FORMAT_VERSION, Concept, ConceptSet, context_width, kv_digest
-from .io_utils import atomic_write_safetensors
+from .concepts import (ENCODER_KEYS, FORMAT_VERSION, Concept, ConceptSet, context_width, kv_digest,
+                       value_problem)
+from .data import ConceptSpec, check_specs
+from .io_utils import atomic_write_safetensors, next_free_path
 
 FORMAT_NAME = "concept-attention"
 KV_PREFIX = "kv."
@@ -41,6 +43,7 @@ BANK_PREFIX = "bank."
 MAX_BANK_TOKENS = 4096
 MAX_METADATA_BYTES = 1 << 20  # all header metadata strings together
 MAX_HEADER_BYTES = 16 << 20  # the whole safetensors header: tensor table plus metadata
+MAX_JSON_DEPTH = 32  # nesting of any JSON value in the header (the pack writes at most 4)
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
 }
@@ -49,6 +52,7 @@ _ITEM_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _KV_KEY = re.compile(r"diffusion_model\.[A-Za-z0-9_.]+\.attn2\.to_[kv]\.weight")
 _EMB_KEY = re.compile(r"emb\.(0|[1-9][0-9]{0,5})\.([A-Za-z0-9_]+)")
 _BANK_KEY = re.compile(r"bank\.(0|[1-9][0-9]{0,5})")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no valid Unicode text has one alone
 
 ADVICE_DAMAGED = ("The file is damaged or incomplete (an interrupted copy or download?): copy it "
                   "again, or train and save the concepts again.")
@@ -60,6 +64,8 @@ ADVICE_SCHEMA = ("It was modified or written by another tool: save the concepts 
 ADVICE_NEWER = "Update the Concept Attention node pack to read it."
 ADVICE_DIVERGED = ("Training probably diverged: train again with a lower learning rate (or save "
                    "in float32 if this was a float16 file).")
+ADVICE_TRIGGER = ("A trigger read from a file follows the rules of one typed in Train Concepts: train "
+                  "the concepts again with a made-up trigger word such as V1.")
 
 
 class ConceptFileError(ValueError):
@@ -91,13 +97,38 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_json_value(value: Any, where: str, advice: str = ADVICE_SCHEMA) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH or text that is not valid Unicode (checked
+    without recursion, so no value can exhaust the stack of what reads it later)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _Problem(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep", advice)
+        if isinstance(item, dict):
+            pending += [(key, depth) for key in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            pending += [(v, depth + 1) for v in item]
+        elif isinstance(item, str) and _SURROGATE.search(item):
+            raise _Problem(f"{where} holds text that is not valid Unicode (a lone surrogate "
+                           f"in {item[:40]!r})", advice)
+
+
+def _loads(text: str | bytes, where: str, advice: str = ADVICE_SCHEMA) -> Any:
+    """``json.loads`` whose every failure (a 5000-digit number, deep nesting) is a _Problem."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise _Problem(f"{where} is not valid JSON ({reason})", advice) from None
+    _check_json_value(value, where, advice)
+    return value
+
+
 def _parse_json(meta: Mapping[str, str], name: str, kind: type) -> Any:
     if name not in meta:
         raise _Problem(f"the header has no '{name}' entry")
-    try:
-        value = json.loads(meta[name])
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise _Problem(f"the header entry '{name}' is not valid JSON ({exc})") from None
+    value = _loads(meta[name], f"the header entry '{name}'")
     if not isinstance(value, kind):
         raise _Problem(f"the header entry '{name}' is a JSON {type(value).__name__}, "
                        f"expected a {kind.__name__}")
@@ -146,6 +177,10 @@ def _check_concept_entries(entries: list[Any]) -> list[dict[str, Any]]:
                                        or not 1 <= bank_tokens <= MAX_BANK_TOKENS):
             raise _Problem(f"concept {trigger!r} has an invalid token-bank size {bank_tokens!r} "
                            f"(1 to {MAX_BANK_TOKENS})")
+    try:
+        check_specs([ConceptSpec(entry["trigger"], entry["class_phrase"]) for entry in entries])
+    except ValueError as exc:
+        raise _Problem(str(exc), ADVICE_TRIGGER) from None
     return entries
 
 
@@ -156,6 +191,7 @@ def _parse_metadata(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in meta.items()):
         raise _Problem("the header metadata is not a map of strings", ADVICE_DAMAGED)
+    _check_json_value(meta, "the header metadata")
     size = sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
     if size > MAX_METADATA_BYTES:
         raise _Problem(f"its header metadata is {size} bytes, more than the "
@@ -270,10 +306,10 @@ def _check_bank(key: str, index: int, shape: tuple[int, ...], declared: Mapping[
     return index
 
 
-def _check_finite(key: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise _Problem(f"tensor {key!r} contains {bad} NaN or infinite values", ADVICE_DIVERGED)
+def _check_values(key: str, tensor: torch.Tensor) -> None:
+    problem = value_problem(tensor)
+    if problem:
+        raise _Problem(f"tensor {key!r} {problem}", ADVICE_DIVERGED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +338,11 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
                            ADVICE_DAMAGED)
         raw = handle.read(length)
     try:
+        # ValueError: also a number too long to read; RecursionError: nesting too deep.
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _Problem("it is not a safetensors file (its header is not JSON)", ADVICE_DAMAGED) from None
+    _check_json_value(header, "its header", ADVICE_DAMAGED)
     if not isinstance(header, dict):
         raise _Problem("it is not a safetensors file (its header is not a JSON object)", ADVICE_DAMAGED)
     return header, length, size
@@ -399,7 +437,7 @@ def load_concepts(path: str | os.PathLike[str], dtype: torch.dtype | None = torc
             raise _Problem(f"safetensors cannot read it ({type(exc).__name__}: {exc})",
                            ADVICE_DAMAGED) from None
         for key, tensor in tensors.items():
-            _check_finite(key, tensor)
+            _check_values(key, tensor)
     except _Problem as problem:
         raise _load_error(path, problem) from None
     except OSError as exc:
@@ -419,7 +457,7 @@ def load_concepts(path: str | os.PathLike[str], dtype: torch.dtype | None = torc
     kv_deltas = {key[len(KV_PREFIX):]: convert(tensor) for key, tensor in tensors.items()
                  if key.startswith(KV_PREFIX)}
     return ConceptSet(concepts=concepts, kv_deltas=kv_deltas, architecture=parsed["architecture"],
-                      metadata=parsed["metadata"])
+                      metadata=parsed["metadata"], source=path.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,40 +517,54 @@ def concept_file_contents(concepts: ConceptSet, dtype: torch.dtype | None = None
     table = {key: (_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for key, t in tensors.items()}
     _check_tensor_table(parsed, table)
     for key, tensor in tensors.items():
-        _check_finite(key, tensor)
+        _check_values(key, tensor)
     return tensors, metadata
 
 
 def save_concepts(path: str | os.PathLike[str], concepts: ConceptSet,
-                  dtype: torch.dtype | None = None) -> None:
+                  dtype: torch.dtype | None = None, overwrite: bool = True) -> None:
     """Write ``concepts`` to ``path`` atomically (temp file, fsync, rename).
 
     Tensors are stored on the CPU, contiguous, in their own dtype (float32 from training), or
     all in ``dtype`` (e.g. ``torch.float16`` halves the file). Concepts that the loader would
-    refuse are refused here, with a ConceptFileError, before anything is written.
+    refuse are refused here, with a ConceptFileError, before anything is written. Without
+    ``overwrite`` an existing file is refused (``io_utils.TargetExistsError``) and left as it is.
     """
     path = Path(path)
     try:
         tensors, metadata = concept_file_contents(concepts, dtype)
     except _Problem as problem:
         raise _save_error(path, problem) from None
-    atomic_write_safetensors(path, tensors, metadata)
+    atomic_write_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
-def save_partial_concepts(path: str | os.PathLike[str], concepts: ConceptSet) -> Path:
+def _holds_finished_work(path: Path) -> bool:
+    """Whether ``path`` is a complete concept file (a damaged or partial one is no finished work)."""
+    try:
+        return concept_file_info(path)["metadata"].get("complete", True) is not False
+    except ConceptFileError:
+        return False
+
+
+def save_partial_concepts(path: str | os.PathLike[str], concepts: ConceptSet,
+                          overwrite: bool = True) -> Path:
     """Save an interrupted run's concepts without ever replacing a finished file; returns the path.
 
-    If ``path`` already holds a complete concept file (an earlier finished run), the partial set
-    goes next to it as ``<stem>_partial.safetensors``; otherwise to ``path`` itself.
+    Without ``overwrite`` nothing that exists is replaced: the set goes to ``path`` if it is free,
+    else to ``<stem>_partial.safetensors`` (``_partial_2``, ... if that is taken too). With
+    ``overwrite`` a partial or damaged file at ``path`` (or at ``<stem>_partial``) is replaced, a
+    finished one never.
     """
     path = Path(path)
-    target = path
-    if path.exists():
-        try:
-            finished = concept_file_info(path)["metadata"].get("complete", True) is not False
-        except ConceptFileError:
-            finished = False  # a damaged file is no work to keep
-        if finished:
-            target = path.with_name(f"{path.stem}_partial{path.suffix}")
-    save_concepts(target, concepts)
+    if not os.path.lexists(path):
+        target = path
+    elif not overwrite:
+        target = next_free_path(path, "_partial")
+    elif not _holds_finished_work(path):
+        target = path
+    else:
+        target = path.with_name(f"{path.stem}_partial{path.suffix}")
+        if os.path.lexists(target) and _holds_finished_work(target):
+            target = next_free_path(path, "_partial")
+    save_concepts(target, concepts, overwrite=overwrite)
     return target

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -14,6 +15,18 @@ import torch
 
 FORMAT_VERSION = 2  # 2: optional nested-attention token banks per concept
 ENCODER_KEYS = ("clip_l", "clip_g")  # ComfyUI's textual-inversion keys, one per text encoder
+
+# Bounds on learned values (docs/reliability.md, "Absurd values"). Training moves each value by
+# about the learning rate per step (AdamW): 250 steps at 8e-5 change a value by 0.02 at most, and
+# even the largest settings stay in the units. Far beyond, a model run in float16 (largest number
+# 65504) overflows as soon as such a value meets a feature or a weight, and the picture comes out
+# black or as noise: such a file is from a run that diverged, or was changed by hand.
+MAX_ABS_VALUE = 1e4
+# A K/V delta this many times the norm of the weight it patches has drowned what the layer learned.
+MAX_KV_RATIO = 10.0
+# A token vector this many times longer than the longest of the CLIP's own token vectors is far
+# outside everything the text encoder was trained on.
+MAX_EMBEDDING_RATIO = 10.0
 
 
 @dataclass
@@ -34,6 +47,7 @@ class ConceptSet:
     kv_deltas: dict[str, torch.Tensor]  # ModelPatcher weight key of attn2.to_k/to_v -> delta
     architecture: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False)  # the file it was loaded from, for messages
 
     @property
     def triggers(self) -> list[str]:
@@ -52,6 +66,11 @@ class ConceptSet:
         pairs = ", ".join(f"{c.trigger} {c.class_phrase}" for c in self.concepts)
         return f"[{pairs}] for {self.architecture.get('model', '?')}"
 
+    def origin(self) -> str:
+        """Which concepts these are, for messages: their file if they were loaded, and triggers."""
+        triggers = ", ".join(self.triggers) or "no triggers"
+        return f"the concepts of '{self.source}' ({triggers})" if self.source else f"the concepts {triggers}"
+
 
 def context_width(architecture: Mapping[str, Any]) -> int:
     """Width of the text features the UNet sees: the encoders' widths together (SDXL: l + g)."""
@@ -60,11 +79,7 @@ def context_width(architecture: Mapping[str, Any]) -> int:
 
 def encoder_widths(clip: Any) -> dict[str, int]:
     """Token-embedding width of each text encoder of a ComfyUI CLIP object."""
-    widths = {}
-    for key in ENCODER_KEYS:
-        encoder = getattr(clip.cond_stage_model, key, None)
-        if encoder is not None:
-            widths[key] = int(encoder.transformer.get_input_embeddings().weight.shape[1])
+    widths = {key: int(table.shape[1]) for key, table in _token_tables(clip).items()}
     if not widths:
         raise ValueError(f"{type(clip.cond_stage_model).__name__} has no CLIP-L/CLIP-G text "
                          "encoder; only SD1.x and SDXL text encoders are supported")
@@ -121,3 +136,71 @@ def check_compatible(concepts: ConceptSet, model: Any | None, clip: Any | None) 
             raise ValueError(
                 f"these concepts have token vectors for text encoders {want_widths} but the CLIP "
                 f"given has {have_widths}: use the CLIP of the model they were trained on")
+    check_magnitudes(concepts, model, clip)
+
+
+def value_problem(tensor: torch.Tensor) -> str | None:
+    """What is wrong with a learned tensor's values (non-finite, or beyond MAX_ABS_VALUE), or None."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        return f"contains {int((~finite).sum())} NaN or infinite values"
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    if peak > MAX_ABS_VALUE:
+        return (f"holds values up to {peak:.3g}, far beyond the {MAX_ABS_VALUE:g} that no trained "
+                "concept comes near")
+    return None
+
+
+def base_weight(model: Any, key: str) -> torch.Tensor:
+    """The weight a ModelPatcher key names, as the model holds it (no patches applied)."""
+    import comfy.utils
+
+    return comfy.utils.get_attr(model.model, key).detach()
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor.detach().float()))
+
+
+def check_magnitudes(concepts: ConceptSet, model: Any | None, clip: Any | None) -> None:
+    """Refuse values no training produces: non-finite or huge ones, K/V deltas out of scale with the
+    weights they patch, token vectors out of scale with the CLIP's own (they sample black pictures)."""
+    advice = ("it comes from a training run that diverged or was changed by hand: train the "
+              "concepts again (with a lower learning rate)")
+    named = [(f"K/V delta {key!r}", delta) for key, delta in concepts.kv_deltas.items()]
+    named += [(f"token vector of {c.trigger!r} for {encoder}", vector)
+              for c in concepts.concepts for encoder, vector in c.embeddings.items()]
+    named += [(f"token bank of {c.trigger!r}", c.bank) for c in concepts.concepts if c.bank is not None]
+    for name, tensor in named:
+        problem = value_problem(tensor)
+        if problem:
+            raise ValueError(f"{concepts.origin()}: the {name} {problem}; {advice}")
+    if model is not None:
+        for key, delta in concepts.kv_deltas.items():
+            weight = _norm(base_weight(model, key))
+            ratio = _norm(delta) / weight if weight > 0 else math.inf
+            if ratio > MAX_KV_RATIO:
+                raise ValueError(f"{concepts.origin()}: the K/V delta {key!r} is {ratio:.3g} times the "
+                                 f"size of the weight it changes (trained deltas stay well below "
+                                 f"{MAX_KV_RATIO:g} times); {advice}")
+    if clip is not None:
+        longest = {key: float(table.float().norm(dim=1).max()) for key, table in _token_tables(clip).items()}
+        for concept in concepts.concepts:
+            for key, vector in concept.embeddings.items():
+                if key not in longest or vector.numel() == 0:
+                    continue
+                ratio = float(vector.detach().float().norm(dim=-1).max()) / max(longest[key], 1e-12)
+                if ratio > MAX_EMBEDDING_RATIO:
+                    raise ValueError(f"{concepts.origin()}: the token vector of {concept.trigger!r} for "
+                                     f"{key} is {ratio:.3g} times longer than the CLIP's longest own "
+                                     f"token vector (at most {MAX_EMBEDDING_RATIO:g} times); {advice}")
+
+
+def _token_tables(clip: Any) -> dict[str, torch.Tensor]:
+    """Each text encoder's token-embedding table, by encoder key."""
+    tables = {}
+    for key in ENCODER_KEYS:
+        encoder = getattr(clip.cond_stage_model, key, None)
+        if encoder is not None:
+            tables[key] = encoder.transformer.get_input_embeddings().weight.detach()
+    return tables

@@ -5,11 +5,14 @@ import functools
 import logging
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .io_utils import is_reserved_device_name
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +20,7 @@ MIN_IMAGE_SIZE = 64
 # Two concept masks may touch, but if their overlap covers more than this share of the smaller
 # one they describe the same region and the calibration losses cannot tell the concepts apart.
 MAX_MASK_OVERLAP = 0.5
+MASK_WHITE = 0.5  # mask values above this are the object (the reconstruction region is cut there)
 GENERIC_CAPTIONS = Path(__file__).resolve().parent / "data" / "generic_captions.txt"
 # Words every training prompt may contain besides the captions (DisenDiff's caption and the
 # augmentation prefixes); a trigger equal to one of them would replace it in every prompt.
@@ -44,35 +48,38 @@ class TrainingSample:
     prompt: str
 
 
-def prepare_image(image: torch.Tensor) -> torch.Tensor:
-    """A ComfyUI IMAGE batch of one picture -> ``[H, W, 3]`` float in [0, 1], or a clear error."""
+def prepare_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """A ComfyUI IMAGE batch of one picture -> ``[H, W, 3]`` float in [0, 1], or a clear error.
+
+    ``name`` is the input the picture came from, as the messages call it (``prior image 2``).
+    """
     if not isinstance(image, torch.Tensor):
-        raise ValueError(f"the image input is a {type(image).__name__}, not an IMAGE: connect a "
+        raise ValueError(f"the {name} input is a {type(image).__name__}, not an IMAGE: connect a "
                          "Load Image node (or another IMAGE output)")
     if image.ndim != 4:
-        raise ValueError(f"the image input must be an IMAGE [batch, height, width, channels], got "
+        raise ValueError(f"the {name} input must be an IMAGE [batch, height, width, channels], got "
                          f"shape {tuple(image.shape)}: connect a Load Image node")
     if image.shape[0] == 0:
-        raise ValueError("the image input is an empty batch (no picture): the trainer learns from "
+        raise ValueError(f"the {name} input is an empty batch (no picture): the trainer learns from "
                          "ONE picture, connect a Load Image node")
     if image.shape[0] != 1:
-        raise ValueError(f"the image input holds a batch of {image.shape[0]} pictures; the trainer "
+        raise ValueError(f"the {name} input holds a batch of {image.shape[0]} pictures; the trainer "
                          "learns from ONE picture: pick one (e.g. with ImageFromBatch)")
     picture = image[0].float()
     height, width, channels = picture.shape
     if min(height, width) < MIN_IMAGE_SIZE:
-        raise ValueError(f"the image is {width}x{height} px; it must be at least "
+        raise ValueError(f"the {name} is {width}x{height} px; it must be at least "
                          f"{MIN_IMAGE_SIZE} px on each side: use a larger picture")
     if channels == 1:
         picture = picture.expand(height, width, 3)
     elif channels == 4:
-        log.info("dropping the alpha channel of the training image")
+        log.info("dropping the alpha channel of the %s", name)
         picture = picture[..., :3]
     elif channels != 3:
-        raise ValueError(f"the image has {channels} channels; expected RGB (3), greyscale (1) or "
+        raise ValueError(f"the {name} has {channels} channels; expected RGB (3), greyscale (1) or "
                          "RGBA (4): convert it to RGB")
     if not torch.isfinite(picture).all():
-        raise ValueError("the image contains NaN or infinite values: reload the picture, or fix "
+        raise ValueError(f"the {name} contains NaN or infinite values: reload the picture, or fix "
                          "the node that produced it")
     return picture.clamp(0, 1).contiguous()
 
@@ -101,24 +108,35 @@ def prepare_masks(masks: torch.Tensor | None, picture: torch.Tensor, count: int)
     if empty:
         raise ValueError(f"mask {empty[0] + 1} is empty: each concept's mask must cover its object")
     check_mask_overlap(masks)
+    faint = [i for i in range(count) if float(masks[i].max()) <= MASK_WHITE]
+    if faint:
+        raise ValueError(f"mask {faint[0] + 1} is too faint: its strongest value is "
+                         f"{float(masks[faint[0]].max()):.2f}, and training takes only values above "
+                         f"{MASK_WHITE} as the object: paint the object white")
     return masks
 
 
 def check_mask_overlap(masks: torch.Tensor) -> None:
-    """Refuse two concept masks that cover mostly the same pixels (e.g. both all white)."""
-    binary = masks > 0.5
-    areas = binary.flatten(1).sum(1)
+    """Refuse two concept masks that cover mostly the same pixels (e.g. both all white).
+
+    Soft masks count as much as they cover: the shared part of two masks is the sum of their
+    pixel-wise minimum, so two masks of 0.5 over the whole picture overlap on 100 %, and for
+    black-and-white masks this is the number of shared pixels.
+    """
+    weights = masks.flatten(1).float()
+    areas = weights.sum(1)
     for i in range(masks.shape[0]):
         for j in range(i + 1, masks.shape[0]):
-            smaller = int(min(areas[i], areas[j]))
-            if smaller == 0:
+            smaller = float(min(areas[i], areas[j]))
+            if smaller <= 0:
                 continue
-            shared = int((binary[i] & binary[j]).sum())
-            if shared > MAX_MASK_OVERLAP * smaller:
+            shared = float(torch.minimum(weights[i], weights[j]).sum())
+            if shared > MAX_MASK_OVERLAP * smaller + 1e-6:
                 raise ValueError(
-                    f"masks {i + 1} and {j + 1} overlap on {100 * shared // smaller}% of the smaller "
-                    f"one (at most {int(100 * MAX_MASK_OVERLAP)}% allowed): each concept's mask must "
-                    "cover its own object, not the whole picture or the other object")
+                    f"masks {i + 1} and {j + 1} overlap on {int(100 * shared / smaller)}% of the smaller "
+                    f"one (at most {int(100 * MAX_MASK_OVERLAP)}% allowed, soft masks counted by how "
+                    "much they cover): each concept's mask must cover its own object, not the whole "
+                    "picture or the other object")
 
 
 def default_caption(specs: list[ConceptSpec]) -> str:
@@ -186,7 +204,11 @@ def augment(picture: torch.Tensor, masks: torch.Tensor | None, caption: str, siz
     return TrainingSample(chw.permute(1, 2, 0).contiguous(), loss_mask, square_masks, prompt)
 
 
-_TRIGGER = __import__("re").compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_TRIGGER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+MAX_CLASS_PHRASE_CHARS = 200
+# Characters no class phrase needs and that hide what it says: controls, format characters (bidi
+# overrides, zero-width joiners), surrogates, private use, unassigned code points.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 
 
 def parse_concept_specs(text: str) -> list[ConceptSpec]:
@@ -200,18 +222,35 @@ def parse_concept_specs(text: str) -> list[ConceptSpec]:
             raise ValueError(f"cannot read {entry!r}: write one concept per line as 'TRIGGER: class', "
                              "e.g. 'V1: cat'")
         trigger, phrase = trigger.strip(), " ".join(phrase.split())
-        if not _TRIGGER.match(trigger):
-            raise ValueError(f"trigger {trigger!r} must be one word of letters, digits or _, "
-                             "starting with a letter (e.g. V1, sks_cat)")
+        check_trigger_form(trigger)
         if not phrase:
             raise ValueError(f"trigger {trigger!r} has no class word: e.g. '{trigger}: cat'")
-        if trigger.lower() in phrase.lower().split():
-            raise ValueError(f"trigger {trigger!r} must differ from its class word")
         specs.append(ConceptSpec(trigger, phrase))
     if not specs:
         raise ValueError("no concepts given: write one per line as 'TRIGGER: class', e.g. 'V1: cat'")
     check_specs(specs)
     return specs
+
+
+def check_trigger_form(trigger: str) -> None:
+    """A trigger is one word of ASCII letters, digits or _, starting with a letter."""
+    if not isinstance(trigger, str) or not _TRIGGER.match(trigger):
+        raise ValueError(f"trigger {trigger!r} must be one word of letters, digits or _, "
+                         "starting with a letter (e.g. V1, sks_cat)")
+
+
+def check_class_phrase(spec: ConceptSpec) -> None:
+    """A class phrase is plain visible text: one or a few words."""
+    phrase = spec.class_phrase
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError(f"trigger {spec.trigger!r} has no class word: e.g. '{spec.trigger}: cat'")
+    hidden = [c for c in phrase if unicodedata.category(c) in _HIDDEN_CATEGORIES]
+    if hidden:
+        raise ValueError(f"the class phrase of {spec.trigger!r} contains an invisible or control "
+                         f"character (U+{ord(hidden[0]):04X}): write it as plain words, e.g. 'cat'")
+    if len(phrase) > MAX_CLASS_PHRASE_CHARS:
+        raise ValueError(f"the class phrase of {spec.trigger!r} is {len(phrase)} characters long; "
+                         f"a class is a word or a few (at most {MAX_CLASS_PHRASE_CHARS} characters)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,7 +263,11 @@ def common_words() -> frozenset[str]:
 
 
 def check_specs(specs: list[ConceptSpec]) -> None:
-    """Refuse triggers that collide with each other, with a class word or with a common word."""
+    """The rule every set of triggers follows, typed in Train Concepts or read from a concept file:
+    one made-up word each, none twice, none a class word or a common word, each a valid file name."""
+    for spec in specs:
+        check_trigger_form(spec.trigger)
+        check_class_phrase(spec)
     names = [s.trigger.lower() for s in specs]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
@@ -232,6 +275,8 @@ def check_specs(specs: list[ConceptSpec]) -> None:
     class_words = {w.lower(): s.trigger for s in specs for w in s.class_phrase.split()}
     for spec in specs:
         name = spec.trigger.lower()
+        if name in (w.lower() for w in spec.class_phrase.split()):
+            raise ValueError(f"trigger {spec.trigger!r} must differ from its class word")
         if name in class_words:
             raise ValueError(f"trigger {spec.trigger!r} is also a class word (of concept "
                              f"{class_words[name]!r}): a trigger replaces every occurrence of its "
@@ -239,3 +284,6 @@ def check_specs(specs: list[ConceptSpec]) -> None:
         if name in common_words():
             raise ValueError(f"trigger {spec.trigger!r} is a common word: it would replace that "
                              "word in every prompt; pick a made-up word such as V1 or sks")
+        if is_reserved_device_name(spec.trigger):
+            raise ValueError(f"trigger {spec.trigger!r} is a device name on Windows, so Export could "
+                             "not write its embedding file: pick a made-up word such as V1")

@@ -24,21 +24,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from .concepts import Concept, ConceptSet
-from .io_utils import atomic_write_safetensors
+from .io_utils import (NAME_ADVICE, TRIGGER_ADVICE, Writer, check_file_stem,  # noqa: F401 - re-exported
+                       check_targets, safetensors_writer, write_files_atomically)
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIX = ".weight"
-# Characters that break file names on some system or the prompt syntax around `embedding:NAME`.
-_UNSAFE_CHARS = re.compile(r"[\\/:*?\"<>|(),\x00-\x1f\x7f]|\s")
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                     *(f"LPT{i}" for i in range(1, 10))}
 
 
 def _module_name(weight_key: str) -> str:
@@ -115,10 +111,9 @@ def kv_lora_state_dict(concepts: ConceptSet, rank: int | None = None,
     return state, errors
 
 
-def save_lora(path: str | os.PathLike[str], concepts: ConceptSet, rank: int | None = None,
-              dtype: torch.dtype | None = None, device: torch.device | str | None = None
-              ) -> dict[str, float]:
-    """Write the K/V deltas as a LoRA file (atomically); returns the per-module relative errors."""
+def lora_file(concepts: ConceptSet, rank: int | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> tuple[Writer, dict[str, float]]:
+    """The LoRA file's writer (for :func:`~.io_utils.write_files_atomically`) and the errors."""
     state, errors = kv_lora_state_dict(concepts, rank, dtype, device)
     metadata = {
         "format": "concept-attention-kv-lora",
@@ -128,7 +123,15 @@ def save_lora(path: str | os.PathLike[str], concepts: ConceptSet, rank: int | No
         "architecture": json.dumps(concepts.architecture, ensure_ascii=False),
         "max_relative_error": repr(max(errors.values(), default=0.0)),
     }
-    atomic_write_safetensors(path, state, metadata)
+    return safetensors_writer(state, metadata), errors
+
+
+def save_lora(path: str | os.PathLike[str], concepts: ConceptSet, rank: int | None = None,
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+              overwrite: bool = True) -> dict[str, float]:
+    """Write the K/V deltas as a LoRA file (atomically); returns the per-module relative errors."""
+    writer, errors = lora_file(concepts, rank, dtype, device)
+    write_files_atomically([(path, writer)], overwrite)
     return errors
 
 
@@ -155,50 +158,16 @@ def embedding_state_dict(concept: Concept) -> dict[str, torch.Tensor]:
                      "(clip_l) and SDXL (clip_l + clip_g) concepts can be exported as embeddings")
 
 
-TRIGGER_ADVICE = "Rename the trigger (letters, digits, '_', '-' and single dots are safe)"
-NAME_ADVICE = "Use letters, digits, '_', '-' and single dots only (no folders)"
-
-
-def check_file_stem(name: str, what: str = "an embedding file name",
-                    advice: str = TRIGGER_ADVICE) -> str:
-    """Refuse names that are not a safe file name (no folders, no '..'); returns it.
-
-    ``what`` names the input in the message, ``advice`` says what to do.
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"{what} must be text, got a {type(name).__name__}. {advice}")
-    problem = None
-    if not name:
-        problem = "it is empty"
-    elif name.startswith("."):
-        problem = "it starts with a dot"
-    elif ".." in name:
-        problem = "it contains '..'"
-    elif _UNSAFE_CHARS.search(name):
-        problem = ("it contains a path separator, a space or one of : * ? \" < > | ( ) , "
-                   "or a control character")
-    elif name.endswith((".", " ")):
-        problem = "it ends with a dot"
-    elif name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        problem = "it is a reserved device name on Windows"
-    elif len(name.encode("utf-8")) > 200:
-        problem = "it is longer than 200 bytes"
-    if problem is not None:
-        raise ValueError(f"{name!r} cannot be used as {what}: {problem}. {advice}")
-    return name
-
-
 def concepts_with_banks(concepts: ConceptSet) -> list[str]:
     """Triggers of the concepts that carry a nested-attention token bank (which export drops)."""
     return [c.trigger for c in concepts.concepts if c.bank is not None]
 
 
-def save_embeddings(folder: str | os.PathLike[str], concepts: ConceptSet,
-                    prefix: str = "") -> list[Path]:
-    """Write one ``<prefix><trigger>.safetensors`` per concept into ``folder`` (atomically each).
+def embedding_files(folder: str | os.PathLike[str], concepts: ConceptSet,
+                    prefix: str = "") -> list[tuple[Path, Writer]]:
+    """One ``<prefix><trigger>.safetensors`` target and writer per concept, every name checked.
 
-    All names are checked before anything is written. Returns the paths in concept order. Token
-    banks are not written (a warning names the concepts that had one).
+    Token banks are not written (a warning names the concepts that had one).
     """
     dropped = concepts_with_banks(concepts)
     if dropped:
@@ -206,17 +175,39 @@ def save_embeddings(folder: str | os.PathLike[str], concepts: ConceptSet,
                     "LoRA and are left out: use the concept file with this pack's nested nodes",
                     ", ".join(dropped))
     folder = Path(folder)
-    plans = []
+    files = []
     for concept in concepts.concepts:
         stem = check_file_stem(f"{prefix}{concept.trigger}")
-        plans.append((folder / f"{stem}.safetensors", embedding_state_dict(concept), concept))
-    stems = [path.name.lower() for path, _, _ in plans]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"two concepts would write the same embedding file: {stems}")
-    written = []
-    for path, state, concept in plans:
         metadata = {"format": "concept-attention-embedding", "trigger": concept.trigger,
                     "class_phrase": concept.class_phrase,
                     "model": str(concepts.architecture.get("model", ""))}
-        written.append(atomic_write_safetensors(path, state, metadata))
-    return written
+        files.append((folder / f"{stem}.safetensors",
+                      safetensors_writer(embedding_state_dict(concept), metadata)))
+    return files
+
+
+def save_embeddings(folder: str | os.PathLike[str], concepts: ConceptSet,
+                    prefix: str = "", overwrite: bool = True) -> list[Path]:
+    """Write one ``<prefix><trigger>.safetensors`` per concept into ``folder``, all or nothing.
+
+    All names are checked before anything is written. Returns the paths in concept order.
+    """
+    return write_files_atomically(embedding_files(folder, concepts, prefix), overwrite)
+
+
+def export_concepts(lora_path: str | os.PathLike[str], embeddings_folder: str | os.PathLike[str],
+                    concepts: ConceptSet, rank: int | None = None, overwrite: bool = False,
+                    device: torch.device | str | None = None, name_input: str = "name"
+                    ) -> tuple[Path, list[Path], dict[str, float]]:
+    """The LoRA and every embedding, all or nothing: (LoRA path, embedding paths, LoRA errors).
+
+    Every name and target is checked before the (slow) low-rank factorisation and before anything
+    is written; an existing file is refused unless ``overwrite``. ``name_input`` is the input that
+    names the LoRA, for the messages.
+    """
+    check_file_stem(Path(lora_path).stem, f"the {name_input} (a LoRA file name)", NAME_ADVICE)
+    embeddings = embedding_files(embeddings_folder, concepts)
+    check_targets([lora_path, *(path for path, _ in embeddings)], overwrite, name_input)
+    lora_writer, errors = lora_file(concepts, rank, device=device)
+    paths = write_files_atomically([(lora_path, lora_writer), *embeddings], overwrite, name_input)
+    return paths[0], paths[1:], errors

@@ -31,9 +31,9 @@ from ..attention.patching import install_hook, install_nested, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.tokens import phrase_ids
 from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
-from .data import (ConceptSpec, TrainingSample, augment, check_specs, default_caption, prepare_image,
-                   prepare_masks)
-from .triggers import TriggerTokenizer, concept_token_groups, trigger_positions
+from .data import (MASK_WHITE, ConceptSpec, TrainingSample, augment, check_specs, default_caption,
+                   prepare_image, prepare_masks)
+from .triggers import TriggerTokenizer, concept_token_groups, known_words, trigger_positions
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ class ConceptTrainer:
         self.masks = prepare_masks(masks, self.picture, len(specs))
         self.caption = settings.caption.strip() or default_caption(specs)
         self.model, self.clip, self.vae = model.clone(), clip.clone(), vae
-        self.prior = prior or []
+        self.prior = [(prepare_image(pixels[None], f"prior image {number} (prior_images)"), caption)
+                      for number, (pixels, caption) in enumerate(prior or [], 1)]
         self.rng = random.Random(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.kv_deltas: dict[str, torch.Tensor] = {}
@@ -192,6 +193,10 @@ class ConceptTrainer:
         self.last_maps: torch.Tensor | None = None  # maps of the last step with a finite loss
         self._step_maps: torch.Tensor | None = None
         self._check_caption()
+        for word in known_words(self.clip, [spec.trigger for spec in specs]):
+            log.warning("trigger %r is a word this CLIP already knows (one token of its vocabulary): "
+                        "training starts from what it means and changes it in every prompt with this "
+                        "CLIP; a made-up word such as V1 is safer", word)
 
     @property
     def uses_maps(self) -> bool:
@@ -342,15 +347,14 @@ class ConceptTrainer:
             if sample.concept_masks is not None and self.settings.mask_reconstruction:
                 union = sample.concept_masks.amax(0)[None, None]
                 region = torch.nn.functional.adaptive_max_pool2d(union, size // 8)[0, 0]
-                sample.loss_mask = sample.loss_mask * (region > 0.5).float()
+                sample.loss_mask = sample.loss_mask * (region > MASK_WHITE).float()
             pool.append((sample, self._encode_pixels(sample.pixels)))
         return pool
 
     def _prior_pool(self) -> list[tuple[TrainingSample, torch.Tensor]]:
         size, pool = self.settings.resolution, []
         for pixels, caption in self.prior:
-            sample = augment(prepare_image(pixels[None]), None, caption, size, self.rng, enabled=False,
-                             flip=self.settings.flip)
+            sample = augment(pixels, None, caption, size, self.rng, enabled=False, flip=self.settings.flip)
             pool.append((sample, self._encode_pixels(sample.pixels)))
         return pool
 

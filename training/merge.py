@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..attention.tokens import flatten_tokens, phrase_ids
-from .concepts import ConceptSet, check_compatible
+from .concepts import ConceptSet, base_weight as comfy_weight, check_compatible  # noqa: F401 - re-exported
 from .triggers import trigger_positions, with_triggers
 
 
@@ -103,8 +103,12 @@ def merge_concept_sets(model: Any, clip: Any, sets: Sequence[ConceptSet],
     """
     if len(sets) < 2:
         raise ValueError("give at least two concept sets to merge")
+    for number, concepts in enumerate(sets, 1):
+        if not concepts.concepts:
+            raise ValueError(f"concepts_{number} ({concepts.origin()}) holds no concepts, so there is "
+                             "nothing of it to merge: connect a set trained with Train Concepts")
     triggers = [t for s in sets for t in s.triggers]
-    if len(set(triggers)) != len(triggers):
+    if len({t.lower() for t in triggers}) != len(triggers):
         raise ValueError(f"trigger words must be unique across the merged sets, got {triggers}: "
                          "rename one when training")
     for concepts in sets:
@@ -122,10 +126,3 @@ def merge_concept_sets(model: Any, clip: Any, sets: Sequence[ConceptSet],
     merged = ConceptSet([c for s in sets for c in s.concepts], deltas, dict(sets[0].architecture),
                         {"merged_from": [s.describe() for s in sets], "merge_ridge": ridge})
     return merged
-
-
-def comfy_weight(model: Any, key: str) -> Tensor:
-    """The base (unpatched) weight a ModelPatcher key names."""
-    import comfy.utils
-
-    return comfy.utils.get_attr(model.model, key).detach()

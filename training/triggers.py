@@ -78,6 +78,11 @@ class TriggerTokenizer:
         return getattr(self.base, name)
 
 
+def known_words(clip: Any, words: Sequence[str]) -> list[str]:
+    """The words that the CLIP's vocabulary holds whole (one token each): words it already knows."""
+    return [word for word in words if len(phrase_ids(clip, word)) == 1]
+
+
 def with_triggers(clip: Any, vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> Any:
     """A clone of ``clip`` whose tokenizer knows the given triggers (the input is not changed)."""
     clone = clip.clone()

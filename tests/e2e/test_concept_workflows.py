@@ -76,20 +76,25 @@ def test_train_save_load_sample_and_stack_lora(comfy_server, scene):
     with Image.open(picture) as image:
         assert image.size == (128, 128)
 
-    export = comfy_server.run({
-        "concepts": node("ConceptAttention_LoadConcepts", concept_name="e2e_pair.safetensors"),
-        "export": node("ConceptAttention_ExportConcepts", concepts=link("concepts"), name="e2e_pair",
-                       rank=4),
-    }, timeout=120)
-    assert export.ok, export.describe()
     # Export writes into the first folder ComfyUI knows (models/ under the base directory).
     models = comfy_server.base_dir / "models"
-    assert (models / "loras" / "e2e_pair.safetensors").is_file()
-    assert (models / "embeddings" / "V1.safetensors").is_file()
+    exported = [models / "loras" / "e2e_pair.safetensors", models / "embeddings" / "V1.safetensors",
+                models / "embeddings" / "V2.safetensors"]
+    try:
+        export = comfy_server.run({
+            "concepts": node("ConceptAttention_LoadConcepts", concept_name="e2e_pair.safetensors"),
+            "export": node("ConceptAttention_ExportConcepts", concepts=link("concepts"), name="e2e_pair",
+                           rank=4),
+        }, timeout=120)
+        assert export.ok, export.describe()
+        assert all(path.is_file() for path in exported)
 
-    stacked = comfy_server.run(sample_prompt("e2e_pair.safetensors", "a photo of V2 circle",
-                                             lora="e2e_pair.safetensors"), timeout=300)
-    assert stacked.ok, stacked.describe()
+        stacked = comfy_server.run(sample_prompt("e2e_pair.safetensors", "a photo of V2 circle",
+                                                 lora="e2e_pair.safetensors"), timeout=300)
+        assert stacked.ok, stacked.describe()
+    finally:  # the session's server is shared: later tests export embeddings named V1 and V2 too
+        for path in exported:
+            path.unlink(missing_ok=True)
 
 
 def test_interrupt_leaves_loadable_partial_concepts(comfy_server, scene):

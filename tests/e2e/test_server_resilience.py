@@ -17,12 +17,18 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
+from support.concept_files import write_concept_file
 from support.server import ComfyServer, PromptRejected, format_node_errors
 from support.workflows import TINY_LOADER, link, node, tiny_txt2img
 
 SIZE = 64
 PAIR = "resilience_pair.safetensors"
+NAN = float("nan")
+CONCEPTS = "models/concepts"  # the first concepts folder (from extra_model_paths), under the work dir
+EMBEDDINGS = "base/models/embeddings"  # the first embeddings and loras folders: ComfyUI's defaults
+LORAS = "base/models/loras"
 
 
 def loader() -> dict:
@@ -104,6 +110,8 @@ class Step:
     expect: tuple[str, ...] = ()  # broken: words of the error
     rejected: bool = False  # broken at validation (HTTP 400) rather than while running
     check: Callable[[ComfyServer, list[Path]], None] | None = None  # good: its output
+    unchanged: tuple[str, ...] = ()  # files (under the server's work dir) that must keep their bytes
+    absent: tuple[str, ...] = ()  # files (under the server's work dir) that must not appear
 
     @property
     def good(self) -> bool:
@@ -155,6 +163,33 @@ SEQUENCE: list[Step] = [
          ("1 masks were given for 2 concepts",)),
     Step("all-one masks", lambda: all_one_masks(train(masks=link("masks"))),
          ("masks 1 and 2 overlap on 100%",)),
+    Step("train onto an existing save_name",  # another seed: not the cached result of "train and save"
+         lambda: _edit(train(save_name=PAIR.removesuffix(".safetensors")), "train", seed=1),
+         (f"{PAIR} already exists", "nothing was written", "switch 'overwrite' on"),
+         unchanged=(f"{CONCEPTS}/{PAIR}",)),
+    Step("save onto an existing name", lambda: {
+        "concepts": node("ConceptAttention_LoadConcepts", concept_name=PAIR),
+        "save": node("ConceptAttention_SaveConcepts", concepts=link("concepts"),
+                     name=PAIR.removesuffix(".safetensors"))},
+        (f"{PAIR} already exists", "another name"), unchanged=(f"{CONCEPTS}/{PAIR}",)),
+    Step("export onto an unrelated embedding V1", lambda: {
+        "concepts": node("ConceptAttention_LoadConcepts", concept_name=PAIR),
+        "export": node("ConceptAttention_ExportConcepts", concepts=link("concepts"), name="resilience_export",
+                       rank=0)},
+        ("V1.safetensors", "already exist", "nothing was written"), unchanged=(f"{EMBEDDINGS}/V1.safetensors",),
+        absent=(f"{LORAS}/resilience_export.safetensors",)),
+    Step("strength NaN through the API", lambda: _edit(sample(PAIR), "apply", strength=NAN),
+         ("'strength' must be a finite number from -2 to 2, got nan",)),
+    Step("denoise NaN in KSampler with Concepts", lambda: _edit(concept_sampler_off(), "sampler", denoise=NAN),
+         ("'denoise' must be a finite number",)),
+    Step("regional_auto with denoise 0", lambda: _edit(concept_sampler_off(), "sampler", composition="regional_auto",
+                                                      denoise=0.0), ("'denoise' is 0", "regional_auto")),
+    Step("a concept file with K/V deltas of 1e30", lambda: sample("resilience_huge.safetensors"),
+         ("resilience_huge.safetensors", "holds values up to 1e+30", "lower learning rate")),
+    Step("a concept file with the trigger 'a'", lambda: sample("resilience_trigger_a.safetensors"),
+         ("resilience_trigger_a.safetensors", "trigger 'a' is a common word")),
+    Step("a link out of models/concepts", lambda: sample("resilience_link.safetensors"),
+         ("is a link to", "outside models/concepts")),
     Step("export name traversal", lambda: {
         "concepts": node("ConceptAttention_LoadConcepts", concept_name=PAIR),
         "export": node("ConceptAttention_ExportConcepts", concepts=link("concepts"), name="../x", rank=0)},
@@ -186,7 +221,30 @@ def prepared(comfy_server: ComfyServer) -> ComfyServer:
     pixels[70:110, 72:112] = (30, 60, 220)
     Image.fromarray(pixels).save(comfy_server.input_dir / "resilience_scene.png")
     (comfy_server.concepts_dir / "resilience_pickle.safetensors").write_bytes(pickle.dumps({"a": 1}))
+    _tampered(comfy_server.concepts_dir / "resilience_huge.safetensors",
+              lambda tensors, meta: next(iter(tensors.values())).fill_(1e30))
+    _tampered(comfy_server.concepts_dir / "resilience_trigger_a.safetensors",
+              lambda tensors, meta: meta.__setitem__("concepts", meta["concepts"].replace('"V1"', '"a"')))
+    outside = comfy_server.workdir / "outside"
+    write_concept_file(outside / "elsewhere.safetensors", [("V1", "square")])
+    (comfy_server.concepts_dir / "resilience_link.safetensors").symlink_to(outside / "elsewhere.safetensors")
+    embedding = comfy_server.workdir / EMBEDDINGS / "V1.safetensors"  # another pack's (or an earlier test's)
+    if not embedding.exists():
+        embedding.parent.mkdir(parents=True, exist_ok=True)
+        embedding.write_bytes(b"an embedding from elsewhere")
     return comfy_server
+
+
+def _tampered(path: Path, change: Callable[[dict, dict], Any]) -> None:
+    """A valid concept file, changed past what saving allows (as a hand-edited or crafted file)."""
+    from safetensors.torch import load_file, save_file
+
+    write_concept_file(path, [("V1", "square")])
+    with safe_open(str(path), "pt") as handle:
+        meta = dict(handle.metadata())
+    tensors = load_file(str(path))
+    change(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -202,6 +260,7 @@ def test_broken_prompts_between_good_ones(prepared: ComfyServer) -> None:
         if step.name == "truncated concept file":  # from the file the good training prompt wrote
             data = (server.concepts_dir / PAIR).read_bytes()
             (server.concepts_dir / "resilience_truncated.safetensors").write_bytes(data[: len(data) // 2])
+        before = {name: (server.workdir / name).read_bytes() for name in step.unchanged}
         if step.rejected:
             with pytest.raises(PromptRejected) as caught:
                 server.queue(step.graph())
@@ -231,6 +290,10 @@ def test_broken_prompts_between_good_ones(prepared: ComfyServer) -> None:
                                          "concept_file.ConceptFileError") or "Error" in (result.error_type or ""), \
                 result.describe()
             report.append((step.name, "error"))
+        for name, data in before.items():
+            assert (server.workdir / name).read_bytes() == data, f"{step.name} changed {name}"
+        for name in step.absent:
+            assert not (server.workdir / name).exists(), f"{step.name} wrote {name}"
         assert server.is_running(), f"the server died after {step.name}"
     assert [name for name, _ in report] == [s.name for s in SEQUENCE]
     assert server.system_stats()["system"]  # still answering

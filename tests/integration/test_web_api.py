@@ -57,6 +57,18 @@ def test_a_listed_name_is_accepted(concepts_dir):
     assert web_api.concept_file_entry("webapi_pair.safetensors")["triggers"] == ["V1", "V2"]
 
 
+def test_a_link_out_of_the_folder_is_listed_with_an_error_and_never_read(concepts_dir, tmp_path):
+    write_concept_file(tmp_path / "outside.safetensors", [("V5", "bird")])
+    link = concepts_dir / "webapi_link.safetensors"
+    link.symlink_to(tmp_path / "outside.safetensors")
+    try:
+        entry = _by_name(web_api.list_concept_files())["webapi_link.safetensors"]
+        assert entry["triggers"] == [] and "outside models/concepts" in entry["error"]
+        assert "V5" not in json.dumps(web_api.concept_file_entry("webapi_link.safetensors"))
+    finally:
+        link.unlink()
+
+
 def test_loss_series_is_thinned_but_keeps_the_last_step():
     history = [{"loss": 1.0 / (i + 1), "reconstruction": 0.5, "step": i + 1} for i in range(1000)]
     series = web_api.loss_series(history, limit=100)

@@ -322,8 +322,10 @@ class ComfyServer:
         """POST /prompt; returns the prompt id. Raises PromptRejected (node_errors as text) on a 400."""
         if not self.is_running():
             raise ComfyServerError(f"server is not running; log tail:\n{self.log_tail()}")
-        response = requests.post(f"{self.url}/prompt", json={"prompt": prompt, "client_id": self.client_id},
-                                 timeout=30)
+        # Serialised here, NaN and infinity allowed: what any client may send (requests refuses them).
+        body_text = json.dumps({"prompt": prompt, "client_id": self.client_id}, allow_nan=True)
+        response = requests.post(f"{self.url}/prompt", data=body_text.encode("utf-8"), timeout=30,
+                                 headers={"Content-Type": "application/json"})
         if response.status_code != 200:
             try:
                 body = response.json()

@@ -233,6 +233,41 @@ def _drop_layer(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> N
     del tensors[KV0], tensors[KV0.replace("to_k", "to_v")]
 
 
+def _set_value(key: str, value: float, dtype: torch.dtype | None = None):
+    def change(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        tensors[key] = tensors[key].to(dtype or tensors[key].dtype)
+        tensors[key][0, 0] = value
+    return change
+
+
+def _trigger(index: int, trigger: str):
+    return edit_json("concepts", lambda c: [{**e, "trigger": trigger} if e["index"] == index else e for e in c])
+
+
+def _class(index: int, phrase: str):
+    return edit_json("concepts", lambda c: [{**e, "class_phrase": phrase} if e["index"] == index else e for e in c])
+
+
+def edit_text(name: str, old: str, new: str) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+    def change(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        assert old in metadata[name]
+        metadata[name] = metadata[name].replace(old, new, 1)
+    return change
+
+
+def raw_header(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    """A valid file whose header JSON text is edited (for what no writer would produce)."""
+    def build(path: Path) -> None:
+        data = valid_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = data[8:8 + length].decode("utf-8")
+        edited = edit(header)
+        assert edited != header
+        raw = edited.encode("utf-8")
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
+    return build
+
+
 def _torch_zip(path: Path) -> None:
     torch.save({"emb_params": torch.zeros(2, 4)}, path)
 
@@ -299,7 +334,60 @@ INVALID: list[tuple[str, Callable[[Path], None], str, str]] = [
      "indices must be 0, 1, 2", "save the concepts again"),
     ("NaN", mutate(_nan), "'emb.1.clip_l' contains 1 NaN or infinite", "lower learning rate"),
     ("inf", mutate(_inf), "contains 1 NaN or infinite", "lower learning rate"),
+    # Finite but absurd values (they sample black pictures): beyond MAX_ABS_VALUE.
+    ("KV delta 1e30", mutate(_set_value(KV0, 1e30)), f"'{KV0}' holds values up to 1e+30",
+     "lower learning rate"),
+    ("KV delta -2e4", mutate(_set_value(KV0, -2e4)), "holds values up to 2e+04", "lower learning rate"),
+    ("embedding 3e38", mutate(_set_value("emb.0.clip_l", 3e38)), "'emb.0.clip_l' holds values up to 3e+38",
+     "lower learning rate"),
+    ("embedding 65504 in float16", mutate(_set_value("emb.1.clip_g", 65504.0, torch.float16)),
+     "holds values up to 6.55e+04", "lower learning rate"),
+    # Triggers read from a file follow the rules of Train Concepts.
+    ("trigger 'a'", mutate(_trigger(0, "a")), "trigger 'a' is a common word", "made-up trigger word"),
+    ("trigger 'photo'", mutate(_trigger(1, "photo")), "trigger 'photo' is a common word", "made-up trigger word"),
+    ("trigger 'CON'", mutate(_trigger(0, "CON")), "trigger 'CON' is a device name on Windows",
+     "made-up trigger word"),
+    ("trigger 'com1'", mutate(_trigger(1, "com1")), "device name on Windows", "made-up trigger word"),
+    ("trigger with a space", mutate(_trigger(0, "V 1")), "trigger 'V 1' must be one word", "made-up trigger word"),
+    ("trigger with a zero-width space", mutate(_trigger(0, "V\u200b1")), "must be one word",
+     "made-up trigger word"),
+    ("trigger of another class", mutate(_trigger(1, "dog")), "trigger 'dog' is also a class word",
+     "made-up trigger word"),
+    ("triggers equal up to case", mutate(_trigger(1, "v2")), "trigger 'v2' is used twice", "made-up trigger word"),
+    ("class phrase with a bidi override", mutate(_class(0, "dog\u202e")),
+     "invisible or control character (U+202E)", "made-up trigger word"),
+    ("empty class phrase", mutate(_class(1, " ")), "'V1' has no class word", "made-up trigger word"),
+    # Crafted JSON: deep nesting, numbers too long to read, text that is not valid Unicode.
+    ("metadata nested 100000 deep", mutate(set_meta("metadata", "[" * 100000 + "]" * 100000)),
+     "'metadata' is not valid JSON (it is nested too deeply)", "save the concepts again"),
+    ("metadata nested 40 deep", mutate(set_meta("metadata", '{"a": ' + "[" * 40 + "]" * 40 + "}")),
+     "'metadata' is nested more than 32 levels deep", "save the concepts again"),
+    ("concepts nested 2000 deep", mutate(set_meta("concepts", "[" * 2000 + "]" * 2000)),
+     "'concepts' is not valid JSON (it is nested too deeply)", "save the concepts again"),
+    ("5000-digit number in metadata", mutate(set_meta("metadata", '{"steps": ' + "9" * 5000 + "}")),
+     "'metadata' is not valid JSON (Exceeds the limit", "save the concepts again"),
+    ("5000-digit token count", mutate(set_meta("concepts", '[{"trigger": "V1", "class_phrase": "cat", '
+                                               '"index": 0, "n_tokens": ' + "1" * 5000 + "}]")),
+     "'concepts' is not valid JSON", "save the concepts again"),
+    ("5000-digit width", mutate(set_meta("architecture", '{"model": "SDXL", "kv_layers": 3, '
+                                         '"encoders": {"clip_l": ' + "3" * 5000 + "}}")),
+     "'architecture' is not valid JSON", "save the concepts again"),
+    ("lone surrogate in a trigger", mutate(edit_text("concepts", '"V2"', '"V2\\ud800"')),
+     "'concepts' holds text that is not valid Unicode", "save the concepts again"),
+    ("lone surrogate in metadata", mutate(set_meta("metadata", '{"note": "\\udfff"}')),
+     "'metadata' holds text that is not valid Unicode", "save the concepts again"),
+    ("lone surrogate in a tensor name", raw_header(lambda h: h.replace('"emb.0.clip_l"', '"emb.0.clip_l\\ud800"')),
+     "its header holds text that is not valid Unicode", "damaged or incomplete"),
+    ("lone surrogate in a metadata key", raw_header(lambda h: h.replace('"format":', '"\\udc00": "x", "format":')),
+     "not valid Unicode", "damaged or incomplete"),
+    ("header nested 100000 deep", raw_header(lambda h: h[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}"),
+     "its header is not JSON", "damaged or incomplete"),
+    ("5000-digit offset in the header", raw_header(lambda h: h.replace('"data_offsets":[0,', '"data_offsets":[' + "0" * 5000 + ",", 1)),
+     "its header is not JSON", "damaged or incomplete"),
 ]
+
+
+IN_TENSOR_DATA = {"NaN", "inf", "KV delta 1e30", "KV delta -2e4", "embedding 3e38", "embedding 65504 in float16"}
 
 
 @pytest.mark.parametrize("case,build,message,advice", INVALID, ids=[case[0] for case in INVALID])
@@ -315,7 +403,7 @@ def test_invalid_files_are_refused_helpfully(tmp_path: Path, case: str, build: C
     assert message in text, text
     assert advice in text, text
     # The header-only reader refuses the same files, except for problems inside tensor data.
-    if case not in ("NaN", "inf"):
+    if case not in IN_TENSOR_DATA:
         with pytest.raises(ConceptFileError, match="Concept file"):
             concept_file_info(path)
 
@@ -432,6 +520,8 @@ BANK_INVALID: list[tuple[str, Callable[[Path], None], str]] = [
     ("bank in version 1", banked_mutate(set_meta("format_version", "1")),
      "declares token banks, which format version 1 does not have"),
     ("bank NaN", banked_mutate(_bank_nan), "'bank.1' contains 1 NaN or infinite"),
+    ("bank 1e20", banked_mutate(_set_value("bank.1", 1e20)), "'bank.1' holds values up to 1e+20"),
+    ("bank -5e4", banked_mutate(_set_value("bank.1", -5e4)), "'bank.1' holds values up to 5e+04"),
 ]
 
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -143,6 +144,63 @@ def test_header_table_fuzz_through_a_real_file(data: st.DataObject) -> None:
         dtype = data.draw(st.sampled_from(dtypes), label="dtype")
         tensors[key] = torch.zeros(shape, dtype=dtype)
     _load_bytes(safetensors.torch.save(tensors, metadata=dict(VALID_META)))
+
+
+@st.composite
+def hostile_json(draw: st.DrawFn) -> str:
+    """JSON text that breaks naive readers: nesting deeper than the stack, integers longer than
+    Python converts (4300 digits), lone surrogates escaped in strings."""
+    kind = draw(st.sampled_from(["deep list", "deep object", "long number", "surrogate", "surrogate key"]))
+    if kind == "deep list":
+        depth = draw(st.integers(33, 5000), label="depth")
+        return "[" * depth + "]" * depth
+    if kind == "deep object":
+        depth = draw(st.integers(33, 5000), label="depth")
+        return '{"a": ' * depth + "1" + "}" * depth
+    if kind == "long number":
+        return draw(st.sampled_from(["", "-"])) + "9" * draw(st.integers(4301, 8000), label="digits")
+    code = draw(st.integers(0xD800, 0xDFFF), label="surrogate")
+    return f'"x\\u{code:04x}"' if kind == "surrogate" else f'{{"\\u{code:04x}": 1}}'
+
+
+def _with_member(field: str, member: str, fragment: str) -> str:
+    """VALID_META[field] with one member (of the object, or of its first entry) set to ``fragment``."""
+    value = json.loads(VALID_META[field])
+    target = value if isinstance(value, dict) else value[0]
+    target[member] = "@@PLACEHOLDER@@"
+    return json.dumps(value).replace('"@@PLACEHOLDER@@"', fragment)
+
+
+MEMBERS = [("architecture", "model"), ("architecture", "encoders"), ("concepts", "trigger"),
+           ("concepts", "class_phrase"), ("concepts", "n_tokens"), ("metadata", "complete")]
+
+
+@BOUNDED
+@given(st.sampled_from(MEMBERS), hostile_json())
+def test_hostile_json_in_the_metadata_is_refused_by_the_parser(where: tuple[str, str], fragment: str) -> None:
+    meta = dict(VALID_META)
+    meta[where[0]] = _with_member(*where, fragment)
+    with pytest.raises(cf._Problem):
+        cf._parse_metadata(meta)
+
+
+@BOUNDED
+@given(st.sampled_from(MEMBERS + [("header", "")]), hostile_json())
+def test_hostile_json_through_a_real_file_is_a_concept_file_error(where: tuple[str, str], fragment: str) -> None:
+    if where[0] == "header":  # in the safetensors header itself, beside the tensor table
+        (length,) = struct.unpack("<Q", VALID_BYTES[:8])
+        header = VALID_BYTES[8:8 + length].decode()[:-1] + ', "x": ' + fragment + "}"
+        raw = header.encode()
+        data = struct.pack("<Q", len(raw)) + raw + VALID_BYTES[8 + length:]
+    else:
+        meta = dict(VALID_META)
+        meta[where[0]] = _with_member(*where, fragment)
+        data = safetensors.torch.save(dict(VALID_TENSORS), metadata=meta)
+    path = _FOLDER / "hostile.safetensors"
+    path.write_bytes(data)
+    for reader in (concept_file_info, load_concepts):
+        with pytest.raises(ConceptFileError, match="hostile.safetensors"):
+            reader(path)
 
 
 def test_the_unmutated_file_loads() -> None:
