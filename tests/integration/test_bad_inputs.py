@@ -36,6 +36,8 @@ from concept_attention.training.nested_subjects import SubjectSpec
 from support.concept_files import write_concept_file
 from support.synthetic_concepts import synthetic_set
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 SIZE = 64
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]
@@ -523,15 +525,6 @@ def env(sd15: Any, sdxl: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         folder_paths.filename_list_cache.clear()
         yield Env(sd15, sdxl, models)
     folder_paths.filename_list_cache.clear()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared machine: one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
