@@ -16,7 +16,7 @@ the scene with ``training.loop.train_concepts`` (the same code the node runs), t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,11 +28,12 @@ from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..training.apply import apply_concepts
 from ..training.concepts import ConceptSet
-from ..training.data import ConceptSpec
+from ..training.data import AugmentSettings, ConceptSpec
 from ..training.loop import TrainResult, TrainSettings, train_concepts
 from ..training.nested_subjects import with_concept_banks
 from ..training.triggers import concept_token_groups
 from . import evaluate as ev
+from . import model as toy
 from . import quality
 from . import scenes as sw
 
@@ -66,6 +67,7 @@ class ExperimentSettings:
     cfg: float = 5.0
     iou_steps: int = 10
     iou_denoise: float = 0.6
+    augmentation: AugmentSettings = field(default_factory=toy.toy_augmentation)
 
 
 def specs_for(scene: sw.Scene) -> list[ConceptSpec]:
@@ -87,6 +89,7 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
                           micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                           resolution=scene.size, seed=settings.seed, calibration=calibration,
                           map_layers=settings.map_layers, caption=caption_for(scene),
+                          augmentation=settings.augmentation,
                           **TRAIN_OVERRIDES.get(variant, {}))
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     with torch.inference_mode():  # as inside a node: the loop must cope with inference tensors

@@ -28,6 +28,19 @@ CLIP_CONFIG: dict[str, Any] = dict(hidden_size=64, intermediate_size=256, num_at
                                    num_hidden_layers=3, projection_dim=64)
 
 
+def toy_augmentation() -> Any:
+    """Training-data settings that fit the toy world (``training.data.AugmentSettings``).
+
+    Its captions hold no size words ("a far away", "zoomed in"), so augmented views keep the
+    caption as it is; its pattern cells are already the VAE's 8 px latent cell, so views are never
+    shrunk (a shrunk view's cells would fall below it); a pasted view would sit on the scene's own
+    background colour.
+    """
+    from ..training.data import AugmentSettings
+
+    return AugmentSettings(far_prefixes=(), zoom_prefixes=(), canvas="border", smallest_scale=1.0)
+
+
 @dataclass
 class ToyBundle:
     """The three objects a checkpoint loader returns."""
