@@ -42,6 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the decoder and UNet stages train")
     parser.add_argument("--slim-copy", type=Path, default=None, metavar="DIR",
                         help="copy --work-dir to DIR without optimizer states or latents, and exit")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                        help="start an empty --work-dir from these weights: VAE done, UNet widened, text kept")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--text-lr-scale", type=float, default=None, help="text model lr relative to --lr")
+    parser.add_argument("--supervision-weight", type=float, default=None, help="attention supervision (0: off)")
+    parser.add_argument("--supervision-max-t", type=float, default=None, help="supervise noise levels t <= this")
+    parser.add_argument("--supervision-layers", default=None, help="layers whose word maps are supervised")
+    parser.add_argument("--checkpoint-every", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -60,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         pretrain.slim_checkpoint(args.work_dir, args.slim_copy)
         return 0
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
-    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch"):
+    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch",
+                 "warmup", "text_lr_scale", "supervision_weight", "supervision_max_t", "supervision_layers",
+                 "checkpoint_every"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None and pretrain.seed_from_weights(cfg, args.init_from):
+        logging.info("seeded %s from %s", cfg.work_dir, args.init_from)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
