@@ -33,9 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decoder-only", action="store_true",
                         help="run only the decoder fine-tuning stage (it may run beside the UNet stage)")
     parser.add_argument("--export-now", action="store_true", help="export the current EMA weights and exit")
+    parser.add_argument("--export-when-stopped", action="store_true",
+                        help="also export (and gate) when the UNet stage stops before --steps")
+    parser.add_argument("--two-object-samples", type=int, default=0, help="seeds per two-object gate prompt")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weight (0: plain MSE)")
     parser.add_argument("--lr", type=float, default=None, help="UNet/text learning rate")
-    parser.add_argument("--gate-samples", type=int, default=2, help="seeds per gate prompt")
+    parser.add_argument("--gate-samples", type=int, default=2, help="seeds per gate prompt (0: no gate)")
     parser.add_argument("--batch", type=int, default=None, help="UNet batch size (default: config)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps")
     parser.add_argument("--decoder-batch", type=int, default=None)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return bool(interrupted) or (deadline is not None and time.monotonic() > deadline)
 
     taesd = pretrain.train_vae(cfg, should_stop)
-    data = pretrain.encode_latents(cfg, taesd, should_stop) if not should_stop() else None
+    data = pretrain.encode_latents(cfg, taesd, should_stop, device) if not should_stop() else None
     if data is None:
         logging.info("stopped during the VAE/latent stages; run again to resume")
         return 0
@@ -97,16 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                      "" if decoder_step >= cfg.decoder_steps else "; run again to resume")
         return 0
     patcher, clip, step = pretrain.train_unet(cfg, data, should_stop, device)
-    if step < cfg.steps and not args.export_now:
+    if step < cfg.steps and not (args.export_now or args.export_when_stopped):
         logging.info("stopped at UNet step %d/%d; run again to resume", step, cfg.steps)
         return 0
     info = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "work_dir"}
     info["unet_steps_done"] = step
     pretrain.export_weights(patcher, clip, taesd, args.out_dir, info)
     logging.info("wrote weights to %s", args.out_dir)
-    print(quality.roundtrip_report(args.out_dir).table())
-    report = quality.quality_gate(args.out_dir, seeds=args.gate_samples)
-    print(report.table())
+    if args.gate_samples:
+        print(quality.roundtrip_report(args.out_dir).table())
+        print(quality.quality_gate(args.out_dir, seeds=args.gate_samples).table())
+    if args.two_object_samples:
+        print(quality.two_object_gate(args.out_dir, seeds=args.two_object_samples).table())
     return 0
 
 

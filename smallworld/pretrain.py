@@ -187,8 +187,9 @@ def _scene_images(indices, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Callable[[], bool]) -> Optional[dict]:
-    """Stage 2: model-space latents [N,4,16,16] and object specs of ``cfg.scenes`` fixed scenes."""
+def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Callable[[], bool],
+                   device: str = "cpu") -> Optional[dict]:
+    """Stage 2: model-space latents [N,4,16,16], pooled masks and object specs of ``cfg.scenes`` fixed scenes."""
     path = cfg.work_dir / "latents.pt"
     digest = encoder_digest(taesd)
     state = _load(path)
@@ -200,8 +201,10 @@ def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Cal
             idx = range(done, min(done + 256, cfg.scenes))
             scenes = [pretrain_scene(cfg, i) for i in idx]
             x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
-            latent = (taesd.taesd_encoder(x) / taesd.vae_scale + taesd.vae_shift) * SD15_LATENT_SCALE
-            state["latents"].append(latent.half())
+            taesd.to(device)
+            latent = (taesd.taesd_encoder(x.to(device)) / taesd.vae_scale + taesd.vae_shift) * SD15_LATENT_SCALE
+            taesd.to("cpu")
+            state["latents"].append(latent.half().cpu())
             state["masks"].append(pooled_masks(scenes, latent.shape[-1]).half())
             state["objects"] += [json.dumps([asdict(o) for o in s.objects]) for s in scenes]
             state["backgrounds"] += [s.background for s in scenes]
@@ -463,11 +466,12 @@ def _save_unet(path: Path, modules, ema, opt, step: int, rewarm_from: Optional[i
 
 
 def seed_from_weights(cfg: PretrainConfig, weights_dir: Path) -> bool:
-    """Start an empty work directory from shipped weights; False when it already holds a UNet stage.
+    """Start an empty work directory from exported weights; False when it already holds a UNet stage.
 
-    VAE and decoder stages count as done with the shipped TAESD; the UNet stage starts at step 0
-    from the shipped UNet widened to ``toy.MODEL_CHANNELS`` (``widen``: the same predictions) and
-    the shipped text model, with a fresh optimizer and warm-up.
+    VAE and decoder stages count as done with the weights' TAESD. A narrower UNet (the first base
+    model's) is widened to ``toy.MODEL_CHANNELS`` (``widen``: the same predictions) and starts at step
+    0; weights of this width (a slim copy: ``export_weights`` of a run) go on from the step their card
+    names. Either way with the weights' text model and a fresh, re-warmed optimizer.
     """
     from safetensors.torch import load_file
 
@@ -480,14 +484,26 @@ def seed_from_weights(cfg: PretrainConfig, weights_dir: Path) -> bool:
     decoder = {k[len("taesd_decoder."):]: v for k, v in vae.items() if k.startswith("taesd_decoder.")}
     _atomic_save({"decoder": decoder, "step": cfg.decoder_steps}, cfg.work_dir / "decoder.pt")
     unet = {k: v.float() for k, v in load_file(str(weights_dir / toy.UNET_FILE)).items()}
+    step = 0
     if toy.width_of(unet) != toy.MODEL_CHANNELS:
         shapes = {k: v.shape for k, v in toy.build_model(seed=cfg.seed).model.diffusion_model.state_dict().items()}
         unet = widen.widen_state_dict(unet, shapes)
+    else:  # weights of this very pretraining (a slim copy): go on from their step with a re-warmed optimizer
+        step = int(weights_card(weights_dir / toy.UNET_FILE).get("unet_steps_done", 0))
     text = toy.build_clip(load_file(str(weights_dir / toy.CLIP_FILE))).cond_stage_model.clip_l.state_dict()
     model = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text.{k}": v.float() for k, v in text.items()}}
-    _atomic_save({"model": model, "step": 0}, cfg.work_dir / "unet.pt")
-    log.info("work directory %s starts from %s (UNet width %d)", cfg.work_dir, weights_dir, toy.MODEL_CHANNELS)
+    _atomic_save({"model": model, "step": step}, cfg.work_dir / "unet.pt")
+    log.info("work directory %s starts from %s at UNet step %d (width %d)", cfg.work_dir, weights_dir, step,
+             toy.MODEL_CHANNELS)
     return True
+
+
+def weights_card(path: Path) -> dict:
+    """The JSON card ``export_weights`` writes into a weight file's metadata ({} if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("toy_world", "{}"))
 
 
 def slim_checkpoint(work_dir: Path, out_dir: Path) -> None:
