@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (default: config)")
+    parser.add_argument("--more-steps", type=int, default=None,
+                        help="UNet steps: this many more than the work directory's UNet stage has done")
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--scenes", type=int, default=None)
     parser.add_argument("--decoder-only", action="store_true",
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     if args.init_from is not None and pretrain.seed_from_weights(cfg, args.init_from):
         logging.info("seeded %s from %s", cfg.work_dir, args.init_from)
+    if args.more_steps is not None:
+        cfg.steps = pretrain.unet_steps_done(cfg.work_dir) + args.more_steps
+        logging.info("UNet stage runs to step %d", cfg.steps)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))

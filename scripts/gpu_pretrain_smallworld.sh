@@ -44,11 +44,12 @@ run() {
   fi
   export COMFYUI_PATH="$PWD/$CARRY/comfyui" PYTHONUNBUFFERED=1
   local work="${WORK_DIR:-/tmp/smallworld_gpu_work}"
-  # Ends its UNet stage after MINUTES, exports and gates; the batch is 4x the CPU run's, so the
-  # learning rate is doubled (square-root scaling) and the supervision weight stays.
+  # The cosine schedule ends RUN_STEPS after the step the carried weights reached (an H200 does
+  # about that many batches of 128 in 8 minutes); options given after MINUTES come last and win.
   "$PY" benchmarks/pretrain_smallworld.py --device "$device" --work-dir "$work" --init-from "$CARRY/from" \
     --out-dir "$out/weights" --max-minutes "$minutes" --export-when-stopped --two-object-samples 1 \
-    "${extra[@]}" 2>&1 | tee "$out/pretrain.log"
+    --more-steps "${RUN_STEPS:-3000}" --batch 128 --lr 6e-4 --warmup 200 --supervision-weight 0.1 \
+    --checkpoint-every 500 "${extra[@]}" 2>&1 | tee "$out/pretrain.log"
 }
 
 case "${1:-}" in

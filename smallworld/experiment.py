@@ -68,6 +68,7 @@ class ExperimentSettings:
     iou_steps: int = 10
     iou_denoise: float = 0.6
     augmentation: AugmentSettings = field(default_factory=toy.toy_augmentation)
+    init: str = "rare"  # where triggers start: "rare" vocabulary rows or the "class" word
 
 
 def specs_for(scene: sw.Scene) -> list[ConceptSpec]:
@@ -89,7 +90,7 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
                           micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                           resolution=scene.size, seed=settings.seed, calibration=calibration,
                           map_layers=settings.map_layers, caption=caption_for(scene),
-                          augmentation=settings.augmentation,
+                          augmentation=settings.augmentation, init=settings.init,
                           **TRAIN_OVERRIDES.get(variant, {}))
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     with torch.inference_mode():  # as inside a node: the loop must cope with inference tensors

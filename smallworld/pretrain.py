@@ -498,6 +498,12 @@ def seed_from_weights(cfg: PretrainConfig, weights_dir: Path) -> bool:
     return True
 
 
+def unet_steps_done(work_dir: Path) -> int:
+    """Steps the work directory's UNet stage has done (0 before it starts)."""
+    state = _load(work_dir / "unet.pt")
+    return int(state["step"]) if state else 0
+
+
 def weights_card(path: Path) -> dict:
     """The JSON card ``export_weights`` writes into a weight file's metadata ({} if none)."""
     from safetensors import safe_open
