@@ -28,20 +28,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (default: config)")
+    parser.add_argument("--more-steps", type=int, default=None,
+                        help="UNet steps: this many more than the work directory's UNet stage has done")
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--scenes", type=int, default=None)
     parser.add_argument("--decoder-only", action="store_true",
                         help="run only the decoder fine-tuning stage (it may run beside the UNet stage)")
     parser.add_argument("--export-now", action="store_true", help="export the current EMA weights and exit")
+    parser.add_argument("--export-when-stopped", action="store_true",
+                        help="also export (and gate) when the UNet stage stops before --steps")
+    parser.add_argument("--two-object-samples", type=int, default=0, help="seeds per two-object gate prompt")
     parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weight (0: plain MSE)")
     parser.add_argument("--lr", type=float, default=None, help="UNet/text learning rate")
-    parser.add_argument("--gate-samples", type=int, default=2, help="seeds per gate prompt")
+    parser.add_argument("--gate-samples", type=int, default=2, help="seeds per gate prompt (0: no gate)")
     parser.add_argument("--batch", type=int, default=None, help="UNet batch size (default: config)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps")
     parser.add_argument("--decoder-batch", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the decoder and UNet stages train")
     parser.add_argument("--slim-copy", type=Path, default=None, metavar="DIR",
                         help="copy --work-dir to DIR without optimizer states or latents, and exit")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                        help="start an empty --work-dir from these weights: VAE done, UNet widened, text kept")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--text-lr-scale", type=float, default=None, help="text model lr relative to --lr")
+    parser.add_argument("--supervision-weight", type=float, default=None, help="attention supervision (0: off)")
+    parser.add_argument("--supervision-max-t", type=float, default=None, help="supervise noise levels t <= this")
+    parser.add_argument("--supervision-layers", default=None, help="layers whose word maps are supervised")
+    parser.add_argument("--checkpoint-every", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -60,10 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         pretrain.slim_checkpoint(args.work_dir, args.slim_copy)
         return 0
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
-    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch"):
+    for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch",
+                 "warmup", "text_lr_scale", "supervision_weight", "supervision_max_t", "supervision_layers",
+                 "checkpoint_every"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None and pretrain.seed_from_weights(cfg, args.init_from):
+        logging.info("seeded %s from %s", cfg.work_dir, args.init_from)
+    if args.more_steps is not None:
+        cfg.steps = pretrain.unet_steps_done(cfg.work_dir) + args.more_steps
+        logging.info("UNet stage runs to step %d", cfg.steps)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return bool(interrupted) or (deadline is not None and time.monotonic() > deadline)
 
     taesd = pretrain.train_vae(cfg, should_stop)
-    data = pretrain.encode_latents(cfg, taesd, should_stop) if not should_stop() else None
+    data = pretrain.encode_latents(cfg, taesd, should_stop, device) if not should_stop() else None
     if data is None:
         logging.info("stopped during the VAE/latent stages; run again to resume")
         return 0
@@ -85,16 +105,18 @@ def main(argv: list[str] | None = None) -> int:
                      "" if decoder_step >= cfg.decoder_steps else "; run again to resume")
         return 0
     patcher, clip, step = pretrain.train_unet(cfg, data, should_stop, device)
-    if step < cfg.steps and not args.export_now:
+    if step < cfg.steps and not (args.export_now or args.export_when_stopped):
         logging.info("stopped at UNet step %d/%d; run again to resume", step, cfg.steps)
         return 0
     info = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "work_dir"}
     info["unet_steps_done"] = step
     pretrain.export_weights(patcher, clip, taesd, args.out_dir, info)
     logging.info("wrote weights to %s", args.out_dir)
-    print(quality.roundtrip_report(args.out_dir).table())
-    report = quality.quality_gate(args.out_dir, seeds=args.gate_samples)
-    print(report.table())
+    if args.gate_samples:
+        print(quality.roundtrip_report(args.out_dir).table())
+        print(quality.quality_gate(args.out_dir, seeds=args.gate_samples).table())
+    if args.two_object_samples:
+        print(quality.two_object_gate(args.out_dir, seeds=args.two_object_samples).table())
     return 0
 
 

@@ -74,6 +74,7 @@ def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
         train = TrainSettings(steps=settings.steps, learning_rate=settings.learning_rate,
                               micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                               resolution=scene.size, seed=settings.seed + i, map_layers=settings.map_layers,
+                              augmentation=settings.augmentation, init=settings.init,
                               caption=f"a V{i + 1} {obj.shape} on a {scene.background} background")
         train = replace(train, calibration=replace(train.calibration, weight=settings.attention_weight))
         masks = torch.from_numpy(scene.masks[i:i + 1].astype(np.float32))

@@ -19,7 +19,7 @@ Rows keep every metric's values per seed (``per_seed``) for paired bootstrap int
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,11 +31,12 @@ from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..training.apply import apply_concepts
 from ..training.concepts import ConceptSet
-from ..training.data import ConceptSpec
+from ..training.data import AugmentSettings, ConceptSpec
 from ..training.loop import TrainResult, TrainSettings, train_concepts
 from ..training.nested_subjects import with_concept_banks
 from ..training.triggers import concept_token_groups
 from . import evaluate as ev
+from . import model as toy
 from . import quality
 from . import report
 from . import scenes as sw
@@ -70,6 +71,8 @@ class ExperimentSettings:
     cfg: float = 5.0
     iou_steps: int = 10
     iou_denoise: float = 0.6
+    augmentation: AugmentSettings = field(default_factory=toy.toy_augmentation)
+    init: str = "rare"  # where triggers start: "rare" vocabulary rows or the "class" word
 
 
 def specs_for(scene: sw.Scene) -> list[ConceptSpec]:
@@ -91,6 +94,7 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
                           micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                           resolution=scene.size, seed=settings.seed, calibration=calibration,
                           map_layers=settings.map_layers, caption=caption_for(scene),
+                          augmentation=settings.augmentation, init=settings.init,
                           **TRAIN_OVERRIDES.get(variant, {}))
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     with torch.inference_mode():  # as inside a node: the loop must cope with inference tensors

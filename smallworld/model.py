@@ -16,8 +16,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_FILE, CLIP_FILE, VAE_FILE = "unet.safetensors", "clip_l.safetensors", "taesd.safetensors"
 IMAGE_SIZE = 128  # pixels; 16x16 latents
 
+MODEL_CHANNELS = 64  # base model v2; v1 had 32 (its weights still load: the width is read from them)
 UNET_CONFIG: dict[str, Any] = dict(
-    image_size=16, in_channels=4, out_channels=4, model_channels=32,
+    image_size=16, in_channels=4, out_channels=4, model_channels=MODEL_CHANNELS,
     num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 2],
     transformer_depth=[1, 1, 1], transformer_depth_output=[1, 1, 1, 1, 1, 1],
     transformer_depth_middle=1, context_dim=64, use_spatial_transformer=True, legacy=False,
@@ -26,6 +27,19 @@ UNET_CONFIG: dict[str, Any] = dict(
 )
 CLIP_CONFIG: dict[str, Any] = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4,
                                    num_hidden_layers=3, projection_dim=64)
+
+
+def toy_augmentation() -> Any:
+    """Training-data settings that fit the toy world (``training.data.AugmentSettings``).
+
+    Its captions hold no size words ("a far away", "zoomed in"), so augmented views keep the
+    caption as it is; its pattern cells are already the VAE's 8 px latent cell, so views are never
+    shrunk (a shrunk view's cells would fall below it); a pasted view would sit on the scene's own
+    background colour.
+    """
+    from ..training.data import AugmentSettings
+
+    return AugmentSettings(far_prefixes=(), zoom_prefixes=(), canvas="border", smallest_scale=1.0)
 
 
 @dataclass
@@ -52,13 +66,25 @@ def init_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
                     param.zero_()
 
 
-def build_model(state_dict: Optional[dict] = None, seed: int = 0) -> Any:
-    """ModelPatcher around the toy UNet: given weights, or seeded random ones."""
+def unet_config(model_channels: int = MODEL_CHANNELS) -> dict[str, Any]:
+    """The toy UNet's config at a width (channels of the finest level; mult 1-2-2)."""
+    return dict(UNET_CONFIG, model_channels=model_channels)
+
+
+def width_of(state_dict: dict) -> int:
+    """``model_channels`` of a toy UNet's weights (its input convolution's outputs)."""
+    return int(state_dict["input_blocks.0.0.weight"].shape[0])
+
+
+def build_model(state_dict: Optional[dict] = None, seed: int = 0, model_channels: Optional[int] = None) -> Any:
+    """ModelPatcher around the toy UNet: given weights (width read from them), or seeded random ones."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    if model_channels is None:
+        model_channels = MODEL_CHANNELS if state_dict is None else width_of(state_dict)
+    config = comfy.supported_models.SD15(unet_config(model_channels))
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     if state_dict is None:
@@ -74,7 +100,7 @@ def build_clip(state_dict: Optional[dict] = None, seed: int = 0,
     import comfy.sd
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    config = comfy.supported_models.SD15(unet_config())
     options = {"dtype": torch.float32, "clip_l_model_config": dict(CLIP_CONFIG)}
     clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=embedding_directory or [],
                          model_options=options)

@@ -9,7 +9,11 @@ Four stages, each checkpointed atomically into a work directory so a run can sto
 2. ``latents``: a fixed set of scenes is encoded once (objects kept, captions redrawn every step).
 3. ``decoder``: the decoder alone on those latents, object pixels weighted up.
 4. ``unet``: UNet and CLIP text model jointly, ε-objective with Min-SNR weighting, AdamW with
-   warm-up and cosine decay, 10 % empty captions (for classifier-free guidance), EMA weights.
+   warm-up and cosine decay, 10 % empty captions (for classifier-free guidance), EMA weights;
+   optionally plus the attention-supervision term (``supervision``) on words' maps.
+
+``seed_from_weights`` starts a work directory from shipped weights instead: VAE and decoder done,
+the UNet widened (``widen``, same outputs) and the text model kept, so only the UNet stage runs.
 
 ``export`` writes fp16 EMA weights to ``smallworld/weights``. Needs ComfyUI importable (library mode).
 """
@@ -28,9 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..attention.tokens import phrase_ids
 from ..training.loop import clip_layers_out_of_place
 from . import model as toy
 from . import scenes as sw
+from . import supervision as sup
+from . import widen
 
 log = logging.getLogger(__name__)
 SD15_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
@@ -51,6 +58,8 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     scale_scenes: int = 64
     scenes: int = 5000
+    object_counts: tuple[float, float, float] = sw.PRETRAIN_COUNTS  # chances of 1, 2, 3 objects
+    hidden_rate: float = sw.PRETRAIN_HIDDEN_RATE  # objects forced into a hidden combo
     decoder_steps: int = 3000  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
@@ -62,7 +71,21 @@ class PretrainConfig:
     empty_caption_rate: float = 0.1
     ema_decay: float = 0.999
     snr_gamma: float = 5.0  # Min-SNR-gamma loss weight (Hang et al. 2023); 0 turns it off
+    text_lr_scale: float = 1.0  # the text model's learning rate relative to ``lr``
+    supervision_weight: float = 0.0  # attention supervision (``supervision``); 0: off
+    supervision_layers: str = "latent/1"
+    supervision_max_t: float = 1.0
     checkpoint_every: int = 250
+
+    def supervision(self) -> sup.SupervisionSettings:
+        """The attention-supervision settings of this run."""
+        return sup.SupervisionSettings(self.supervision_weight, self.supervision_layers, self.supervision_max_t)
+
+
+def pretrain_scene(cfg: PretrainConfig, index: int) -> sw.Scene:
+    """Scene ``index`` of the fixed pretraining set (objects kept; captions are redrawn per step)."""
+    return sw.random_scene(np.random.default_rng([cfg.seed, 2, index]), hidden_rate=cfg.hidden_rate,
+                           counts=cfg.object_counts)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -164,21 +187,25 @@ def _scene_images(indices, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Callable[[], bool]) -> Optional[dict]:
-    """Stage 2: model-space latents [N,4,16,16] and object specs of ``cfg.scenes`` fixed scenes."""
+def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Callable[[], bool],
+                   device: str = "cpu") -> Optional[dict]:
+    """Stage 2: model-space latents [N,4,16,16], pooled masks and object specs of ``cfg.scenes`` fixed scenes."""
     path = cfg.work_dir / "latents.pt"
     digest = encoder_digest(taesd)
     state = _load(path)
-    if state is None or state.get("encoder") != digest:  # none yet, or made by another encoder
-        state = {"latents": [], "objects": [], "backgrounds": [], "encoder": digest}
+    if state is None or state.get("encoder") != digest or "masks" not in state:  # none, stale or old format
+        state = {"latents": [], "masks": [], "objects": [], "backgrounds": [], "encoder": digest}
     done = sum(len(chunk) for chunk in state["latents"])
     with torch.no_grad():
         while done < cfg.scenes and not should_stop():
             idx = range(done, min(done + 256, cfg.scenes))
-            scenes = [sw.random_scene(np.random.default_rng([cfg.seed, 2, i])) for i in idx]
+            scenes = [pretrain_scene(cfg, i) for i in idx]
             x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
-            latent = (taesd.taesd_encoder(x) / taesd.vae_scale + taesd.vae_shift) * SD15_LATENT_SCALE
-            state["latents"].append(latent.half())
+            taesd.to(device)
+            latent = (taesd.taesd_encoder(x.to(device)) / taesd.vae_scale + taesd.vae_shift) * SD15_LATENT_SCALE
+            taesd.to("cpu")
+            state["latents"].append(latent.half().cpu())
+            state["masks"].append(pooled_masks(scenes, latent.shape[-1]).half())
             state["objects"] += [json.dumps([asdict(o) for o in s.objects]) for s in scenes]
             state["backgrounds"] += [s.background for s in scenes]
             done += len(scenes)
@@ -186,8 +213,17 @@ def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Cal
             log.info("encoded %d/%d scenes", done, cfg.scenes)
     if done < cfg.scenes:
         return None
-    return {"latents": torch.cat(state["latents"]).float(), "objects": state["objects"],
-            "backgrounds": state["backgrounds"]}
+    return {"latents": torch.cat(state["latents"]).float(), "masks": torch.cat(state["masks"]).float(),
+            "objects": state["objects"], "backgrounds": state["backgrounds"]}
+
+
+def pooled_masks(scenes: list, side: int, slots: int = 3) -> torch.Tensor:
+    """Object masks area-pooled to the latent size: [N, slots, side, side] (missing objects zero)."""
+    out = torch.zeros(len(scenes), slots, side, side)
+    for n, scene in enumerate(scenes):
+        masks = torch.from_numpy(scene.masks.astype(np.float32))[None]
+        out[n, :masks.shape[1]] = F.adaptive_avg_pool2d(masks, side)[0]
+    return out
 
 
 def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
@@ -212,7 +248,7 @@ def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
     def scene(i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image [H,W,3] and the union of its object masks [H,W]."""
         if i not in rendered:
-            drawn = sw.random_scene(np.random.default_rng([cfg.seed, 2, i]))
+            drawn = pretrain_scene(cfg, i)
             rendered[i] = (drawn.image, drawn.masks.any(0))
         return rendered[i]
 
@@ -308,11 +344,12 @@ def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool],
     AdamW moments and a new linear warm-up of ``cfg.warmup`` steps.
     """
     path = cfg.work_dir / "unet.pt"
-    patcher, clip = toy.build_model(seed=cfg.seed), toy.build_clip(seed=cfg.seed)
+    state = _load(path) or {"step": 0}
+    width = toy.width_of({k[len("unet."):]: v for k, v in state["model"].items()}) if "model" in state else None
+    patcher, clip = toy.build_model(seed=cfg.seed, model_channels=width), toy.build_clip(seed=cfg.seed)
     base, text = patcher.model, clip.cond_stage_model.clip_l
     text.requires_grad_(True)  # ComfyUI freezes text models on load
     modules = torch.nn.ModuleDict({"unet": base.diffusion_model, "text": text})
-    state = _load(path) or {"step": 0}
     if "model" in state:
         modules.load_state_dict(state["model"])
     ema = copy.deepcopy(modules).requires_grad_(False)
@@ -321,58 +358,104 @@ def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool],
     base.to(device)
     text.to(device)
     ema.to(device)
-    opt = torch.optim.AdamW(modules.parameters(), cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([{"params": list(base.diffusion_model.parameters()), "lr_scale": 1.0},
+                             {"params": list(text.parameters()), "lr_scale": cfg.text_lr_scale}],
+                            cfg.lr, weight_decay=0.01)
     rewarm_from = state.get("rewarm_from")
     if "opt" in state:
         opt.load_state_dict(state["opt"])
+        for group, scale in zip(opt.param_groups, (1.0, cfg.text_lr_scale)):
+            group["lr_scale"] = scale  # a resumed run may change it
     elif state["step"] > 0:
         rewarm_from = state["step"]
-    step, tokens = state["step"], CaptionTokens(clip)
+    loop = _UnetLoop(cfg, data, base, text, CaptionTokens(clip), modules, ema, opt, path, rewarm_from,
+                     patcher if cfg.supervision_weight > 0 else None)
     with clip_layers_out_of_place(text):
-        step = _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path, rewarm_from)
+        step = loop.run(state["step"], should_stop)
     modules.load_state_dict(ema.state_dict())
     base.to("cpu")
     text.to("cpu")
     return patcher, clip, step
 
 
-def _unet_loop(cfg, data, should_stop, base, text, tokens, modules, ema, opt, step, path, rewarm_from) -> int:
-    device = next(modules.parameters()).device
-    latents, n = data["latents"].to(device), len(data["latents"])
-    sigmas = base.model_sampling.sigmas.to(device)
-    started, losses, first_step = time.monotonic(), [], step
-    while step < cfg.steps and not should_stop():
+class _UnetLoop:
+    """The UNet stage's steps: denoising loss (Min-SNR), optional attention supervision, EMA."""
+
+    def __init__(self, cfg, data, base, text, tokens, modules, ema, opt, path, rewarm_from, patcher):
+        self.cfg, self.data, self.base, self.text, self.tokens = cfg, data, base, text, tokens
+        self.modules, self.ema, self.opt, self.path, self.rewarm_from = modules, ema, opt, path, rewarm_from
+        self.device = next(modules.parameters()).device
+        self.options: dict = {}
+        self.store = None
+        if patcher is not None:
+            self.options, self.store = sup.recording_options(patcher, cfg.supervision())
+            self.positions = sup.WordPositions(lambda word: phrase_ids(tokens.clip, word))
+            self.objects: dict[int, list] = {}
+
+    def run(self, step: int, should_stop: Callable[[], bool]) -> int:
+        """Train until ``cfg.steps`` or ``should_stop``; checkpoints on the way and at the end."""
+        cfg = self.cfg
+        started, losses, first_step = time.monotonic(), [], step
+        while step < cfg.steps and not should_stop():
+            denoise, attention = self.losses(step)
+            loss = denoise + cfg.supervision_weight * attention
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(cfg, step, self.rewarm_from) * group.get("lr_scale", 1.0)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.modules.parameters(), 1.0)
+            self.opt.step()
+            with torch.no_grad():
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(self.ema.parameters(), self.modules.parameters()):
+                    e.lerp_(p, 1 - decay)
+            step += 1
+            losses.append(torch.stack([denoise.detach(), attention.detach()]))  # no .item(): it would wait for a GPU
+            if step % 50 == 0:
+                rate = len(losses) / (time.monotonic() - started)
+                mean = torch.stack(losses[-50:]).mean(0).tolist()
+                log.info("unet step %d/%d loss %.4f attention %.4f (%.2f steps/s)", step, cfg.steps, mean[0],
+                         mean[1], rate)
+            if step % cfg.checkpoint_every == 0:
+                _save_unet(self.path, self.modules, self.ema, self.opt, step, self.rewarm_from)
+        if step != first_step:  # finished or stopped: keep every step done
+            _save_unet(self.path, self.modules, self.ema, self.opt, step, self.rewarm_from)
+        return step
+
+    def losses(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoising loss and (unweighted) attention-supervision term of one seeded batch."""
+        cfg, base, device = self.cfg, self.base, self.device
+        latents = self.data["latents"]
         rng = np.random.default_rng([cfg.seed, 3, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        idx = rng.integers(0, n, cfg.batch)
-        x0 = latents[torch.from_numpy(idx).to(device)]
-        cond, _ = text([tokens(c) for c in _captions(data, idx, rng, cfg.empty_caption_rate)])
-        sigma = sigmas[torch.randint(0, len(sigmas), (cfg.batch,), generator=gen).to(device)]
+        idx = rng.integers(0, len(latents), cfg.batch)
+        x0 = latents[torch.from_numpy(idx)].to(device)
+        captions = _captions(self.data, idx, rng, cfg.empty_caption_rate)
+        streams = [self.tokens(c) for c in captions]
+        cond, _ = self.text(streams)
+        sigmas = base.model_sampling.sigmas
+        index = torch.randint(0, len(sigmas), (cfg.batch,), generator=gen)
+        sigma = sigmas[index].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = base.model_sampling.noise_scaling(sigma, noise, x0)
-        eps = (xt - base.apply_model(xt, sigma, c_crossattn=cond)) / sigma.view(-1, 1, 1, 1)
-        loss = (_snr_weight(sigma, cfg.snr_gamma) * ((eps - noise) ** 2).mean((1, 2, 3))).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, rewarm_from)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), modules.parameters()):
-                e.lerp_(p, 1 - decay)
-        step += 1
-        losses.append(loss.detach())  # no .item() per step: it would wait for the GPU
-        if step % 50 == 0:
-            rate = len(losses) / (time.monotonic() - started)
-            log.info("unet step %d/%d loss %.4f (%.2f steps/s)", step, cfg.steps,
-                     torch.stack(losses[-50:]).mean().item(), rate)
-        if step % cfg.checkpoint_every == 0:
-            _save_unet(path, modules, ema, opt, step, rewarm_from)
-    if step != first_step:  # finished or stopped: keep every step done
-        _save_unet(path, modules, ema, opt, step, rewarm_from)
-    return step
+        if self.store is not None:
+            active = (index <= cfg.supervision_max_t * (len(sigmas) - 1)) & torch.tensor([bool(c) for c in captions])
+            objects = [self._objects(int(i)) for i in idx]
+            targets = sup.word_targets(streams, objects, self.data["masks"][torch.from_numpy(idx)], active,
+                                       self.positions, cfg.supervision().roles)
+            self.store.set_tokens(targets.token_index.to(device))
+            self.store.clear()
+        out = base.apply_model(xt, sigma, c_crossattn=cond, transformer_options=dict(self.options))
+        eps = (xt - out) / sigma.view(-1, 1, 1, 1)
+        denoise = (_snr_weight(sigma, cfg.snr_gamma) * ((eps - noise) ** 2).mean((1, 2, 3))).mean()
+        if self.store is None:
+            return denoise, torch.zeros((), device=device)
+        return denoise, sup.supervision_loss(self.store, targets).to(device)
+
+    def _objects(self, i: int) -> list:
+        if i not in self.objects:
+            self.objects[i] = sup.objects_of(self.data["objects"][i])
+        return self.objects[i]
 
 
 def _save_unet(path: Path, modules, ema, opt, step: int, rewarm_from: Optional[int]) -> None:
@@ -380,6 +463,53 @@ def _save_unet(path: Path, modules, ema, opt, step: int, rewarm_from: Optional[i
     if rewarm_from is not None:
         state["rewarm_from"] = rewarm_from
     _atomic_save(state, path)
+
+
+def seed_from_weights(cfg: PretrainConfig, weights_dir: Path) -> bool:
+    """Start an empty work directory from exported weights; False when it already holds a UNet stage.
+
+    VAE and decoder stages count as done with the weights' TAESD. A narrower UNet (the first base
+    model's) is widened to ``toy.MODEL_CHANNELS`` (``widen``: the same predictions) and starts at step
+    0; weights of this width (a slim copy: ``export_weights`` of a run) go on from the step their card
+    names. Either way with the weights' text model and a fresh, re-warmed optimizer.
+    """
+    from safetensors.torch import load_file
+
+    if (cfg.work_dir / "unet.pt").is_file():
+        return False
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    vae = {k: v.float() for k, v in load_file(str(weights_dir / toy.VAE_FILE)).items()}
+    total = cfg.vae_steps + cfg.vae_full_steps
+    _atomic_save({"model": vae, "step": total, "scaled_at": total}, cfg.work_dir / "vae.pt")
+    decoder = {k[len("taesd_decoder."):]: v for k, v in vae.items() if k.startswith("taesd_decoder.")}
+    _atomic_save({"decoder": decoder, "step": cfg.decoder_steps}, cfg.work_dir / "decoder.pt")
+    unet = {k: v.float() for k, v in load_file(str(weights_dir / toy.UNET_FILE)).items()}
+    step = 0
+    if toy.width_of(unet) != toy.MODEL_CHANNELS:
+        shapes = {k: v.shape for k, v in toy.build_model(seed=cfg.seed).model.diffusion_model.state_dict().items()}
+        unet = widen.widen_state_dict(unet, shapes)
+    else:  # weights of this very pretraining (a slim copy): go on from their step with a re-warmed optimizer
+        step = int(weights_card(weights_dir / toy.UNET_FILE).get("unet_steps_done", 0))
+    text = toy.build_clip(load_file(str(weights_dir / toy.CLIP_FILE))).cond_stage_model.clip_l.state_dict()
+    model = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text.{k}": v.float() for k, v in text.items()}}
+    _atomic_save({"model": model, "step": step}, cfg.work_dir / "unet.pt")
+    log.info("work directory %s starts from %s at UNet step %d (width %d)", cfg.work_dir, weights_dir, step,
+             toy.MODEL_CHANNELS)
+    return True
+
+
+def unet_steps_done(work_dir: Path) -> int:
+    """Steps the work directory's UNet stage has done (0 before it starts)."""
+    state = _load(work_dir / "unet.pt")
+    return int(state["step"]) if state else 0
+
+
+def weights_card(path: Path) -> dict:
+    """The JSON card ``export_weights`` writes into a weight file's metadata ({} if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("toy_world", "{}"))
 
 
 def slim_checkpoint(work_dir: Path, out_dir: Path) -> None:

@@ -5,6 +5,10 @@ background"), every visible shape x colour pair (hidden combos excluded: they ha
 each is sampled with fixed seeds through ComfyUI's own sampler and read back with
 ``readout.read_scene``. A sample counts for shape (colour) when exactly one object is found and its
 shape (colour) is the named one. The gate passes when both rates reach ``GATE``.
+
+The two-object gate (``two_object_gate``) prompts two solid objects of different shapes and
+colours ("a red circle and a blue star on a grey background"); a sample counts when exactly two
+objects are read and each named (shape, colour) is one of them. It passes at ``TWO_OBJECT_GATE``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from . import readout
 from . import scenes as sw
 
 GATE = 0.80
+TWO_OBJECT_GATE = 0.70
 
 
 def encode(clip: Any, text: str) -> list:
@@ -110,4 +115,60 @@ def roundtrip_report(weights_dir: Path = toy.WEIGHTS_DIR) -> GateReport:
         with torch.inference_mode():
             image = bundle.vae.decode(bundle.vae.encode(pixels))[0].float().cpu().numpy()
         report.add(f"VAE round trip: {colour} {shape}", readout.read_scene(image), shape, colour)
+    return report
+
+
+def two_object_prompts(count: int = 40, seed: int = 5) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """(prompt, ((shape, colour), (shape, colour))): seeded pairs with distinct shapes and colours."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        shapes = [sw.SHAPES[i] for i in rng.permutation(len(sw.SHAPES))[:2]]
+        colours = [list(sw.COLOURS)[i] for i in rng.permutation(len(sw.COLOURS))[:2]]
+        objects = [sw.ObjectSpec(s, c, "solid", 0, 0, 1) for s, c in zip(shapes, colours)]
+        out.append((sw.caption_for(objects, "grey"), tuple(zip(shapes, colours))))
+    return out
+
+
+@dataclass
+class TwoObjectReport:
+    """Two-object prompts: how often exactly two objects are drawn, and both are right."""
+
+    samples: int = 0
+    two: int = 0
+    both: int = 0
+    rows: list = field(default_factory=list)
+
+    def add(self, label: str, found: Sequence[Any], wanted: Sequence[tuple[str, str]]) -> None:
+        """Score one picture: right when exactly two objects are read and they are the named ones."""
+        drawn = sorted((o.shape, o.colour) for o in found)
+        self.samples += 1
+        self.two += len(found) == 2
+        self.both += drawn == sorted(wanted)
+        self.rows.append((label, drawn))
+
+    def rate(self, name: str) -> float:
+        """Fraction of samples with ``name`` (two, both)."""
+        return getattr(self, name) / max(1, self.samples)
+
+    @property
+    def passed(self) -> bool:
+        """Both objects right at or above the gate."""
+        return self.rate("both") >= TWO_OBJECT_GATE
+
+    def table(self) -> str:
+        """Markdown summary."""
+        return ("| samples | two objects | both right | gate (>= 70 %) |\n|---|---|---|---|\n"
+                f"| {self.samples} | {self.rate('two'):.0%} | {self.rate('both'):.0%} | "
+                f"{'pass' if self.passed else 'FAIL'} |")
+
+
+def two_object_gate(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps: int = 20,
+                    prompts: Sequence[tuple[str, tuple]] | None = None) -> TwoObjectReport:
+    """Sample every two-object prompt with ``seeds`` fixed seeds and score both objects."""
+    bundle = toy.load_bundle(weights_dir)
+    report = TwoObjectReport()
+    for k, (prompt, wanted) in enumerate(prompts or two_object_prompts()):
+        for image in generate(bundle, prompt, [5000 + k * seeds + j for j in range(seeds)], steps=steps):
+            report.add(prompt, readout.read_scene(image), wanted)
     return report

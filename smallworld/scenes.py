@@ -251,17 +251,23 @@ def _rng(rng: Generator) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
+OBJECT_COUNTS = (0.4, 0.35, 0.25)  # chances of 1, 2 and 3 objects (the first base model's scenes)
+PRETRAIN_COUNTS = (0.25, 0.4, 0.35)  # base model v2: more scenes whose class words must tell objects apart
+PRETRAIN_HIDDEN_RATE = 0.25  # base model v2: more objects named by their shape word alone
+
+
 def random_scene(rng: Generator, n_objects: Optional[int] = None, size: int = 128,
                  hidden_rate: float = 0.15, background: Optional[str] = None,
-                 random_words: bool = False) -> Scene:
+                 random_words: bool = False, counts: Sequence[float] = OBJECT_COUNTS) -> Scene:
     """A random scene of 1-3 non-overlapping objects; same generator state -> identical scene.
 
     Each object is forced into a hidden combo with probability ``hidden_rate`` (otherwise colour
     and pattern are uniform, so hidden combos also occur by chance). ``random_words`` drops caption
     words at random (for pretraining); otherwise the caption names every visible attribute.
+    ``counts`` are the chances of 1, 2 and 3 objects.
     """
     rng = _rng(rng)
-    n = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25])) if n_objects is None else n_objects
+    n = int(rng.choice([1, 2, 3], p=list(counts))) if n_objects is None else n_objects
     hidden = sorted(HIDDEN_COMBOS)
     attrs = []
     for _ in range(n):
@@ -280,6 +286,12 @@ def random_scene(rng: Generator, n_objects: Optional[int] = None, size: int = 12
     caption = (random_caption(objects, background, size, rng) if random_words
                else caption_for(objects, background, size))
     return draw_scene(objects, background, size, caption, cell)
+
+
+def pretraining_scene(rng: Generator, size: int = 128, random_words: bool = False) -> Scene:
+    """A scene of base model v2's pretraining distribution (``PRETRAIN_COUNTS``, ``PRETRAIN_HIDDEN_RATE``)."""
+    return random_scene(rng, size=size, hidden_rate=PRETRAIN_HIDDEN_RATE, random_words=random_words,
+                        counts=PRETRAIN_COUNTS)
 
 
 def dataset(n: int, seed: int = 0, size: int = 128) -> Iterator[Scene]:

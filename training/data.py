@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import re
 import unicodedata
@@ -28,6 +29,33 @@ PROMPT_WORDS = frozenset("a an the of and photo far away very small zoomed in cl
                          "to by for from is it this that".split())
 FAR_PREFIXES = ("a far away ", "very small ")
 ZOOM_PREFIXES = ("zoomed in ", "close up ")
+ARTICLES = ("a ", "an ")
+CANVASES = ("grey", "border")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """How augmented views are made and captioned; the defaults are the official DisenDiff code's.
+
+    A model whose captions never held the prefix words (a toy model) or whose pictures hold detail
+    that must not shrink (pattern cells as small as the VAE's latent cell) needs others.
+    """
+
+    far_prefixes: tuple[str, ...] = FAR_PREFIXES  # texts of shrunk-and-pasted views; () for none
+    zoom_prefixes: tuple[str, ...] = ZOOM_PREFIXES  # texts of zoomed-in views; () for none
+    canvas: str = "grey"  # what a shrunk view is pasted on: "grey" (0.5) or "border" (the picture's)
+    smallest_scale: float = 1 / 3  # smallest side of a shrunk view, as a fraction of the size
+
+    def validate(self) -> None:
+        """Refuse settings no run can use, naming the setting and what is allowed."""
+        if self.canvas not in CANVASES:
+            raise ValueError(f"augmentation canvas must be one of {CANVASES}, got {self.canvas!r}")
+        if not (math.isfinite(self.smallest_scale) and 0 < self.smallest_scale <= 1):
+            raise ValueError(f"augmentation smallest_scale must be in (0, 1], got {self.smallest_scale!r}")
+        for name in ("far_prefixes", "zoom_prefixes"):
+            texts = getattr(self, name)
+            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"augmentation {name} must be a list of texts, got {texts!r}")
 
 
 @dataclass(frozen=True)
@@ -158,8 +186,37 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode=mode, **kwargs)[0]
 
 
+def with_prefix(prefix: str, caption: str) -> str:
+    """``prefix + caption``, the prefix after the caption's leading article if it has one.
+
+    "a far away " + "a V1 cat" is "a far away V1 cat" (not "a far away a V1 cat"), "very small " +
+    "a V1 cat" is "a very small V1 cat"; "photo of a V1 cat" keeps the official "a far away photo ...".
+    """
+    if not prefix.strip():
+        return caption
+    article = next((a for a in ARTICLES if caption.lower().startswith(a)), None)
+    if article is None:
+        return prefix + caption
+    words = prefix.lstrip()
+    words = next((words[len(a):] for a in ARTICLES if words.lower().startswith(a)), words)
+    return caption[:len(article)] + words + caption[len(article):]
+
+
+def _pick_prefix(rng: random.Random, prefixes: tuple[str, ...], caption: str) -> str:
+    return with_prefix(rng.choice(prefixes), caption) if prefixes else caption
+
+
+def _canvas(picture: torch.Tensor, size: int, kind: str) -> torch.Tensor:
+    """``[3, size, size]`` backdrop for a shrunk view: mid-grey, or the picture's border colour."""
+    if kind == "grey":
+        return torch.full((3, size, size), 0.5)  # zero in the model's [-1, 1] range
+    border = torch.cat([picture[0], picture[-1], picture[:, 0], picture[:, -1]])
+    return border.median(0).values[:, None, None].expand(3, size, size).clone()
+
+
 def augment(picture: torch.Tensor, masks: torch.Tensor | None, caption: str, size: int,
-            rng: random.Random, enabled: bool = True, flip: bool = True) -> TrainingSample:
+            rng: random.Random, enabled: bool = True, flip: bool = True,
+            settings: AugmentSettings = AugmentSettings()) -> TrainingSample:
     """One Custom-Diffusion-style view: small-and-pasted, plain, or zoomed-in; maybe flipped."""
     square, square_masks = _center_square(picture, masks)
     chw = square.permute(2, 0, 1)
@@ -169,13 +226,13 @@ def augment(picture: torch.Tensor, masks: torch.Tensor | None, caption: str, siz
     if not enabled:
         scale = size
     elif rng.random() < 2 / 3:
-        scale = rng.randint(int(size / 3), size)
+        scale = rng.randint(math.floor(size * settings.smallest_scale + 1e-9), size)
     else:
         scale = rng.randint(int(size * 1.2), int(size * 1.4))
     scale += scale % 2
     if scale < int(0.6 * size):
         small = _resize(chw, scale, "bicubic").clamp(0, 1)
-        canvas = torch.full((3, size, size), 0.5)  # zero in the model's [-1, 1] range
+        canvas = _canvas(square, size, settings.canvas)
         top, left = rng.randint(0, size - scale), rng.randint(0, size - scale)
         canvas[:, top:top + scale, left:left + scale] = small
         chw = canvas
@@ -186,7 +243,7 @@ def augment(picture: torch.Tensor, masks: torch.Tensor | None, caption: str, siz
         loss_mask = torch.zeros(latent, latent)
         t, lft, s = top // 8 + 1, left // 8 + 1, scale // 8 - 2
         loss_mask[t:t + max(s, 1), lft:lft + max(s, 1)] = 1
-        prompt = rng.choice(FAR_PREFIXES) + caption
+        prompt = _pick_prefix(rng, settings.far_prefixes, caption)
     elif scale <= size:
         chw = _resize(chw, size, "bicubic").clamp(0, 1)
         square_masks = None if square_masks is None else _resize(square_masks, size, "bilinear")
@@ -196,7 +253,7 @@ def augment(picture: torch.Tensor, masks: torch.Tensor | None, caption: str, siz
         chw = big[:, top:top + size, left:left + size]
         if square_masks is not None:
             square_masks = _resize(square_masks, scale, "bilinear")[:, top:top + size, left:left + size]
-        prompt = rng.choice(ZOOM_PREFIXES) + caption
+        prompt = _pick_prefix(rng, settings.zoom_prefixes, caption)
     if flip and rng.random() < 0.5:
         chw = chw.flip(-1)
         loss_mask = loss_mask.flip(-1)

@@ -31,8 +31,8 @@ from ..attention.patching import install_hook, install_nested, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.tokens import phrase_ids
 from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
-from .data import (MASK_WHITE, ConceptSpec, TrainingSample, augment, check_specs, default_caption,
-                   prepare_image, prepare_masks)
+from .data import (MASK_WHITE, AugmentSettings, ConceptSpec, TrainingSample, augment, check_specs,
+                   default_caption, prepare_image, prepare_masks)
 from .triggers import TriggerTokenizer, concept_token_groups, known_words, trigger_positions
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TrainSettings:
     train_embeddings: bool = True
     detach_start_token: bool = True
     augment: bool = True
+    augmentation: AugmentSettings = field(default_factory=AugmentSettings)  # views' texts, canvas, scale
     flip: bool = True
     mask_reconstruction: bool = True  # with masks: reconstruct only the concepts' regions
     mask_map_weight: float = 0.01  # with masks: weight of 1 - IoU(map, mask) per concept map
@@ -93,6 +94,9 @@ class TrainSettings:
                                  "default is 8e-5 (5e-3 for token banks)")
         if not math.isfinite(self.mask_map_weight) or self.mask_map_weight < 0:
             raise ValueError(f"mask_map_weight must be finite and not negative, got {self.mask_map_weight!r}")
+        if not isinstance(self.augmentation, AugmentSettings):
+            raise ValueError(f"augmentation must be AugmentSettings, got {type(self.augmentation).__name__}")
+        self.augmentation.validate()
         if self.autocast not in ("none", "fp16", "bf16"):
             raise ValueError(f"precision/autocast must be 'none' (fp32), 'fp16' or 'bf16', got {self.autocast!r}")
 
@@ -343,7 +347,8 @@ class ConceptTrainer:
         pool = []
         for _ in range(count):
             sample = augment(self.picture, self.masks, self.caption, size, self.rng,
-                             enabled=self.settings.augment, flip=self.settings.flip)
+                             enabled=self.settings.augment, flip=self.settings.flip,
+                             settings=self.settings.augmentation)
             if sample.concept_masks is not None and self.settings.mask_reconstruction:
                 union = sample.concept_masks.amax(0)[None, None]
                 region = torch.nn.functional.adaptive_max_pool2d(union, size // 8)[0, 0]

@@ -8,14 +8,27 @@ import numpy as np
 import pytest
 
 from concept_attention.smallworld import experiment as exp
+from concept_attention.smallworld import learnability
+from concept_attention.smallworld import localisation as loc
 from concept_attention.smallworld import model as toy
 from concept_attention.smallworld import quality
 from concept_attention.smallworld import scenes as sw
 from concept_attention.smallworld.readout import read_scene
 
+CALIBRATION_LAYERS = "latent/1"  # base model v2: 16x16 maps, as SD1.5's at 512 px
 
-pytestmark = pytest.mark.skipif(not toy.weights_present(),
-                                reason="toy-world weights missing from smallworld/weights")
+
+def _shipped_width() -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(toy.WEIGHTS_DIR / toy.UNET_FILE), "pt") as f:
+        return int(f.get_slice("input_blocks.0.0.weight").get_shape()[0])
+
+
+# The gates of issue 17 hold for base model v2 (64 channels); the first base model (32) misses them.
+# strict: should v1 pass one after all, the marker is wrong and the test says so.
+v2_gate = pytest.mark.xfail(_shipped_width() < toy.MODEL_CHANNELS, strict=True,
+                            reason="base model v1 (32 channels) misses the v2 gates of issue 17")
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +80,33 @@ def test_calibration_moves_attention_toward_the_right_object(bundle):
     print(f"\n[toy-world calibration] {rows}")
     contrast = {v: r["iou_trigger_own"] - r["iou_trigger_other"] for v, r in rows.items()}
     assert contrast["DisenDiff"] > contrast["Custom Diffusion"]
+
+
+@v2_gate
+def test_two_object_prompts_draw_both_objects():
+    report = quality.two_object_gate(seeds=1)
+    print(f"\n[toy-world two-object gate]\n{report.table()}")
+    assert report.samples == len(quality.two_object_prompts())
+    assert report.rate("both") >= quality.TWO_OBJECT_GATE, report.table()
+
+
+@v2_gate
+def test_class_words_localise_at_the_calibration_layers(bundle):
+    """Held-out scenes: soft IoU near its ceiling, thresholded masks and argmax assignment."""
+    report = loc.localisation_report(bundle, loc.held_out_scenes(16), seeds=1)
+    gates = report.gates(CALIBRATION_LAYERS)
+    print("\n[toy-world localisation] " + ", ".join(f"{k} {v:.2f} (>= {need})" for k, (v, need, _) in gates.items()))
+    assert all(ok for _, _, ok in gates.values()), gates
+
+
+@v2_gate
+def test_the_baseline_learns_hidden_objects_with_the_toy_world_recipe(bundle):
+    """Custom Diffusion (calibration off), the default toy-world recipe, dev scenes: the learned
+    object's colour (colour and pattern) is drawn where the VAE round trip keeps it readable."""
+    settings = exp.ExperimentSettings()
+    rows = [r for i, scene in enumerate(learnability.dev_scenes(3))
+            for r in learnability.learn_scene(bundle, i, scene, settings)]
+    rates = learnability.rates(rows)
+    print(f"\n[toy-world learnability] {rates}")
+    assert rates["colour_samples"] >= 8 and rates["colour_pattern_samples"] >= 8
+    assert rates["colour"] >= learnability.COLOUR_GATE and rates["colour_pattern"] >= learnability.COLOUR_PATTERN_GATE, rates

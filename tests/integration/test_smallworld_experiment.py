@@ -288,3 +288,13 @@ def test_gate_report_counts_a_sample_only_when_exactly_one_object_is_read():
     assert (report.samples, report.count, report.shape, report.colour) == (4, 2, 2, 1)
     assert report.rate("colour") == 0.25 and not report.passed
     assert report.rows[1] == ("wrong colour", [{"shape": "circle", "colour": "blue"}])
+
+
+def test_toy_world_runs_train_on_the_toy_world_data_settings(random_toy):
+    """No prefix words the toy text model never saw, no views shrunk below the VAE's 8 px cell."""
+    scene = sw.reference_scenes(1)[0]
+    result = exp.train_variant(random_toy, scene, "Custom Diffusion", TINY)
+    augmentation = result.concepts.metadata["settings"]["augmentation"]
+    assert augmentation == {"far_prefixes": (), "zoom_prefixes": (), "canvas": "border", "smallest_scale": 1.0}
+    sets = composition.train_separately(random_toy, scene, TINY)
+    assert sets[0].metadata["settings"]["augmentation"] == augmentation

@@ -127,3 +127,41 @@ def test_a_slim_copy_resumes_from_the_ema_with_a_fresh_warmed_up_optimizer(tmp_p
     for key, value in taesd.state_dict().items():  # finished VAE stage: not trained again
         if not key.startswith("taesd_decoder"):
             assert torch.equal(value, vae_before[key]), key
+
+
+def test_supervised_pretraining_is_seeded_resumable_and_moves_the_weights(full_run, tmp_path):
+    cfg = dataclasses.replace(tiny_config(tmp_path / "a"), supervision_weight=0.5, batch=3)
+    supervised = state(*run_all(cfg)[:3])
+    resumed_cfg = dataclasses.replace(cfg, work_dir=tmp_path / "b")
+    assert run_all(resumed_cfg, stop_after=10)[3] < cfg.steps
+    resumed = state(*run_all(dataclasses.replace(resumed_cfg))[:3])
+    for key, value in supervised.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    plain = state(*run_all(dataclasses.replace(cfg, work_dir=tmp_path / "c", supervision_weight=0.0))[:3])
+    attn = "unet.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert not torch.equal(plain[attn], supervised[attn])
+
+
+def test_a_work_dir_seeded_from_narrow_weights_starts_from_the_same_predictions(tmp_path):
+    narrow = toy.build_model(seed=4, model_channels=32)
+    clip, taesd = toy.build_clip(seed=4), toy.new_taesd(4)
+    pretrain.export_weights(narrow, clip, taesd, tmp_path / "v1", {"note": "test"})
+    cfg = dataclasses.replace(tiny_config(tmp_path / "work"), steps=0)
+    assert pretrain.seed_from_weights(cfg, tmp_path / "v1")
+    assert not pretrain.seed_from_weights(cfg, tmp_path / "v1")  # never overwrites a started run
+    vae, _, _, _ = run_all(dataclasses.replace(cfg, steps=-1))  # VAE and decoder count as done
+    shipped = load_file(str(tmp_path / "v1" / toy.VAE_FILE))
+    for key, value in vae.state_dict().items():
+        assert torch.equal(value, shipped[key].float()), key
+    _, wide, wide_clip, step = run_all(cfg)
+    assert step == 0 and toy.width_of(wide.model.diffusion_model.state_dict()) == toy.MODEL_CHANNELS
+    loaded = toy.build_model(load_file(str(tmp_path / "v1" / toy.UNET_FILE)))
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    sigma = narrow.model.model_sampling.sigmas[torch.tensor([30, 700])]
+    with torch.no_grad():
+        before = loaded.model.apply_model(x, sigma, c_crossattn=context)
+        after = wide.model.apply_model(x, sigma, c_crossattn=context)
+    assert (before - after).abs().max() < 1e-4 * before.abs().max()
+    for key, value in wide_clip.cond_stage_model.clip_l.state_dict().items():
+        if "logit_scale" not in key:
+            torch.testing.assert_close(value, clip.cond_stage_model.clip_l.state_dict()[key].half().float())

@@ -105,3 +105,45 @@ def test_prior_captions_pairing():
         captions_for(images, "a\nb")
     with pytest.raises(ValueError, match="need captions"):
         captions_for(images, "  ")
+
+
+def test_prefixes_never_double_the_article():
+    from concept_attention.training.data import with_prefix
+
+    assert with_prefix("a far away ", "photo of a V1 cat") == "a far away photo of a V1 cat"  # official
+    assert with_prefix("a far away ", "a V1 square and a V2 star") == "a far away V1 square and a V2 star"
+    assert with_prefix("very small ", "a V1 square") == "a very small V1 square"
+    assert with_prefix("zoomed in ", "An V1 owl") == "An zoomed in V1 owl"
+    assert with_prefix("", "a V1 square") == "a V1 square"
+
+
+def test_augmentation_settings_change_texts_canvas_and_scale():
+    from concept_attention.training.data import AugmentSettings
+
+    picture = torch.rand(96, 96, 3) * 0.2
+    picture[0], picture[-1], picture[:, 0], picture[:, -1] = (torch.tensor([0.8, 0.7, 0.6]),) * 4
+    no_texts = AugmentSettings(far_prefixes=(), zoom_prefixes=(), canvas="border", smallest_scale=0.34)
+    rng, pasted = random.Random(1), 0
+    for _ in range(60):
+        sample = augment(picture, None, "a V1 square", 96, rng, settings=no_texts)
+        assert sample.prompt == "a V1 square"
+        if float(sample.loss_mask.mean()) < 1:  # shrunk and pasted: the canvas is the border colour
+            pasted += 1
+            corners = torch.stack([sample.pixels[0, 0], sample.pixels[0, -1], sample.pixels[-1, 0],
+                                   sample.pixels[-1, -1]])
+            assert ((corners - torch.tensor([0.8, 0.7, 0.6])).abs() < 1e-6).sum() >= 9  # 3 of 4 corners
+    assert pasted > 5
+    never_shrink = AugmentSettings(smallest_scale=1.0)
+    rng = random.Random(2)
+    prompts = {augment(picture, None, "a V1 square", 96, rng, settings=never_shrink).prompt for _ in range(60)}
+    assert prompts == {"a V1 square", "a zoomed in V1 square", "a close up V1 square"}
+
+
+@pytest.mark.parametrize("bad", [dict(canvas="white"), dict(smallest_scale=0.0), dict(smallest_scale=1.5),
+                                 dict(smallest_scale=float("nan")), dict(far_prefixes="a far away ")])
+def test_bad_augmentation_settings_are_refused(bad):
+    from concept_attention.training.data import AugmentSettings
+    from concept_attention.training.loop import TrainSettings
+
+    with pytest.raises(ValueError, match="augmentation"):
+        TrainSettings(augmentation=AugmentSettings(**bad)).validate()
