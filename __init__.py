@@ -1,7 +1,7 @@
 """Concept Attention: learn several concepts from one picture (DisenDiff) and compose them in ComfyUI.
 
 ComfyUI imports this folder as a package and calls ``comfy_entrypoint``. Everything that needs
-ComfyUI lives in ``nodes/``; ``attention/`` and ``training/`` are importable without it.
+ComfyUI lives in ``nodes/``; ``attention/``, ``concepts/``, ``sampling/`` and ``training/`` are importable without it.
 """
 from __future__ import annotations
 

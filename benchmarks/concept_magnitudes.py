@@ -3,7 +3,7 @@
 Trains two concepts on toy-world scene 0 (the demo's settings, then a learning rate 20 times
 higher) and prints, for each run, the largest ratio of a K/V delta's norm to the norm of the
 weight it changes, and of a token vector's norm to the longest of the CLIP's own token vectors,
-beside the bounds ``training/concepts.py`` refuses above. Run from the repository root (about
+beside the bounds ``concepts/concept_set.py`` refuses above. Run from the repository root (about
 10 minutes on 2 CPU cores):
 
   .venv/bin/python benchmarks/concept_magnitudes.py
@@ -26,7 +26,7 @@ def largest_ratios(bundle: Any, concepts: Any) -> tuple[float, float]:
     """(max ||delta|| / ||weight|| over K/V deltas, max token-vector norm / CLIP's longest)."""
     import torch
 
-    from concept_attention.training.concepts import base_weight, encoder_widths
+    from concept_attention.concepts.concept_set import base_weight, encoder_widths
 
     kv = max(float(torch.linalg.vector_norm(delta.float()))
              / float(torch.linalg.vector_norm(base_weight(bundle.model, key).float()))
@@ -47,8 +47,8 @@ def main() -> None:
     from concept_attention.attention.calibration import CalibrationSettings
     from concept_attention.smallworld import model as toy
     from concept_attention.smallworld import scenes
-    from concept_attention.training.concepts import MAX_EMBEDDING_RATIO, MAX_KV_RATIO
-    from concept_attention.training.data import ConceptSpec
+    from concept_attention.concepts.concept_set import MAX_EMBEDDING_RATIO, MAX_KV_RATIO
+    from concept_attention.concepts.specs import ConceptSpec
     from concept_attention.training.loop import TrainSettings, train_concepts
 
     torch.set_num_threads(1)

@@ -81,7 +81,7 @@ def random_bank(tokens: int, width: int, seed: int) -> torch.Tensor:
 def tiny_subjects(model: Any, clip: Any, tokens: int, seed: int) -> tuple[list, list]:
     """Positive conditioning and the two subjects' sources, made with the pack's own API."""
     from concept_attention.attention.patching import model_layers
-    from concept_attention.training.nested_subjects import SubjectSpec, build_sources, encode_prompt
+    from concept_attention.sampling.nested_subjects import SubjectSpec, build_sources, encode_prompt
 
     positive, features = encode_prompt(clip, PROMPT)
     specs = [SubjectSpec(word, bank=random_bank(tokens, features.shape[-1], seed + i))

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def random_deltas(model, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
     """One concept set's worth of K/V deltas, shaped like the model's attn2 projections."""
-    from concept_attention.training.concepts import kv_weight_shapes
+    from concept_attention.concepts.concept_set import kv_weight_shapes
 
     g = torch.Generator().manual_seed(seed)
     return {k: scale * torch.randn(shape, generator=g) for k, shape in kv_weight_shapes(model).items()}
@@ -67,7 +67,7 @@ def random_deltas(model, seed: int, scale: float = 0.01) -> dict[str, torch.Tens
 
 def concept_set(model: Any, deltas: dict[str, torch.Tensor], trigger: str) -> Any:
     """A ConceptSet around random deltas (what sample_auto_regional takes)."""
-    from concept_attention.training.concepts import Concept, ConceptSet, architecture_fingerprint
+    from concept_attention.concepts.concept_set import Concept, ConceptSet, architecture_fingerprint
 
     return ConceptSet([Concept(trigger, "thing", {})], deltas, architecture_fingerprint(model))
 
@@ -76,7 +76,7 @@ def auto_sampler(model: Any, sets: list, texts: list[torch.Tensor], positive: An
                  args: argparse.Namespace, restart: bool) -> Callable[[], torch.Tensor]:
     """One 'regional_auto' sampling as KSampler with Concepts runs it."""
     from concept_attention.nodes.common import run_ksampler
-    from concept_attention.training.auto_regions import sample_auto_regional
+    from concept_attention.sampling.auto_regions import sample_auto_regional
 
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
     sampling = dict(seed=args.seed, cfg=args.cfg, sampler_name="euler", scheduler="normal",

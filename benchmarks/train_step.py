@@ -57,7 +57,7 @@ def build_models(full_size: bool, arch: str) -> tuple[Any, Any, Any]:
 def prepared_trainer(model: Any, clip: Any, vae: Any, calibrated: bool, resolution: int):
     """A ConceptTrainer set up up to its first step (parameters, hooks, loaded models, pool)."""
     from concept_attention.attention.calibration import CalibrationSettings
-    from concept_attention.training.data import ConceptSpec
+    from concept_attention.concepts.specs import ConceptSpec
     from concept_attention.training.loop import ConceptTrainer, TrainSettings
 
     settings = TrainSettings(steps=1, micro_batch=1, grad_accumulation=1, resolution=resolution,

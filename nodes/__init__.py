@@ -1,4 +1,4 @@
-"""ComfyUI nodes of the pack (V3 schema). Thin: the work happens in ``attention/`` and ``training/``."""
+"""ComfyUI nodes of the pack (V3 schema). Thin: the work happens in ``attention/``, ``concepts/``, ``sampling/`` and ``training/``."""
 from __future__ import annotations
 
 import os

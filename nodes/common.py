@@ -29,7 +29,7 @@ def listed_model_path(folder: str, name: str, input_name: str) -> str:
     links that lead out of the folder's paths are refused, naming the input."""
     import folder_paths
 
-    from ..training.io_utils import inside_folder
+    from ..concepts.safe_files import inside_folder
 
     if not isinstance(name, str) or name not in folder_paths.get_filename_list(folder):
         raise ValueError(f"{input_name} {name!r} is not a file in models/{folder}: choose one of the "

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..attention.patching import install_regional
-from ..training.apply import apply_concepts
-from ..training.concept_file import save_concepts
-from ..training.concepts import check_compatible
-from ..training.auto_regions import class_word_positions, region_text_features, sample_auto_regional
-from ..training.merge import merge_concept_sets
+from ..concepts.apply import apply_concepts
+from ..concepts.concept_file import save_concepts
+from ..concepts.concept_set import check_compatible
+from ..sampling.auto_regions import class_word_positions, region_text_features, sample_auto_regional
+from ..concepts.merge import merge_concept_sets
 from .common import (CATEGORY, NODE_PREFIX, check_latent, check_masks_finite, check_numbers,
                      check_sampled, ksampler_inputs, overwrite_input, run_ksampler)
 from .concepts import Concepts, concept_path

@@ -9,14 +9,14 @@ from comfy_api.latest import io
 
 from ..attention.calibration import CalibrationSettings
 from ..attention.visualize import colorize, upscale_maps
-from ..training.apply import apply_concepts
-from ..training.concept_file import load_concepts, save_concepts, save_partial_concepts
-from ..training.data import parse_concept_specs
-from ..training.export import concepts_with_banks, export_concepts
-from ..training.io_utils import NAME_ADVICE, TargetExistsError, check_file_stem, check_targets, next_free_path
+from ..concepts.apply import apply_concepts
+from ..concepts.concept_file import load_concepts, save_concepts, save_partial_concepts
+from ..concepts.specs import parse_concept_specs
+from ..concepts.export import concepts_with_banks, export_concepts
+from ..concepts.safe_files import NAME_ADVICE, TargetExistsError, check_file_stem, check_targets, next_free_path
 from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
-from ..training.prior import captions_for, generate_prior_images
+from ..sampling.prior import captions_for, generate_prior_images
 from .common import CATEGORY, NODE_PREFIX, check_numbers, listed_model_path, overwrite_input
 from .web_api import LiveTraining
 

@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..attention.patching import install_nested, model_layers, resolve_layers
-from ..training.nested_subjects import SubjectSpec, build_sources, encode_prompt
+from ..sampling.nested_subjects import SubjectSpec, build_sources, encode_prompt
 from .common import CATEGORY, NODE_PREFIX, check_numbers
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.layers import CrossAttentionLayer
-from ..training.nested_adapter import NestedAdapter, load_adapter
-from ..training.nested_subjects import SubjectSpec
+from ..sampling.nested_adapter import NestedAdapter, load_adapter
+from ..sampling.nested_subjects import SubjectSpec
 from .common import CATEGORY, NODE_PREFIX, check_numbers
 from .nested import subject_knob_inputs, subject_output
 
@@ -43,7 +43,7 @@ def adapter_path(name: str) -> str:
     """Full path of a listed adapter file."""
     import folder_paths
 
-    from ..training.io_utils import inside_folder
+    from ..concepts.safe_files import inside_folder
 
     for folder in _folders():
         path = folder_paths.get_full_path(folder, name)

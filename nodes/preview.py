@@ -10,7 +10,7 @@ from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.visualize import colorize, overlay, upscale_maps
-from ..training.triggers import locate_words_and_triggers
+from ..concepts.triggers import locate_words_and_triggers
 from .common import (CATEGORY, NODE_PREFIX, check_latent, check_numbers, check_sampled, ksampler_inputs,
                      run_ksampler, split_words)
 

@@ -45,7 +45,7 @@ def _describe_architecture(architecture: dict[str, Any]) -> str:
 
 def concept_file_entry(name: str) -> dict[str, Any]:
     """What the front end needs to know about one listed concept file (never raises)."""
-    from ..training.concept_file import concept_file_info
+    from ..concepts.concept_file import concept_file_info
     from .common import listed_model_path
 
     entry: dict[str, Any] = {"name": name}

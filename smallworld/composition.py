@@ -33,12 +33,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..training.apply import apply_concepts
-from ..training.concept_file import load_concepts, save_concepts
+from ..concepts.apply import apply_concepts
+from ..concepts.concept_file import load_concepts, save_concepts
 from ..attention.patching import install_regional
-from ..training.auto_regions import class_word_positions, region_text_features, sample_auto_regional
-from ..training.concepts import ConceptSet
-from ..training.data import ConceptSpec
+from ..sampling.auto_regions import class_word_positions, region_text_features, sample_auto_regional
+from ..concepts.concept_set import ConceptSet
+from ..concepts.specs import ConceptSpec
 from ..training.loop import TrainSettings, train_concepts
 from . import evaluate as ev
 from . import model as toy

@@ -29,12 +29,13 @@ from ..attention.calibration import CalibrationSettings
 from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
-from ..training.apply import apply_concepts
-from ..training.concepts import ConceptSet
-from ..training.data import AugmentSettings, ConceptSpec
+from ..concepts.apply import apply_concepts
+from ..concepts.concept_set import ConceptSet
+from ..training.data import AugmentSettings
+from ..concepts.specs import ConceptSpec
 from ..training.loop import TrainResult, TrainSettings, train_concepts
-from ..training.nested_subjects import with_concept_banks
-from ..training.triggers import concept_token_groups
+from ..sampling.nested_subjects import with_concept_banks
+from ..concepts.triggers import concept_token_groups
 from . import evaluate as ev
 from . import model as toy
 from . import quality

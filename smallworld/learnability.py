@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..training.apply import apply_concepts
+from ..concepts.apply import apply_concepts
 from . import evaluate as ev
 from . import quality
 from . import scenes as sw

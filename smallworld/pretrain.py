@@ -528,7 +528,7 @@ def slim_checkpoint(work_dir: Path, out_dir: Path) -> None:
 
 def export_weights(patcher: Any, clip: Any, taesd: torch.nn.Module, out_dir: Path, info: dict) -> None:
     """Write fp16 safetensors of UNet, CLIP text model and TAESD (atomically) plus a JSON card."""
-    from ..training.io_utils import atomic_write_safetensors
+    from ..concepts.safe_files import atomic_write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"toy_world": json.dumps(info)}

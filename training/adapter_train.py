@@ -27,9 +27,9 @@ import torch.distributed as dist
 from ..attention.nested_hook import NestedSource
 from ..attention.patching import install_nested, model_layers
 from .adapter_data import AdapterRecord, load_picture
-from .io_utils import atomic_write_safetensors, atomic_write_text
-from .nested_adapter import AdapterConfig, NestedAdapter, config_for_layers, save_adapter
-from .nested_subjects import subject_position
+from ..concepts.safe_files import atomic_write_safetensors, atomic_write_text
+from ..sampling.nested_adapter import AdapterConfig, NestedAdapter, config_for_layers, save_adapter
+from ..sampling.nested_subjects import subject_position
 
 log = logging.getLogger(__name__)
 

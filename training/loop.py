@@ -30,10 +30,10 @@ from ..attention.nested_hook import NestedSource
 from ..attention.patching import install_hook, install_nested, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.tokens import phrase_ids
-from .concepts import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
-from .data import (MASK_WHITE, AugmentSettings, ConceptSpec, TrainingSample, augment, check_specs,
-                   default_caption, prepare_image, prepare_masks)
-from .triggers import TriggerTokenizer, concept_token_groups, known_words, trigger_positions
+from ..concepts.concept_set import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
+from .data import MASK_WHITE, AugmentSettings, TrainingSample, augment, default_caption, prepare_image, prepare_masks
+from ..concepts.specs import ConceptSpec, check_specs
+from ..concepts.triggers import TriggerTokenizer, concept_token_groups, known_words, trigger_positions
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def _image_size(size: int) -> Callable[[ComfyServer, list[Path]], None]:
 
 
 def _trained(server: ComfyServer, images: list[Path]) -> None:
-    from concept_attention.training.concept_file import load_concepts
+    from concept_attention.concepts.concept_file import load_concepts
 
     assert len(images) == 4  # trigger and class map per concept
     assert load_concepts(server.concepts_dir / PAIR).triggers == ["V1", "V2"]
@@ -286,7 +286,7 @@ def test_broken_prompts_between_good_ones(prepared: ComfyServer) -> None:
             message = result.error_message or ""
             for words in step.expect:
                 assert words in message, f"{step.name}: expected {words!r} in: {message}"
-            assert result.error_type in ("ValueError", "builtins.ValueError", "concept_attention.training."
+            assert result.error_type in ("ValueError", "builtins.ValueError", "concept_attention.concepts."
                                          "concept_file.ConceptFileError") or "Error" in (result.error_type or ""), \
                 result.describe()
             report.append((step.name, "error"))

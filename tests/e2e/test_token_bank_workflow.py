@@ -27,7 +27,7 @@ def _sampler(model: list, positive: list) -> dict:
 
 
 def test_trained_token_bank_drives_nested_attention(comfy_server):
-    from concept_attention.training.concept_file import load_concepts
+    from concept_attention.concepts.concept_file import load_concepts
 
     graph = {
         "loader": node(TINY_LOADER, architecture="sd15", seed=0),

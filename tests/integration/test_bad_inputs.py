@@ -27,12 +27,13 @@ from concept_attention.nodes.concepts import (ApplyConcepts, ExportConcepts, Loa
 from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromBank
 from concept_attention.nodes.nested_adapter import NestedSubjectFromImage
 from concept_attention.nodes.preview import AttentionMapSampler
-from concept_attention.training.apply import apply_concepts
-from concept_attention.training.data import ConceptSpec, parse_concept_specs, prepare_image
+from concept_attention.concepts.apply import apply_concepts
+from concept_attention.training.data import prepare_image
+from concept_attention.concepts.specs import ConceptSpec, parse_concept_specs
 from concept_attention.training.loop import ConceptTrainer, TrainSettings, train_concepts
-from concept_attention.training.concept_file import concept_file_contents
-from concept_attention.training.concepts import ConceptSet
-from concept_attention.training.nested_subjects import SubjectSpec
+from concept_attention.concepts.concept_file import concept_file_contents
+from concept_attention.concepts.concept_set import ConceptSet
+from concept_attention.sampling.nested_subjects import SubjectSpec
 from support.concept_files import write_concept_file
 from support.synthetic_concepts import synthetic_set
 

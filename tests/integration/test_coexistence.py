@@ -29,7 +29,7 @@ from concept_attention.attention.coexistence import coexistence_wrapper
 from concept_attention.attention.patching import (chain_at, install_hook, install_regional, model_layers,
                                                  remove_hooks)
 from concept_attention.attention.recorder import AttentionRecorder, MapStore
-from concept_attention.training.nested_subjects import SubjectSpec
+from concept_attention.sampling.nested_subjects import SubjectSpec
 from support.attn2_pack import AddingReplace, apply_pack
 from support.coexistence_stacks import (ARCHS, CALLS, FEATURES, FOREIGN, PER_DEPTH, PROCEED_CALLS, PROMPT,
                                         SIZE, STEPS, Stacks, differ, sample)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concept_attention.training.apply import apply_concepts
-from concept_attention.training.concept_file import load_concepts, save_concepts
-from concept_attention.training.data import ConceptSpec
-from concept_attention.training.export import save_embeddings, save_lora
+from concept_attention.concepts.apply import apply_concepts
+from concept_attention.concepts.concept_file import load_concepts, save_concepts
+from concept_attention.concepts.specs import ConceptSpec
+from concept_attention.concepts.export import save_embeddings, save_lora
 from concept_attention.training.loop import TrainSettings, train_concepts
 from support import tiny_models
 

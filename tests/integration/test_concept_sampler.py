@@ -6,7 +6,7 @@ import torch
 
 from concept_attention.nodes.common import run_ksampler
 from concept_attention.nodes.compose import ConceptSampler
-from concept_attention.training.apply import apply_concepts
+from concept_attention.concepts.apply import apply_concepts
 from support.synthetic_concepts import synthetic_set
 
 PROMPT = "a photo of a cat and a dog"
@@ -120,7 +120,7 @@ def auto_sets(sd15):
 
 
 def auto_args(sd15, sets, text=AUTO_PROMPT, **extra):
-    from concept_attention.training.apply import apply_concepts as apply
+    from concept_attention.concepts.apply import apply_concepts as apply
 
     clip = sd15.bundle.clip
     for concepts in sets:
@@ -133,7 +133,7 @@ def auto_args(sd15, sets, text=AUTO_PROMPT, **extra):
 
 
 def test_class_words_after_their_triggers_are_found(sd15, auto_sets):
-    from concept_attention.training.auto_regions import class_word_positions
+    from concept_attention.sampling.auto_regions import class_word_positions
 
     clip = auto_args(sd15, auto_sets)["clip"]
     per_set = class_word_positions(clip, AUTO_PROMPT, auto_sets)
@@ -149,7 +149,7 @@ def test_class_words_after_their_triggers_are_found(sd15, auto_sets):
 
 def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_sets):
     from concept_attention.attention.patching import install_regional
-    from concept_attention.training.auto_regions import region_text_features
+    from concept_attention.sampling.auto_regions import region_text_features
 
     args = auto_args(sd15, auto_sets, auto_restart=False)
     latent, regions = ConceptSampler.execute(**args).result
@@ -176,7 +176,7 @@ def test_auto_regions_are_disjoint_and_match_a_manual_second_stage(sd15, auto_se
 
 def test_auto_restart_samples_every_step_again_with_the_found_regions(sd15, auto_sets):
     from concept_attention.attention.patching import install_regional
-    from concept_attention.training.auto_regions import region_text_features
+    from concept_attention.sampling.auto_regions import region_text_features
 
     args = auto_args(sd15, auto_sets)  # auto_restart is on by default
     latent, regions = ConceptSampler.execute(**args).result
@@ -238,7 +238,7 @@ def test_each_region_reads_the_prompt_without_the_other_concepts(sd15, auto_sets
 
 
 def test_region_texts_drop_only_the_other_sets_whole_trigger_words():
-    from concept_attention.training.auto_regions import without_words
+    from concept_attention.sampling.auto_regions import without_words
 
     assert without_words("a V1 cat and a V2 dog, V2.", ["V2"]) == "a V1 cat and a dog, ."
     assert without_words("a V21 cat and a xV2 dog", ["V2"]) == "a V21 cat and a xV2 dog"
@@ -247,7 +247,7 @@ def test_region_texts_drop_only_the_other_sets_whole_trigger_words():
 def test_region_texts_drop_the_other_concepts_whole_phrases():
     from types import SimpleNamespace
 
-    from concept_attention.training.auto_regions import region_text_features, without_concepts
+    from concept_attention.sampling.auto_regions import region_text_features, without_concepts
 
     dog = SimpleNamespace(trigger="V2", class_phrase="dog")
     assert without_concepts("a photo of a V1 cat and a V2 dog in a park", [dog]) == "a photo of a V1 cat and in a park"

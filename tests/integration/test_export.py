@@ -11,11 +11,11 @@ import safetensors
 import torch
 
 from concept_attention.attention.patching import model_layers
-from concept_attention.training.concept_file import load_concepts, save_concepts
-from concept_attention.training.concepts import kv_digest
-from concept_attention.training.concepts import (Concept, ConceptSet, architecture_fingerprint,
+from concept_attention.concepts.concept_file import load_concepts, save_concepts
+from concept_attention.concepts.concept_set import kv_digest
+from concept_attention.concepts.concept_set import (Concept, ConceptSet, architecture_fingerprint,
                                                  encoder_widths, kv_weight_shapes)
-from concept_attention.training.export import (check_file_stem, embedding_state_dict,
+from concept_attention.concepts.export import (check_file_stem, embedding_state_dict,
                                                kv_lora_state_dict, save_embeddings, save_lora)
 from support import tiny_models
 

@@ -23,12 +23,12 @@ import torch
 from concept_attention.nodes.compose import ConceptSampler, MergeConcepts
 from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromBank
 from concept_attention.nodes.preview import AttentionMapSampler
-from concept_attention.training.apply import apply_concepts
-from concept_attention.training.concepts import Concept, ConceptSet
-from concept_attention.training.data import ConceptSpec
+from concept_attention.concepts.apply import apply_concepts
+from concept_attention.concepts.concept_set import Concept, ConceptSet
+from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.training.loop import TrainSettings, train_concepts
-from concept_attention.training.nested_subjects import SubjectSpec
-from concept_attention.training.triggers import TriggerTokenizer
+from concept_attention.sampling.nested_subjects import SubjectSpec
+from concept_attention.concepts.triggers import TriggerTokenizer
 from support.synthetic_concepts import synthetic_set
 
 log = logging.getLogger(__name__)

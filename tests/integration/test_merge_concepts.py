@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concept_attention.training.merge import (_regulariser_features, _trigger_features, comfy_weight,
+from concept_attention.concepts.merge import (_regulariser_features, _trigger_features, comfy_weight,
                                               constraint_error, generic_captions, merge_concept_sets,
                                               regulariser_error)
-from concept_attention.training.triggers import with_triggers
+from concept_attention.concepts.triggers import with_triggers
 from support.synthetic_concepts import synthetic_set
 
 

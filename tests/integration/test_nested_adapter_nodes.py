@@ -9,7 +9,7 @@ from concept_attention.attention.patching import model_layers
 from concept_attention.nodes.nested import ApplyNestedAttention
 from concept_attention.nodes.nested_adapter import (LoadNestedAdapter, NestedSubjectFromImage,
                                                     adapter_files, image_tokens)
-from concept_attention.training.nested_adapter import NestedAdapter, config_for_layers, ip_order
+from concept_attention.sampling.nested_adapter import NestedAdapter, config_for_layers, ip_order
 from support import tiny_models
 from support.tiny_adapters import TINY_CLIP_VISION_WIDTH, TINY_SD15_IP_WIDTHS, tiny_sd15_plus
 

@@ -6,7 +6,7 @@ import torch
 
 from concept_attention.attention.nested_hook import NestedContextPatch, NestedSource
 from concept_attention.attention.patching import install_nested, model_layers, nested_subjects
-from concept_attention.training.nested_subjects import SubjectSpec, build_sources, encode_prompt
+from concept_attention.sampling.nested_subjects import SubjectSpec, build_sources, encode_prompt
 
 PROMPT = "a photo of a cat and a dog"
 

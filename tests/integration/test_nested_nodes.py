@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from concept_attention.nodes.nested import ApplyNestedAttention, sigma_window
-from concept_attention.training.nested_subjects import SubjectSpec
+from concept_attention.sampling.nested_subjects import SubjectSpec
 
 PROMPT = "a photo of a cat and a dog"
 

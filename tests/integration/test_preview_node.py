@@ -44,7 +44,7 @@ def test_trigger_words_are_located_like_plain_words(sd15):
     """Learned triggers (spliced vectors) are found by position; plain words by their token ids."""
     import torch
 
-    from concept_attention.training.triggers import locate_words_and_triggers, with_triggers
+    from concept_attention.concepts.triggers import locate_words_and_triggers, with_triggers
 
     width = sd15.bundle.clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
     clip = with_triggers(sd15.bundle.clip, {"V1": {"clip_l": torch.randn(1, width)},

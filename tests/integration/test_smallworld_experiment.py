@@ -43,8 +43,8 @@ def test_token_bank_variant_trains_banks_and_samples_with_them(random_toy):
 def test_bank_changes_samples_only_for_prompts_with_its_trigger(random_toy):
     import torch
 
-    from concept_attention.training.apply import apply_concepts
-    from concept_attention.training.nested_subjects import with_concept_banks
+    from concept_attention.concepts.apply import apply_concepts
+    from concept_attention.sampling.nested_subjects import with_concept_banks
 
     scene = sw.reference_scenes(1)[0]
     concepts = exp.train_variant(random_toy, scene, "DisenDiff + token bank", TINY).concepts

@@ -13,9 +13,9 @@ import torch
 from concept_attention.attention.nested_hook import NestedContextPatch
 from concept_attention.attention.patching import nested_subjects
 from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromBank
-from concept_attention.training.apply import apply_concepts
-from concept_attention.training.concept_file import load_concepts, save_concepts
-from concept_attention.training.data import ConceptSpec
+from concept_attention.concepts.apply import apply_concepts
+from concept_attention.concepts.concept_file import load_concepts, save_concepts
+from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.training.loop import (BANK_INIT_NOISE, ConceptTrainer, TrainSettings,
                                              clip_layers_out_of_place, train_concepts)
 
@@ -179,8 +179,8 @@ def test_sdxl_bank_is_as_wide_as_both_text_encoders(sdxl, tmp_path):
 
 
 def test_merge_keeps_each_bank_and_export_drops_banks_with_a_warning(trained, sd15, tmp_path, caplog):
-    from concept_attention.training.export import save_embeddings
-    from concept_attention.training.merge import merge_concept_sets
+    from concept_attention.concepts.export import save_embeddings
+    from concept_attention.concepts.merge import merge_concept_sets
     from support.synthetic_concepts import synthetic_set
 
     concepts = trained["result"].concepts
@@ -194,7 +194,7 @@ def test_merge_keeps_each_bank_and_export_drops_banks_with_a_warning(trained, sd
     assert torch.equal(load_concepts(tmp_path / "merged.safetensors").find("V2").bank,
                        concepts.find("V2").bank)
 
-    with caplog.at_level("WARNING", logger="concept_attention.training.export"):
+    with caplog.at_level("WARNING", logger="concept_attention.concepts.export"):
         written = save_embeddings(tmp_path / "emb", merged)
     assert [p.name for p in written] == ["V1.safetensors", "V2.safetensors", "V3.safetensors"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -24,11 +24,11 @@ from concept_attention.attention.calibration import CalibrationSettings
 from concept_attention.attention.chain import AttentionHook
 from concept_attention.attention.patching import chain_at, install_hook, model_layers, resolve_layers
 from concept_attention.training import loop
-from concept_attention.training.concepts import ENCODER_KEYS
-from concept_attention.training.data import ConceptSpec
+from concept_attention.concepts.concept_set import ENCODER_KEYS
+from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.training.loop import (ConceptTrainer, DetachStartToken, TrainSettings,
                                              clip_layers_out_of_place, train_concepts)
-from concept_attention.training.triggers import TriggerTokenizer, with_triggers
+from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
 from support import tiny_models
 
 SIZE = 128

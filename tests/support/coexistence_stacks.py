@@ -18,7 +18,7 @@ import torch
 from concept_attention.attention.patching import install_hook, install_nested, install_regional, model_layers
 from concept_attention.attention.recorder import AttentionRecorder, MapStore
 from concept_attention.attention.tokens import locate_words
-from concept_attention.training.nested_subjects import SubjectSpec, build_sources, encode_prompt
+from concept_attention.sampling.nested_subjects import SubjectSpec, build_sources, encode_prompt
 from support.attn2_pack import apply_pack, make_callback
 from support.synthetic_concepts import synthetic_set
 

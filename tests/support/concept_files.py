@@ -12,8 +12,8 @@ _WIDTH = 16
 
 def write_concept_file(path: str | Path, pairs: list[tuple[str, str]], seed: int = 0) -> Path:
     """Save a tiny SD1.5-labelled concept file with one concept per ``(trigger, class_phrase)``."""
-    from concept_attention.training.concept_file import kv_digest, save_concepts
-    from concept_attention.training.concepts import Concept, ConceptSet
+    from concept_attention.concepts.concept_file import kv_digest, save_concepts
+    from concept_attention.concepts.concept_set import Concept, ConceptSet
 
     generator = torch.Generator().manual_seed(seed)
     shapes = {f"diffusion_model.{layer}.{proj}.weight": (8, _WIDTH)

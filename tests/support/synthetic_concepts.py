@@ -9,7 +9,7 @@ import torch
 def synthetic_set(bundle: Any, triggers: list[str], seed: int, scale: float = 0.05,
                   classes: tuple[str, ...] = ("cat", "dog", "bird")) -> Any:
     """Random K/V deltas on every attn2 layer and one random vector per trigger and encoder."""
-    from concept_attention.training.concepts import (Concept, ConceptSet, architecture_fingerprint,
+    from concept_attention.concepts.concept_set import (Concept, ConceptSet, architecture_fingerprint,
                                                      encoder_widths, kv_weight_shapes)
 
     g = torch.Generator().manual_seed(seed)

@@ -23,11 +23,11 @@ from typing import Callable
 import pytest
 import torch
 
-from concept_attention.training import io_utils
-from concept_attention.training.concept_file import (load_concepts, save_concepts,
+from concept_attention.concepts import safe_files
+from concept_attention.concepts.concept_file import (load_concepts, save_concepts,
                                                      save_partial_concepts)
-from concept_attention.training.concepts import Concept, ConceptSet
-from concept_attention.training.export import save_embeddings, save_lora
+from concept_attention.concepts.concept_set import Concept, ConceptSet
+from concept_attention.concepts.export import save_embeddings, save_lora
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 LAYER = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
@@ -35,7 +35,7 @@ LAYER = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
 
 def concept_set(seed: int, complete: bool = True, width: int = 16) -> ConceptSet:
     """A small valid set; ``seed`` makes its contents differ."""
-    from concept_attention.training.concept_file import kv_digest
+    from concept_attention.concepts.concept_file import kv_digest
 
     shapes = {f"{LAYER}.to_k.weight": (8, width), f"{LAYER}.to_v.weight": (8, width)}
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +47,7 @@ def concept_set(seed: int, complete: bool = True, width: int = 16) -> ConceptSet
 
 def _adapter_writer(folder: Path, seed: int) -> None:
     """Save a tiny nested adapter (IP-Adapter-Plus layout) with ``save_adapter``."""
-    from concept_attention.training.nested_adapter import adapter_from_state_dict, save_adapter
+    from concept_attention.sampling.nested_adapter import adapter_from_state_dict, save_adapter
     from support.tiny_adapters import tiny_sd15_plus
 
     save_adapter(adapter_from_state_dict(tiny_sd15_plus(seed), {}, torch.float32),
@@ -63,7 +63,7 @@ WRITERS: list[tuple[str, str, Callable[[Path, int], None]]] = [
     ("embedding export", "V1.safetensors", lambda f, s: save_embeddings(f, concept_set(s))),
     ("nested adapter", "adapter.safetensors", _adapter_writer),
     ("adapter checkpoint JSON", "checkpoint.json",
-     lambda f, s: io_utils.atomic_write_text(f / "checkpoint.json", f'{{"step": {s}}}')),
+     lambda f, s: safe_files.atomic_write_text(f / "checkpoint.json", f'{{"step": {s}}}')),
 ]
 
 
@@ -113,15 +113,15 @@ class _FaultyFile:
 
 def _inject(monkeypatch: pytest.MonkeyPatch, where: str, fault: Callable[..., None]) -> None:
     if where == "fsync":
-        monkeypatch.setattr(io_utils, "_fsync_file", fault)
+        monkeypatch.setattr(safe_files, "_fsync_file", fault)
     elif where == "replace":
-        monkeypatch.setattr(io_utils.os, "replace", fault)
+        monkeypatch.setattr(safe_files.os, "replace", fault)
     else:
         original_open = open
 
         def faulty_open(file, mode="r", *args, **kwargs):  # both writers fill the temp file with open()
             handle = original_open(file, mode, *args, **kwargs)
-            if "w" in mode and str(file).endswith(io_utils.TEMP_SUFFIX):
+            if "w" in mode and str(file).endswith(safe_files.TEMP_SUFFIX):
                 return _FaultyFile(handle, fault)
             return handle
 
@@ -195,8 +195,8 @@ WRITER_LOOP = textwrap.dedent('''
     from pack_alias import install_alias
     install_alias()
     import torch
-    from concept_attention.training.concept_file import kv_digest, save_concepts
-    from concept_attention.training.concepts import Concept, ConceptSet
+    from concept_attention.concepts.concept_file import kv_digest, save_concepts
+    from concept_attention.concepts.concept_set import Concept, ConceptSet
     layer = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
     shapes = {{f"{{layer}}.to_k.weight": (512, 1024), f"{{layer}}.to_v.weight": (512, 1024)}}
     arch = {{"model": "SD15", "kv_layers": 1, "kv_digest": kv_digest(shapes), "encoders": {{"clip_l": 1024}}}}
@@ -238,7 +238,7 @@ def test_a_writer_killed_at_random_moments_leaves_an_old_or_new_complete_file(tm
         leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("writer.py", path.name)]
         # A killed process cannot clean up: its temporary file may stay, hidden and not *.safetensors,
         # so no concept list ever shows it.
-        assert all(n.startswith(".") and n.endswith(io_utils.TEMP_SUFFIX) for n in leftovers), leftovers
+        assert all(n.startswith(".") and n.endswith(safe_files.TEMP_SUFFIX) for n in leftovers), leftovers
         for name in leftovers:
             (tmp_path / name).unlink()
     assert versions  # which version survived is up to timing; each one was complete

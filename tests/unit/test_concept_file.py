@@ -11,11 +11,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from concept_attention.training import concept_file as cf
-from concept_attention.training.concept_file import (ConceptFileError, concept_file_contents,
+from concept_attention.concepts import concept_file as cf
+from concept_attention.concepts.concept_file import (ConceptFileError, concept_file_contents,
                                                      concept_file_info, kv_digest, load_concepts,
                                                      save_concepts)
-from concept_attention.training.concepts import FORMAT_VERSION, Concept, ConceptSet
+from concept_attention.concepts.concept_set import FORMAT_VERSION, Concept, ConceptSet
 
 LAYERS = ["input_blocks.1.1.transformer_blocks.0.attn2", "middle_block.1.transformer_blocks.0.attn2",
           "output_blocks.3.1.transformer_blocks.0.attn2"]

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from concept_attention.training.data import (ConceptSpec, augment, default_caption,
-                                             parse_concept_specs, prepare_image, prepare_masks)
+from concept_attention.training.data import augment, default_caption, prepare_image, prepare_masks
+from concept_attention.concepts.specs import ConceptSpec, parse_concept_specs
 
 
 def test_parse_specs_lines_and_semicolons():
@@ -96,7 +96,7 @@ def test_augment_disabled_is_a_plain_resize_and_deterministic():
 
 
 def test_prior_captions_pairing():
-    from concept_attention.training.prior import captions_for
+    from concept_attention.sampling.prior import captions_for
 
     images = torch.rand(3, 8, 8, 3)
     assert [c for _, c in captions_for(images, "a cat")] == ["a cat"] * 3

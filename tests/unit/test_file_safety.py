@@ -1,6 +1,6 @@
 """File safety (docs/reliability.md, "Files"): safe names, no silent replacement, all-or-nothing writes.
 
-Every writer of the pack goes through ``training/io_utils.py``: names are checked there, targets
+Every writer of the pack goes through ``concepts/safe_files.py``: names are checked there, targets
 are checked there (an existing file is refused unless ``overwrite``, a folder always), and several
 files are written all or nothing. Faults are injected at every point of a three-file write; each
 time the folder afterwards holds exactly what it held before, byte for byte.
@@ -15,12 +15,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from concept_attention.training import io_utils
-from concept_attention.training.concept_file import (kv_digest, load_concepts, save_concepts,
+from concept_attention.concepts import safe_files
+from concept_attention.concepts.concept_file import (kv_digest, load_concepts, save_concepts,
                                                      save_partial_concepts)
-from concept_attention.training.concepts import Concept, ConceptSet
-from concept_attention.training.export import export_concepts
-from concept_attention.training.io_utils import (TargetExistsError, check_file_stem, next_free_path,
+from concept_attention.concepts.concept_set import Concept, ConceptSet
+from concept_attention.concepts.export import export_concepts
+from concept_attention.concepts.safe_files import (TargetExistsError, check_file_stem, next_free_path,
                                                  text_writer, write_files_atomically)
 
 LAYER = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
@@ -59,7 +59,7 @@ REFUSED_NAMES = [
 @pytest.mark.parametrize("name,problem", REFUSED_NAMES, ids=[repr(n) for n, _ in REFUSED_NAMES])
 def test_unsafe_names_are_refused(name: str, problem: str) -> None:
     with pytest.raises(ValueError) as caught:
-        check_file_stem(name, "the save_name (a concept file name)", io_utils.NAME_ADVICE)
+        check_file_stem(name, "the save_name (a concept file name)", safe_files.NAME_ADVICE)
     text = str(caught.value)
     assert "cannot be used as the save_name" in text and problem in text, text
     assert "letters, digits" in text  # says what to do
@@ -146,7 +146,7 @@ def _failing_on_call(original: Callable, call: int, error: BaseException,
     return wrapper
 
 
-def _three_files(folder: Path) -> list[tuple[Path, io_utils.Writer]]:
+def _three_files(folder: Path) -> list[tuple[Path, safe_files.Writer]]:
     return [(folder / "lora.safetensors", text_writer("new lora")),
             (folder / "emb" / "V1.safetensors", text_writer("new V1")),
             (folder / "emb" / "V2.safetensors", text_writer("new V2"))]
@@ -175,11 +175,11 @@ def test_a_fault_anywhere_in_a_multi_file_write_changes_nothing(
     if where == "write":
         files[call] = (files[call][0], _failing_on_call(files[call][1], 0, error))
     elif where == "fsync":
-        monkeypatch.setattr(io_utils, "_fsync_file", _failing_on_call(io_utils._fsync_file, call, error))
+        monkeypatch.setattr(safe_files, "_fsync_file", _failing_on_call(safe_files._fsync_file, call, error))
     else:  # the k-th move into place (os.link for new files and kept copies, os.replace over old ones)
         moves = [0]
-        monkeypatch.setattr(io_utils.os, "link", _failing_on_call(os.link, call, error, moves))
-        monkeypatch.setattr(io_utils.os, "replace", _failing_on_call(os.replace, call, error, moves))
+        monkeypatch.setattr(safe_files.os, "link", _failing_on_call(os.link, call, error, moves))
+        monkeypatch.setattr(safe_files.os, "replace", _failing_on_call(os.replace, call, error, moves))
     with pytest.raises(type(error)):
         write_files_atomically(files, overwrite=overwrite)
     monkeypatch.undo()
@@ -191,14 +191,14 @@ def test_a_fault_anywhere_in_a_multi_file_write_changes_nothing(
 def test_a_file_that_appears_during_the_write_is_never_replaced(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     files = _three_files(tmp_path)
-    original_fsync = io_utils._fsync_file
+    original_fsync = safe_files._fsync_file
 
     def another_process_saves(path: Path) -> None:
         original_fsync(path)
         if path.name.startswith(".V2.safetensors."):
             (tmp_path / "emb" / "V2.safetensors").write_bytes(b"saved meanwhile")
 
-    monkeypatch.setattr(io_utils, "_fsync_file", another_process_saves)
+    monkeypatch.setattr(safe_files, "_fsync_file", another_process_saves)
     with pytest.raises(TargetExistsError, match="appeared while it was being written"):
         write_files_atomically(files, overwrite=False)
     assert snapshot(tmp_path) == {"emb/V2.safetensors": b"saved meanwhile"}

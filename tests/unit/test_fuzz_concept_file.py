@@ -21,10 +21,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from concept_attention.training import concept_file as cf
-from concept_attention.training.concept_file import (ConceptFileError, concept_file_contents,
+from concept_attention.concepts import concept_file as cf
+from concept_attention.concepts.concept_file import (ConceptFileError, concept_file_contents,
                                                      concept_file_info, kv_digest, load_concepts)
-from concept_attention.training.concepts import Concept, ConceptSet
+from concept_attention.concepts.concept_set import Concept, ConceptSet
 
 SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
 BOUNDED = settings(max_examples=60 * SCALE, deadline=2000, derandomize=True, database=None,

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 from concept_attention.attention.layers import CrossAttentionLayer
-from concept_attention.training.nested_adapter import (AdapterConfig, NestedAdapter, PerceiverAttention,
+from concept_attention.sampling.nested_adapter import (AdapterConfig, NestedAdapter, PerceiverAttention,
                                                        adapter_from_state_dict, config_for_layers,
                                                        ip_order, load_adapter, save_adapter)
 from support.tiny_adapters import plus_state_dict

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .concepts import Concept, ConceptSet
-from .io_utils import (NAME_ADVICE, TRIGGER_ADVICE, Writer, check_file_stem,  # noqa: F401 - re-exported
+from .concept_set import Concept, ConceptSet
+from .safe_files import (NAME_ADVICE, TRIGGER_ADVICE, Writer, check_file_stem,  # noqa: F401 - re-exported
                        check_targets, safetensors_writer, write_files_atomically)
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def kv_lora_state_dict(concepts: ConceptSet, rank: int | None = None,
 
 def lora_file(concepts: ConceptSet, rank: int | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> tuple[Writer, dict[str, float]]:
-    """The LoRA file's writer (for :func:`~.io_utils.write_files_atomically`) and the errors."""
+    """The LoRA file's writer (for :func:`~.safe_files.write_files_atomically`) and the errors."""
     state, errors = kv_lora_state_dict(concepts, rank, dtype, device)
     metadata = {
         "format": "concept-attention-kv-lora",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..attention.tokens import flatten_tokens, phrase_ids
-from .concepts import ConceptSet, base_weight as comfy_weight, check_compatible  # noqa: F401 - re-exported
+from .concept_set import ConceptSet, base_weight as comfy_weight, check_compatible  # noqa: F401 - re-exported
 from .triggers import trigger_positions, with_triggers
 
 

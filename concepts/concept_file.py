@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from .concepts import (ENCODER_KEYS, FORMAT_VERSION, Concept, ConceptSet, context_width, kv_digest,
+from .concept_set import (ENCODER_KEYS, FORMAT_VERSION, Concept, ConceptSet, context_width, kv_digest,
                        value_problem)
-from .data import ConceptSpec, check_specs
-from .io_utils import atomic_write_safetensors, next_free_path
+from ..concepts.specs import ConceptSpec, check_specs
+from .safe_files import atomic_write_safetensors, next_free_path
 
 FORMAT_NAME = "concept-attention"
 KV_PREFIX = "kv."
@@ -528,7 +528,7 @@ def save_concepts(path: str | os.PathLike[str], concepts: ConceptSet,
     Tensors are stored on the CPU, contiguous, in their own dtype (float32 from training), or
     all in ``dtype`` (e.g. ``torch.float16`` halves the file). Concepts that the loader would
     refuse are refused here, with a ConceptFileError, before anything is written. Without
-    ``overwrite`` an existing file is refused (``io_utils.TargetExistsError``) and left as it is.
+    ``overwrite`` an existing file is refused (``safe_files.TargetExistsError``) and left as it is.
     """
     path = Path(path)
     try:

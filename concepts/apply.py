@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .concepts import ConceptSet, check_compatible
+from .concept_set import ConceptSet, check_compatible
 from .triggers import with_triggers
 
 

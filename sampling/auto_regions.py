@@ -18,9 +18,9 @@ from ..attention.patching import install_hook, install_regional
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.regional import regions_from_maps
 from ..attention.tokens import find_subsequence, flatten_tokens, phrase_ids
-from .apply import apply_concepts
-from .concepts import ConceptSet
-from .triggers import locate_words_and_triggers
+from ..concepts.apply import apply_concepts
+from ..concepts.concept_set import ConceptSet
+from ..concepts.triggers import locate_words_and_triggers
 
 log = logging.getLogger(__name__)
 

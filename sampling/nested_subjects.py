@@ -13,7 +13,7 @@ import torch
 
 from ..attention.layers import CrossAttentionLayer, LayerKey
 from ..attention.nested_hook import NestedSource
-from .triggers import locate_words_and_triggers
+from ..concepts.triggers import locate_words_and_triggers
 
 LayerKV = Mapping[LayerKey, tuple[torch.Tensor, torch.Tensor]]
 

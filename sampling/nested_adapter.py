@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.layers import CrossAttentionLayer, LayerKey
-from .io_utils import atomic_write_safetensors
+from ..concepts.safe_files import atomic_write_safetensors
 
 log = logging.getLogger(__name__)
 
