@@ -5,9 +5,7 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
-CONCEPTS_FOLDER = "concepts"
-CONCEPT_EXTENSIONS = {".safetensors"}
-NESTED_ADAPTERS_FOLDER = "nested_adapters"  # nested-attention image adapters (nodes/nested_adapter.py)
+from .vocabulary import CONCEPTS_FOLDER, MODEL_FILE_EXTENSIONS, NESTED_ADAPTERS_FOLDER
 
 
 def register_model_folders() -> None:
@@ -19,7 +17,7 @@ def register_model_folders() -> None:
         default = os.path.join(folder_paths.models_dir, folder)
         folder_paths.add_model_folder_path(folder, default, is_default=False)
         paths, extensions = folder_paths.folder_names_and_paths[folder]
-        folder_paths.folder_names_and_paths[folder] = (paths, set(extensions) | CONCEPT_EXTENSIONS)
+        folder_paths.folder_names_and_paths[folder] = (paths, set(extensions) | MODEL_FILE_EXTENSIONS)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
@@ -27,14 +25,14 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .compose import ConceptSampler, MergeConcepts
     from .concepts import (ApplyConcepts, ExportConcepts, LoadConcepts, SaveConcepts,
                            TrainConcepts)
-    from .nested import ApplyNestedAttention, NestedSubjectFromBank
+    from .nested import ApplyNestedAttention, NestedSubjectFromConcepts
     from .nested_adapter import LoadNestedAdapter, NestedSubjectFromImage
     from .preview import AttentionMapSampler
     from .toy_world import ToyWorldLoader, ToyWorldScene
 
     return [TrainConcepts, ApplyConcepts, LoadConcepts, SaveConcepts, ExportConcepts,
             MergeConcepts, ConceptSampler, AttentionMapSampler, ApplyNestedAttention,
-            NestedSubjectFromBank, LoadNestedAdapter, NestedSubjectFromImage, ToyWorldLoader,
+            NestedSubjectFromConcepts, LoadNestedAdapter, NestedSubjectFromImage, ToyWorldLoader,
             ToyWorldScene]
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from comfy_api.latest import io
-
-NODE_PREFIX = "ConceptAttention_"
-CATEGORY = "concept_attention"
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +21,27 @@ def overwrite_input(replaces: str) -> io.Boolean.Input:
                                     "REPLACES the existing file(s).")
 
 
-def listed_model_path(folder: str, name: str, input_name: str) -> str:
-    """Full path of ``name`` as ComfyUI lists it in ``models/<folder>``; names not in the list and
-    links that lead out of the folder's paths are refused, naming the input."""
+def listed_model_path(folders: str | Sequence[str], name: str, input_name: str) -> str:
+    """Full path of ``name`` as ComfyUI lists it in ``models/<folder>`` (the first folder that
+    lists it); names not listed and links that lead out of the folder's paths are refused, naming
+    the input."""
     import folder_paths
 
     from ..concepts.safe_files import inside_folder
 
-    if not isinstance(name, str) or name not in folder_paths.get_filename_list(folder):
-        raise ValueError(f"{input_name} {name!r} is not a file in models/{folder}: choose one of the "
-                         "listed files (refresh the list if you just added it)")
-    path = folder_paths.get_full_path_or_raise(folder, name)
-    if not any(inside_folder(path, root) for root in folder_paths.get_folder_paths(folder)):
-        raise ValueError(f"{input_name} {name!r} is a link to {os.path.realpath(path)}, outside "
-                         f"models/{folder}: the pack does not follow links out of its folders; copy "
-                         f"the file into models/{folder}")
-    return path
+    folders = [folders] if isinstance(folders, str) else list(folders)
+    for folder in folders:
+        if not isinstance(name, str) or name not in folder_paths.get_filename_list(folder):
+            continue
+        path = folder_paths.get_full_path_or_raise(folder, name)
+        if not any(inside_folder(path, root) for root in folder_paths.get_folder_paths(folder)):
+            raise ValueError(f"{input_name} {name!r} is a link to {os.path.realpath(path)}, outside "
+                             f"models/{folder}: the pack does not follow links out of its folders; copy "
+                             f"the file into models/{folder}")
+        return path
+    where = " or ".join(f"models/{folder}" for folder in folders)
+    raise ValueError(f"{input_name} {name!r} is not a file in {where}: choose one of the listed files "
+                     "(refresh the list if you just added it)")
 
 
 def check_numbers(node: type[io.ComfyNode], values: Mapping[str, Any]) -> None:

@@ -13,9 +13,10 @@ from ..concepts.concept_file import save_concepts
 from ..concepts.concept_set import check_compatible
 from ..sampling.auto_regions import class_word_positions, region_text_features, sample_auto_regional
 from ..concepts.merge import merge_concept_sets
-from .common import (CATEGORY, NODE_PREFIX, check_latent, check_masks_finite, check_numbers,
-                     check_sampled, ksampler_inputs, overwrite_input, run_ksampler)
-from .concepts import Concepts, concept_path
+from .common import (check_latent, check_masks_finite, check_numbers, check_sampled, ksampler_inputs,
+                     overwrite_input, run_ksampler)
+from .concepts import concept_path
+from .vocabulary import CATEGORY, NODE_PREFIX, ConceptsSocket
 
 MODES = ("off", "combined", "regional", "regional_auto")
 
@@ -38,14 +39,14 @@ class MergeConcepts(io.ComfyNode):
                 io.Model.Input("model", tooltip="The base model all sets were trained on."),
                 io.Clip.Input("clip", tooltip="Its text encoder (features of the triggers and of "
                                               "the generic regulariser captions)."),
-                Concepts.Input("concepts_1", tooltip="First concept set."),
-                Concepts.Input("concepts_2", tooltip="Second concept set (triggers must differ)."),
-                Concepts.Input("concepts_3", optional=True, tooltip="Optional third set."),
+                ConceptsSocket.Input("concepts_1", tooltip="First concept set."),
+                ConceptsSocket.Input("concepts_2", tooltip="Second concept set (triggers must differ)."),
+                ConceptsSocket.Input("concepts_3", optional=True, tooltip="Optional third set."),
                 io.String.Input("save_name", default="", optional=True,
                                 tooltip="If set, write the merged set to models/concepts/<name>.safetensors."),
                 overwrite_input("models/concepts/<save_name>.safetensors"),
             ],
-            outputs=[Concepts.Output(display_name="CONCEPTS", tooltip="The merged concept set; "
+            outputs=[ConceptsSocket.Output(display_name="CONCEPTS", tooltip="The merged concept set; "
                                                                       "apply it like any other.")],
             is_output_node=True,  # may end a graph: merge-and-save needs nothing downstream
         )
@@ -82,7 +83,7 @@ class ConceptSampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The BASE model (not one that already has these "
                                                 "concepts applied)."),
-                Concepts.Input("concepts_1", tooltip="First concept set."),
+                ConceptsSocket.Input("concepts_1", tooltip="First concept set."),
                 io.Combo.Input("composition", options=list(MODES), default="combined",
                                tooltip="off = stock KSampler; combined = all deltas everywhere; "
                                        "regional = each set's deltas only inside its mask; "
@@ -90,8 +91,8 @@ class ConceptSampler(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.01,
                                tooltip="Scale of the K/V deltas."),
                 *ksampler_inputs(),
-                Concepts.Input("concepts_2", optional=True, tooltip="Second concept set."),
-                Concepts.Input("concepts_3", optional=True, tooltip="Third concept set."),
+                ConceptsSocket.Input("concepts_2", optional=True, tooltip="Second concept set."),
+                ConceptsSocket.Input("concepts_3", optional=True, tooltip="Third concept set."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Regional mode: one mask per connected concept set, in order "
                                       "(a MASK batch); white = where that set acts."),

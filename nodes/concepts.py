@@ -17,13 +17,13 @@ from ..concepts.safe_files import NAME_ADVICE, TargetExistsError, check_file_ste
 from ..training.loop import TrainSettings, train_concepts
 from ..training.plots import loss_curve_image
 from ..sampling.prior import captions_for, generate_prior_images
-from .common import CATEGORY, NODE_PREFIX, check_numbers, listed_model_path, overwrite_input
+from .common import check_numbers, listed_model_path, overwrite_input
+from .vocabulary import (CATEGORY, CONCEPTS_FOLDER, EMBEDDINGS_FOLDER, LORAS_FOLDER, NODE_PREFIX, ConceptsSocket,
+                         prompt_server)
 from .web_api import LiveTraining
 
 log = logging.getLogger(__name__)
 
-Concepts = io.Custom("CONCEPTS")
-CONCEPTS_FOLDER = "concepts"
 
 
 def concept_path(name: str, what: str = "save_name", overwrite: bool = True) -> str:
@@ -40,12 +40,9 @@ def concept_path(name: str, what: str = "save_name", overwrite: bool = True) -> 
 
 def report_progress_text(node_id: str, text: str) -> None:
     """Show a line of text under a running node in the ComfyUI front end (no-op headless)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_progress_text(text, node_id)
+    server = prompt_server()
+    if server is not None:
+        server.send_progress_text(text, node_id)
 
 
 class TrainConcepts(io.ComfyNode):
@@ -119,7 +116,7 @@ class TrainConcepts(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="Model with the learned K/V deltas."),
                 io.Clip.Output(display_name="CLIP", tooltip="CLIP that understands the triggers."),
-                Concepts.Output(display_name="CONCEPTS", tooltip="The learned concepts."),
+                ConceptsSocket.Output(display_name="CONCEPTS", tooltip="The learned concepts."),
                 io.Image.Output(display_name="attention_maps",
                                 tooltip="Last calibrated maps: each trigger, then each class word."),
                 io.Image.Output(display_name="loss_curve", tooltip="Loss terms over the steps."),
@@ -213,7 +210,7 @@ class ApplyConcepts(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Model of the architecture the concepts came from."),
                 io.Clip.Input("clip", tooltip="Its text encoder."),
-                Concepts.Input("concepts", tooltip="From Train Concepts or Load Concepts."),
+                ConceptsSocket.Input("concepts", tooltip="From Train Concepts or Load Concepts."),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.01,
                                tooltip="Scale of the K/V deltas (triggers are always added)."),
             ],
@@ -240,7 +237,7 @@ class LoadConcepts(io.ComfyNode):
             inputs=[io.Combo.Input("concept_name",
                                    options=folder_paths.get_filename_list(CONCEPTS_FOLDER),
                                    tooltip="A .safetensors file in models/concepts.")],
-            outputs=[Concepts.Output(display_name="CONCEPTS")],
+            outputs=[ConceptsSocket.Output(display_name="CONCEPTS")],
         )
 
     @classmethod
@@ -257,7 +254,7 @@ class SaveConcepts(io.ComfyNode):
             node_id=f"{NODE_PREFIX}SaveConcepts",
             display_name="Save Concepts",
             category=CATEGORY,
-            inputs=[Concepts.Input("concepts", tooltip="Concepts to save."),
+            inputs=[ConceptsSocket.Input("concepts", tooltip="Concepts to save."),
                     io.String.Input("name", default="my_concepts",
                                     tooltip="File name without extension."),
                     overwrite_input("models/concepts/<name>.safetensors")],
@@ -281,7 +278,7 @@ class ExportConcepts(io.ComfyNode):
             node_id=f"{NODE_PREFIX}ExportConcepts",
             display_name="Export Concepts (LoRA + embeddings)",
             category=CATEGORY,
-            inputs=[Concepts.Input("concepts", tooltip="Concepts to export."),
+            inputs=[ConceptsSocket.Input("concepts", tooltip="Concepts to export."),
                     io.String.Input("name", default="my_concepts",
                                     tooltip="LoRA file name (models/loras/<name>.safetensors)."),
                     io.Int.Input("rank", default=0, min=0, max=4096,
@@ -299,9 +296,9 @@ class ExportConcepts(io.ComfyNode):
         import folder_paths
 
         stem = check_file_stem(name.strip(), "the name (a LoRA file name)", NAME_ADVICE)
-        lora_path = os.path.join(folder_paths.get_folder_paths("loras")[0], f"{stem}.safetensors")
+        lora_path = os.path.join(folder_paths.get_folder_paths(LORAS_FOLDER)[0], f"{stem}.safetensors")
         lora_path, written, errors = export_concepts(
-            lora_path, folder_paths.get_folder_paths("embeddings")[0], concepts, rank or None,
+            lora_path, folder_paths.get_folder_paths(EMBEDDINGS_FOLDER)[0], concepts, rank or None,
             overwrite=overwrite, device=comfy.model_management.get_torch_device())
         worst = max(errors.values()) if errors else 0.0
         report = (f"LoRA: {lora_path} (rank {'full' if not rank else rank}, worst relative error "

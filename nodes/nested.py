@@ -7,11 +7,11 @@ from comfy_api.latest import io
 
 from ..attention.patching import install_nested, model_layers, resolve_layers
 from ..sampling.nested_subjects import SubjectSpec, build_sources, encode_prompt
-from .common import CATEGORY, NODE_PREFIX, check_numbers
+from .common import check_numbers
+from .vocabulary import CATEGORY, NODE_PREFIX, ConceptsSocket, NestedSubjectSocket
 
 log = logging.getLogger(__name__)
 
-NestedSubject = io.Custom("NESTED_SUBJECT")
 
 
 def sigma_window(model, start_percent: float, end_percent: float) -> tuple[float, float]:
@@ -40,7 +40,7 @@ def subject_knob_inputs() -> list[io.Input]:
 
 def subject_output() -> io.Output:
     """The NESTED_SUBJECT output of a subject source node."""
-    return NestedSubject.Output(display_name="NESTED_SUBJECT", tooltip="Connect to Apply Nested Attention.")
+    return NestedSubjectSocket.Output(display_name="NESTED_SUBJECT", tooltip="Connect to Apply Nested Attention.")
 
 
 class ApplyNestedAttention(io.ComfyNode):
@@ -63,9 +63,9 @@ class ApplyNestedAttention(io.ComfyNode):
                                               "from Apply Concepts if the prompt has trigger words)."),
                 io.String.Input("text", multiline=True, default="a photo of a cat",
                                 tooltip="Positive prompt. Every subject word must occur in it."),
-                NestedSubject.Input("subject_1", tooltip="A subject: its word and nested tokens."),
-                NestedSubject.Input("subject_2", optional=True, tooltip="Optional second subject."),
-                NestedSubject.Input("subject_3", optional=True, tooltip="Optional third subject."),
+                NestedSubjectSocket.Input("subject_1", tooltip="A subject: its word and nested tokens."),
+                NestedSubjectSocket.Input("subject_2", optional=True, tooltip="Optional second subject."),
+                NestedSubjectSocket.Input("subject_3", optional=True, tooltip="Optional third subject."),
                 io.Boolean.Input("exclusive", default=True,
                                  tooltip="Each pixel takes only the subject it attends to most, so "
                                          "several subjects cannot blend into one."),
@@ -101,12 +101,11 @@ class ApplyNestedAttention(io.ComfyNode):
         return io.NodeOutput(patched, conditioning)
 
 
-class NestedSubjectFromBank(io.ComfyNode):
+class NestedSubjectFromConcepts(io.ComfyNode):
     """A subject whose nested tokens are a bank of vectors learned with Train Concepts."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .concepts import Concepts
 
         return io.Schema(
             node_id=f"{NODE_PREFIX}NestedSubjectFromConcepts",
@@ -115,7 +114,7 @@ class NestedSubjectFromBank(io.ComfyNode):
             description="Uses a concept's learned token bank (Train Concepts with token_bank > 0) "
                         "as the nested tokens of its trigger word.",
             inputs=[
-                Concepts.Input("concepts", tooltip="A concept set trained with a token bank."),
+                ConceptsSocket.Input("concepts", tooltip="A concept set trained with a token bank."),
                 io.String.Input("trigger", default="",
                                 tooltip="Which concept (its trigger word); empty = the first one."),
                 *subject_knob_inputs(),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Sequence
 
 import torch
@@ -11,20 +10,17 @@ from comfy_api.latest import io
 from ..attention.layers import CrossAttentionLayer
 from ..sampling.nested_adapter import NestedAdapter, load_adapter
 from ..sampling.nested_subjects import SubjectSpec
-from .common import CATEGORY, NODE_PREFIX, check_numbers
+from .common import check_numbers, listed_model_path
 from .nested import subject_knob_inputs, subject_output
+from .vocabulary import CATEGORY, IPADAPTER_FOLDER, NESTED_ADAPTERS_FOLDER, NODE_PREFIX, NestedAdapterSocket
 
 log = logging.getLogger(__name__)
-
-ADAPTERS_FOLDER = "nested_adapters"  # registered in nodes/__init__.py
-IPADAPTER_FOLDER = "ipadapter"  # registered by ComfyUI_IPAdapter_plus, if installed
-NestedAdapterType = io.Custom("NESTED_ADAPTER")
 
 
 def _folders() -> list[str]:
     import folder_paths
 
-    return [name for name in (ADAPTERS_FOLDER, IPADAPTER_FOLDER)
+    return [name for name in (NESTED_ADAPTERS_FOLDER, IPADAPTER_FOLDER)
             if name in folder_paths.folder_names_and_paths]
 
 
@@ -41,20 +37,7 @@ def adapter_files() -> list[str]:
 
 def adapter_path(name: str) -> str:
     """Full path of a listed adapter file."""
-    import folder_paths
-
-    from ..concepts.safe_files import inside_folder
-
-    for folder in _folders():
-        path = folder_paths.get_full_path(folder, name)
-        if path is not None:
-            if not any(inside_folder(path, root) for root in folder_paths.get_folder_paths(folder)):
-                raise ValueError(f"adapter_name {name!r} is a link to {os.path.realpath(path)}, outside "
-                                 f"models/{folder}: the pack does not follow links out of its "
-                                 f"folders; copy the file into models/{folder}")
-            return path
-    raise FileNotFoundError(f"nested adapter {name!r} not found in models/{ADAPTERS_FOLDER} "
-                            f"or models/{IPADAPTER_FOLDER}")
+    return listed_model_path(_folders(), name, "adapter_name")
 
 
 class ImageLayerKV:
@@ -94,7 +77,7 @@ class LoadNestedAdapter(io.ComfyNode):
             inputs=[io.Combo.Input("adapter_name", options=adapter_files(),
                                    tooltip="A .safetensors adapter file from models/nested_adapters "
                                            "or models/ipadapter (IP-Adapter-Plus files only).")],
-            outputs=[NestedAdapterType.Output(display_name="NESTED_ADAPTER",
+            outputs=[NestedAdapterSocket.Output(display_name="NESTED_ADAPTER",
                                               tooltip="Connect to Nested Subject (Image).")],
         )
 
@@ -116,7 +99,7 @@ class NestedSubjectFromImage(io.ComfyNode):
                         "CLIP vision and the adapter; the subject word then takes its look from it "
                         "while the prompt still decides where it goes.",
             inputs=[
-                NestedAdapterType.Input("adapter", tooltip="From Load Nested Adapter."),
+                NestedAdapterSocket.Input("adapter", tooltip="From Load Nested Adapter."),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter was "
                                                            "trained with (ViT-H for IP-Adapter-Plus)."),
                 io.Image.Input("image", tooltip="Reference picture of the subject (first one used)."),

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..smallworld import model as toy
 from ..smallworld import scenes as sw
-from .common import CATEGORY, NODE_PREFIX
+from .vocabulary import CATEGORY, EMBEDDINGS_FOLDER, NODE_PREFIX
 
 
 class ToyWorldLoader(io.ComfyNode):
@@ -29,7 +29,7 @@ class ToyWorldLoader(io.ComfyNode):
     def execute(cls) -> io.NodeOutput:
         import folder_paths
 
-        bundle = toy.load_bundle(embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        bundle = toy.load_bundle(embedding_directory=folder_paths.get_folder_paths(EMBEDDINGS_FOLDER))
         return io.NodeOutput(bundle.model, bundle.clip, bundle.vae)
 
 

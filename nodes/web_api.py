@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ..attention.visualize import colorize, upscale_maps
+from .vocabulary import CONCEPTS_FOLDER, prompt_server
 
 log = logging.getLogger(__name__)
 
-CONCEPTS_FOLDER = "concepts"
 ROUTE_PREFIX = "/concept_attention"
 TRAINING_EVENT = "concept_attention.training"
 MAX_LIVE_MESSAGES = 50  # a run sends at most about this many progress messages
@@ -86,14 +86,10 @@ def register_routes() -> bool:
     global _registered
     if _registered:
         return True
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    server = prompt_server()
     if server is None:
         return False
+    from aiohttp import web
 
     async def concepts_route(request: web.Request) -> web.Response:
         return web.json_response({"concepts": list_concept_files()})
@@ -177,11 +173,7 @@ def training_payload(node_id: str, step: int, total: int, history: list[dict[str
 
 def send_training_update(payload: dict[str, Any]) -> bool:
     """Send ``payload`` to the client that queued the running prompt; False when headless."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    server = prompt_server()
     if server is None:
         return False
     server.send_sync(TRAINING_EVENT, payload, getattr(server, "client_id", None))

@@ -24,7 +24,7 @@ import torch
 from concept_attention.nodes.compose import ConceptSampler, MergeConcepts
 from concept_attention.nodes.concepts import (ApplyConcepts, ExportConcepts, LoadConcepts, SaveConcepts,
                                               TrainConcepts, concept_path)
-from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromBank
+from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromConcepts
 from concept_attention.nodes.nested_adapter import NestedSubjectFromImage
 from concept_attention.nodes.preview import AttentionMapSampler
 from concept_attention.concepts.apply import apply_concepts
@@ -363,10 +363,10 @@ SAMPLING: list[Case] = [
                                                 SubjectSpec("cat", bank=torch.randn(4, 80))),
          ("token bank for 'cat' has width 80", "another model architecture")),
     Case("nested: concept without a bank", "Nested Subject (Concept Token Bank) concepts",
-         lambda e: NestedSubjectFromBank.execute(e.set(), "V1", 1.0, 1.0),
+         lambda e: NestedSubjectFromConcepts.execute(e.set(), "V1", 1.0, 1.0),
          ("concept 'V1' has no token bank", "token_bank > 0")),
     Case("nested: unknown trigger", "Nested Subject (Concept Token Bank) trigger",
-         lambda e: NestedSubjectFromBank.execute(e.set(), "V9", 1.0, 1.0), ("no concept 'V9'", "it has V1")),
+         lambda e: NestedSubjectFromConcepts.execute(e.set(), "V9", 1.0, 1.0), ("no concept 'V9'", "it has V1")),
     Case("concepts: SD1.5 set on an SDXL model", "Apply Concepts model",
          lambda e: apply_concepts(e.xl.model, e.xl.clip, e.set()),
          ("trained for a SD15 model", "MODEL given is SDXL", "load a base model")),
@@ -429,10 +429,10 @@ SAMPLING: list[Case] = [
     Case("step_start: NaN (KSampler with Attention Maps)", "KSampler with Attention Maps step_start",
          lambda e: e.maps(step_start=NAN), ("'step_start' must be a finite number from 0 to 1",)),
     Case("nested: strength NaN", "Nested Subject (Concept Token Bank) strength",
-         lambda e: NestedSubjectFromBank.execute(e.set(), "V1", NAN, 1.0),
+         lambda e: NestedSubjectFromConcepts.execute(e.set(), "V1", NAN, 1.0),
          ("'strength' must be a finite number from 0 to 4, got nan",)),
     Case("nested: token_weight inf", "Nested Subject (Concept Token Bank) token_weight",
-         lambda e: NestedSubjectFromBank.execute(e.set(), "V1", 1.0, INF), ("'token_weight' must be a finite",)),
+         lambda e: NestedSubjectFromConcepts.execute(e.set(), "V1", 1.0, INF), ("'token_weight' must be a finite",)),
     Case("nested: image subject strength NaN", "Nested Subject (Image) strength",
          lambda e: NestedSubjectFromImage.execute(None, None, e.image(), "cat", NAN, 1.0),
          ("'strength' must be a finite number",)),

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from concept_attention.nodes.compose import ConceptSampler, MergeConcepts
-from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromBank
+from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromConcepts
 from concept_attention.nodes.preview import AttentionMapSampler
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_set import Concept, ConceptSet
@@ -169,7 +169,7 @@ def test_every_node_leaves_its_inputs_alone_and_stock_sampling_bit_identical(wf,
         wf.concept_sampler(composition, a, b)
     wf.maps("cat, dog")
     wf.nested(torch.randn(4, sd15.encode("a")[0][0].shape[-1]))
-    NestedSubjectFromBank.execute(_bank_set(sd15, a), "V1", 1.0, 1.0)
+    NestedSubjectFromConcepts.execute(_bank_set(sd15, a), "V1", 1.0, 1.0)
     MergeConcepts.execute(wf.b.model, wf.b.clip, a, synthetic_set(wf.b, ["V3"], 13))
     train_concepts(wf.b.model, wf.b.clip, wf.b.vae, torch.full((1, 64, 64, 3), 0.5),
                    [ConceptSpec("V1", "cat")], TrainSettings(steps=1, micro_batch=1, grad_accumulation=1,

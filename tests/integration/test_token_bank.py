@@ -12,7 +12,7 @@ import torch
 
 from concept_attention.attention.nested_hook import NestedContextPatch
 from concept_attention.attention.patching import nested_subjects
-from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromBank
+from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFromConcepts
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_file import load_concepts, save_concepts
 from concept_attention.concepts.specs import ConceptSpec
@@ -152,7 +152,7 @@ def test_trained_bank_through_the_nodes_changes_sampling_and_strength_zero_is_st
     model, clip = apply_concepts(sd15.bundle.model, sd15.bundle.clip, concepts)
 
     def nested(strength: float) -> tuple[Any, list]:
-        (subject,) = NestedSubjectFromBank.execute(concepts, "V1", strength, 1.0).result
+        (subject,) = NestedSubjectFromConcepts.execute(concepts, "V1", strength, 1.0).result
         assert torch.equal(subject.bank, concepts.find("V1").bank)
         return ApplyNestedAttention.execute(model, clip, PROMPT, subject).result
 
