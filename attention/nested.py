@@ -30,8 +30,10 @@ IndexLike = Union[Tensor, int, Sequence[int]]
 
 
 @dataclass
-class NestedSubject:
-    """One subject: its token position per row (-1 = absent), nested keys/values and knobs.
+class NestedKV:
+    """One subject in one attention call: its token position per row (-1 = absent), nested keys/values
+    and knobs (the node-level description of a subject is ``sampling.nested_subjects.SubjectSpec``,
+    the hook-level one ``nested_hook.NestedSource``).
 
     ``nested_k``/``nested_v`` are projected ``[B or 1, M, heads*d]``; ``nested_mask`` is bool
     ``[B or 1, M]`` (True = usable); ``query_mask`` is bool or float ``[B or 1, Nq]`` and scales
@@ -68,7 +70,7 @@ def _check_batch(name: str, x: Tensor, batch: int) -> None:
         raise ValueError(f"{name} has batch {x.shape[0]}, expected 1 or {batch}")
 
 
-def _prepare(subject: NestedSubject, q: Tensor, v: Tensor, heads: int, n_text: int) -> _Prepared:
+def _prepare(subject: NestedKV, q: Tensor, v: Tensor, heads: int, n_text: int) -> _Prepared:
     batch, n_query, channels = q.shape
     index = torch.as_tensor(subject.subject_index, dtype=torch.long, device=q.device)
     if index.dim() == 0:
@@ -146,7 +148,7 @@ def nested_update(
     k: Tensor,
     v: Tensor,
     heads: int,
-    subjects: Sequence[NestedSubject],
+    subjects: Sequence[NestedKV],
     *,
     scale: Optional[float] = None,
     exclusive: bool = False,
@@ -221,7 +223,7 @@ def nested_attention_multi(
     k: Tensor,
     v: Tensor,
     heads: int,
-    subjects: Sequence[NestedSubject],
+    subjects: Sequence[NestedKV],
     *,
     scale: Optional[float] = None,
 ) -> Tensor:
@@ -256,7 +258,7 @@ def nested_attention(
     scale: Optional[float] = None,
 ) -> Tensor:
     """Cross-attention where subject token s* reads its value from nested keys/values; ``[B, Nq, h*dv]``."""
-    subject = NestedSubject(
+    subject = NestedKV(
         subject_index=subject_index,
         nested_k=nested_k,
         nested_v=nested_v,

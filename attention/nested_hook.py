@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .chain import AttentionContext, AttentionFn, AttentionHook
 from .layers import LayerKey
-from .nested import NestedSubject, nested_update
+from .nested import NestedKV, nested_update
 
 RECORD_KEY = "concept_attention_nested"
 SIGNATURE_TOLERANCE = 2e-2  # relative; loose enough for fp16/bf16 text features
@@ -163,7 +163,7 @@ class NestedAttentionHook(AttentionHook):
             else:
                 # [M, inner] for every row, or [B, M, inner] per row (a training batch)
                 nested_k, nested_v = (t if t.dim() == 3 else t[None] for t in source.layer_kv[ctx.key])
-            subjects.append(NestedSubject(index, nested_k, nested_v, strength=source.strength,
+            subjects.append(NestedKV(index, nested_k, nested_v, strength=source.strength,
                                           token_weight=source.token_weight,
                                           query_mask=_region(source.region, ctx)))
         return nested_update(out, q, k_text, v_text, ctx.heads, subjects, exclusive=self.exclusive)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concept_attention.attention.nested import (NestedSubject, nested_attention, nested_attention_multi,
+from concept_attention.attention.nested import (NestedKV, nested_attention, nested_attention_multi,
                                                  nested_update)
 
 F64 = torch.float64
@@ -24,7 +24,7 @@ def reference_nested(
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
-    subjects: List[NestedSubject],
+    subjects: List[NestedKV],
 ) -> torch.Tensor:
     """Literal definition: per-query value table with V[s*] replaced, outer softmax over text keys."""
     qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
@@ -96,7 +96,7 @@ def test_matches_reference_with_all_knobs() -> None:
     index = torch.tensor([2, -1, 4])
     mask = torch.tensor([[True, False, True, True, False], [True] * 5, [False, True, True, False, True]])
     out = nested_attention(q, k, v, 2, index, nk, nv, nested_mask=mask, strength=0.7, token_weight=1.8)
-    subject = NestedSubject(index, nk, nv, mask, strength=0.7, token_weight=1.8)
+    subject = NestedKV(index, nk, nv, mask, strength=0.7, token_weight=1.8)
     ref = reference_nested(q, k, v, 2, [subject])
     assert out.shape == (3, 6, 6)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
@@ -110,7 +110,7 @@ def test_matches_reference_defaults_and_broadcast_nested_batch() -> None:
     q, k, v, nk, nv = _inputs(b=2, nested_batch=1, seed=1)
     index = torch.tensor([0, 6])
     out = nested_attention(q, k, v, 2, index, nk, nv)
-    ref = reference_nested(q, k, v, 2, [NestedSubject(index, nk, nv)])
+    ref = reference_nested(q, k, v, 2, [NestedKV(index, nk, nv)])
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     expanded = nested_attention(q, k, v, 2, index, nk.expand(2, -1, -1), nv.expand(2, -1, -1))
     torch.testing.assert_close(out, expanded, rtol=0, atol=1e-12)
@@ -122,7 +122,7 @@ def test_gradients_match_reference() -> None:
     mask = torch.tensor([[True, True, False, True, True]])
     weight = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
     out = nested_attention(q, k, v, 2, index, nk, nv, nested_mask=mask, strength=1.3, token_weight=0.6)
-    ref = reference_nested(q, k, v, 2, [NestedSubject(index, nk, nv, mask, 1.3, 0.6)])
+    ref = reference_nested(q, k, v, 2, [NestedKV(index, nk, nv, mask, 1.3, 0.6)])
     inputs = (q, k, v, nk, nv)
     grads = torch.autograd.grad((out * weight).sum(), inputs)
     ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
@@ -244,8 +244,8 @@ def test_low_precision_inputs() -> None:
 def _two_subjects(b: int, n: int, seed: int, mask_a: Optional[torch.Tensor], mask_b: Optional[torch.Tensor]):
     q, k, v, nk, nv = _inputs(b=b, n=n, seed=seed)
     _, _, _, nk_b, nv_b = _inputs(b=b, n=n, m=3, seed=seed + 100)
-    a = NestedSubject(torch.tensor([1, 2]), nk, nv, None, 0.9, 1.7, mask_a)
-    s_b = NestedSubject(torch.tensor([4, -1]), nk_b, nv_b, None, 1.2, 0.5, mask_b)
+    a = NestedKV(torch.tensor([1, 2]), nk, nv, None, 0.9, 1.7, mask_a)
+    s_b = NestedKV(torch.tensor([4, -1]), nk_b, nv_b, None, 1.2, 0.5, mask_b)
     return (q, k, v), a, s_b
 
 
@@ -255,7 +255,7 @@ def test_multi_matches_reference() -> None:
     (q, k, v), a, b = _two_subjects(2, 6, seed=12, mask_a=soft, mask_b=hard)
     out = nested_attention_multi(q, k, v, 2, [a, b])
     torch.testing.assert_close(out, reference_nested(q, k, v, 2, [a, b]), rtol=0, atol=1e-10)
-    no_masks = [NestedSubject(**{**s.__dict__, "query_mask": None}) for s in (a, b)]
+    no_masks = [NestedKV(**{**s.__dict__, "query_mask": None}) for s in (a, b)]
     out_free = nested_attention_multi(q, k, v, 2, no_masks)
     torch.testing.assert_close(out_free, reference_nested(q, k, v, 2, no_masks), rtol=0, atol=1e-10)
 
@@ -265,7 +265,7 @@ def test_multi_query_mask_confines_update() -> None:
     (q, k, v), a, b = _two_subjects(2, 6, seed=13, mask_a=mask_a, mask_b=None)
     out = nested_attention_multi(q, k, v, 2, [a, b])
     # same outer logits (same token weights) but no update from subject A
-    a_off = NestedSubject(**{**a.__dict__, "strength": 0.0})
+    a_off = NestedKV(**{**a.__dict__, "strength": 0.0})
     without_a = nested_attention_multi(q, k, v, 2, [a_off, b])
     outside, inside = ~mask_a, mask_a
     torch.testing.assert_close(out[outside], without_a[outside], rtol=0, atol=1e-12)
@@ -288,10 +288,10 @@ def test_update_on_a_given_plain_output_matches_the_full_op() -> None:
 
 def test_exclusive_gives_each_query_one_subject() -> None:
     (q, k, v), a, b = _two_subjects(2, 6, seed=16, mask_a=None, mask_b=None)
-    b = NestedSubject(**{**b.__dict__, "subject_index": torch.tensor([4, 5])})
-    a_only = nested_attention_multi(q, k, v, 2, [a, NestedSubject(**{**b.__dict__, "strength": 0.0})])
-    b_only = nested_attention_multi(q, k, v, 2, [NestedSubject(**{**a.__dict__, "strength": 0.0}), b])
-    neither = nested_attention_multi(q, k, v, 2, [NestedSubject(**{**s.__dict__, "strength": 0.0}) for s in (a, b)])
+    b = NestedKV(**{**b.__dict__, "subject_index": torch.tensor([4, 5])})
+    a_only = nested_attention_multi(q, k, v, 2, [a, NestedKV(**{**b.__dict__, "strength": 0.0})])
+    b_only = nested_attention_multi(q, k, v, 2, [NestedKV(**{**a.__dict__, "strength": 0.0}), b])
+    neither = nested_attention_multi(q, k, v, 2, [NestedKV(**{**s.__dict__, "strength": 0.0}) for s in (a, b)])
     plain = plain_attention(q, k, v, 2)
     out = nested_update(plain, q, k, v, 2, [a, b], exclusive=True)
     # every query row equals exactly one of the single-subject outputs: the one it attends to most
