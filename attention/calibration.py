@@ -149,13 +149,19 @@ def calibration_loss(
             "modifier_maps and class_maps must both be [B, C, H, W] of the same shape, got "
             f"{tuple(modifier_maps.shape)} and {tuple(class_maps.shape)}"
         )
+    modifiers = prepare_maps(modifier_maps, settings, is_class=False) if settings.use_bind else None
+    return calibration_terms(modifiers, prepare_maps(class_maps, settings, is_class=True), settings)
+
+
+def calibration_terms(modifiers: Optional[Tensor], classes: Tensor,
+                      settings: CalibrationSettings) -> Dict[str, Tensor]:
+    """:func:`calibration_loss` from maps already passed through :func:`prepare_maps`
+    (``modifiers`` may be None when ``use_bind`` is off)."""
     smooth = settings.iou_smooth
-    classes = prepare_maps(class_maps, settings, is_class=True)
     zero = classes.new_zeros(())
     bind = zero
     separation = zero
     if settings.use_bind:
-        modifiers = prepare_maps(modifier_maps, settings, is_class=False)
         bind = bind_loss(classes, modifiers, smooth).sum(dim=1).mean(dim=0)
     if settings.use_separation:
         separation = separation_loss(classes, smooth).mean(dim=0)

@@ -52,11 +52,6 @@ def _logits(q: Tensor, k: Tensor, heads: int, scale: Optional[float]) -> Tensor:
     return torch.matmul(qh, kh.transpose(-1, -2)) * scale
 
 
-def attention_probs(q: Tensor, k: Tensor, heads: int, scale: Optional[float] = None) -> Tensor:
-    """Return ``softmax(q k^T * d^-0.5)`` as ``[B, heads, Nq, Nk]`` (float32, or float64)."""
-    return _logits(q, k, heads, scale).softmax(dim=-1)
-
-
 def token_probs(
     q: Tensor,
     k: Tensor,
@@ -136,22 +131,3 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-8) -> Tensor:
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
     return (maps - low) / (high - low + eps)
-
-
-def average_token_maps(maps: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
-    """Average ``[B, T, H, W]`` maps within each token group (a multi-token word) into ``[B, G, H, W]``."""
-    if maps.dim() != 4:
-        raise ValueError(f"expected [B, T, H, W], got shape {tuple(maps.shape)}")
-    tokens = maps.shape[1]
-    out = []
-    for g, group in enumerate(groups):
-        indices = [int(i) for i in group]
-        if not indices:
-            raise ValueError(f"token group {g} is empty")
-        if any(i < 0 or i >= tokens for i in indices):
-            raise IndexError(f"token group {g} has an index outside [0, {tokens})")
-        index = torch.tensor(indices, dtype=torch.long, device=maps.device)
-        out.append(maps.index_select(1, index).mean(dim=1))
-    if not out:
-        raise ValueError("groups must contain at least one group")
-    return torch.stack(out, dim=1)

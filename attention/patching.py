@@ -49,12 +49,6 @@ def _attn2_replaces(model_options: dict[str, Any]) -> dict[Any, Any]:
     return model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
 
-def chain_at(model: Any, key: LayerKey) -> AttentionChain | None:
-    """Our chain installed at a layer key, if any."""
-    entry = _attn2_replaces(model.model_options).get(key)
-    return entry if isinstance(entry, AttentionChain) else None
-
-
 def _write_transformer_options(model: Any, transformer_options: dict[str, Any]) -> None:
     """Give ``model`` new transformer options (in a new ``model_options`` dict), with our wrapper."""
     options = dict(model.model_options)

@@ -21,12 +21,28 @@ class MapStore:
     """Maps collected by a recorder: one dict ``layer key -> [rows, T(, heads), H, W]`` per step."""
 
     token_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    word_sizes: tuple[int, ...] = ()  # tokens per word, in recording order (set_words)
     steps: list[dict[LayerKey, torch.Tensor]] = field(default_factory=list)
     sigmas: list[float | None] = field(default_factory=list)
 
     def set_tokens(self, token_index: torch.Tensor | Sequence[int]) -> None:
         """Token positions to record: ``[T]`` for every row, or ``[rows, T]`` per row."""
         self.token_index = torch.as_tensor(token_index, dtype=torch.long)
+        self.word_sizes = (1,) * int(self.token_index.shape[-1]) if self.token_index.ndim else ()
+
+    def set_words(self, words: Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]]) -> None:
+        """Words to record, each a list of token positions (a word may have several tokens, or
+        none): ``[W][n]`` for every row, or ``[rows][W][n]`` per row with the same word sizes in
+        every row. :meth:`word_maps` averages each word's tokens."""
+        per_row = bool(words) and bool(words[0]) and not isinstance(words[0][0], int)
+        rows = [list(map(list, row)) for row in words] if per_row else [list(map(list, words))]
+        sizes = tuple(len(word) for word in rows[0])
+        if any(tuple(len(word) for word in row) != sizes for row in rows):
+            raise ValueError("set_words: every row must have words of the same token counts, got "
+                             f"{[[len(w) for w in row] for row in rows]}")
+        flat = [[p for word in row for p in word] for row in rows]
+        self.token_index = torch.tensor(flat if per_row else flat[0], dtype=torch.long)
+        self.word_sizes = sizes
 
     def clear(self) -> None:
         """Forget every recorded map (the token selection stays)."""
@@ -54,6 +70,17 @@ class MapStore:
                                "model that ran, and do its layers and sigma range match?")
         as_heads = [m if m.ndim == 5 else m.unsqueeze(1) for m in maps]
         return aggregate_maps(as_heads, size=size)
+
+    def word_maps(self, steps: Sequence[int] | None = None,
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mean map per word (see :meth:`set_words`) over its tokens, heads, layers and steps:
+        ``[rows, W, H, W]``; a word of no tokens gets a zero map."""
+        maps = self.aggregate(steps, size)
+        out, start = [], 0
+        for n in self.word_sizes:
+            out.append(maps[:, start:start + n].mean(1) if n else torch.zeros_like(maps[:, 0]))
+            start += n
+        return torch.stack(out, dim=1)
 
 
 @dataclass(frozen=True, eq=False)

@@ -48,17 +48,6 @@ def merge_projection(base: Tensor, targets: Sequence[tuple[Tensor, Tensor]], reg
     return (w0 + update).to(base.dtype)
 
 
-def regulariser_error(weight: Tensor, base: Tensor, regulariser: Tensor) -> float:
-    """Mean squared change of the regulariser's outputs: ||R (W - W0)^T||^2 / numel."""
-    change = regulariser.double() @ (weight.double() - base.double()).T
-    return float(change.pow(2).mean())
-
-
-def constraint_error(weight: Tensor, targets: Sequence[tuple[Tensor, Tensor]]) -> float:
-    """Largest absolute deviation of the targets' outputs from the wanted ones."""
-    return max(float((c.double() @ weight.double().T - v.double()).abs().max()) for c, v in targets)
-
-
 GENERIC_CAPTIONS = Path(__file__).resolve().parent / "data" / "generic_captions.txt"
 
 

@@ -6,7 +6,6 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.visualize import colorize, overlay, upscale_maps
@@ -72,7 +71,7 @@ class AttentionMapSampler(io.ComfyNode):
 
         patched = model.clone()
         store = MapStore()
-        store.set_tokens([p for group in positions for p in group])
+        store.set_words(positions)
         install_hook(patched, AttentionRecorder(store=store), layers)
         latent = check_sampled(run_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                             negative, latent_image, denoise), "KSampler with Attention Maps")
@@ -80,7 +79,7 @@ class AttentionMapSampler(io.ComfyNode):
             raise ValueError(f"no attention maps were recorded while sampling with layers {layers!r}: "
                              "choose layers the model has ('all', 'latent/4')")
 
-        maps = cls._word_maps(store, positions, latent["samples"], step_start, step_end)
+        maps = cls._word_maps(store, latent["samples"], step_start, step_end)
         batch, n_words, height, width = maps.shape
         flat = maps.reshape(batch * n_words, height, width)
         image_h, image_w = latent["samples"].shape[-2] * 8, latent["samples"].shape[-1] * 8
@@ -94,17 +93,11 @@ class AttentionMapSampler(io.ComfyNode):
         return io.NodeOutput(latent, heatmaps, masks.clamp(0, 1))
 
     @staticmethod
-    def _word_maps(store: MapStore, positions: list[list[int]], samples: torch.Tensor,
-                   step_start: float, step_end: float) -> torch.Tensor:
+    def _word_maps(store: MapStore, samples: torch.Tensor, step_start: float, step_end: float) -> torch.Tensor:
         """Recorded token maps averaged over the chosen steps, one map per word."""
         n_steps = len(store.steps)
         first = min(int(step_start * n_steps), n_steps - 1)
         last = max(first + 1, round(step_end * n_steps))
         sizes = [m.shape[-2:] for m in store.layer_maps()]
         biggest = max(sizes, key=lambda s: s[0] * s[1])
-        token_maps = store.aggregate(range(first, last), size=tuple(biggest))
-        groups, start = [], 0
-        for group in positions:
-            groups.append(list(range(start, start + len(group))))
-            start += len(group)
-        return average_token_maps(token_maps, groups)[: samples.shape[0]]
+        return store.word_maps(range(first, last), size=tuple(biggest))[: samples.shape[0]]

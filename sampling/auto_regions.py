@@ -89,19 +89,6 @@ def region_text_features(clip: Any, text: str, sets: Sequence[ConceptSet],
     return texts
 
 
-def set_maps(store: MapStore, per_set: Sequence[Sequence[int]], size: tuple[int, int]) -> torch.Tensor:
-    """Recorded maps averaged over steps, layers and each set's class tokens: ``[rows, R, H, W]``."""
-    maps = store.aggregate(size=size)  # [rows, T, H, W] in the order the tokens were recorded
-    out, start = [], 0
-    for positions in per_set:
-        if positions:
-            out.append(maps[:, start:start + len(positions)].mean(1))
-        else:
-            out.append(torch.zeros_like(maps[:, 0]))
-        start += len(positions)
-    return torch.stack(out, dim=1)
-
-
 def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet], strength: float,
                          per_set: Sequence[Sequence[int]], steps: int, auto_fraction: float,
                          threshold: float, latent: dict, texts: Sequence[torch.Tensor] | None = None,
@@ -123,12 +110,12 @@ def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet]
         combined, _ = apply_concepts(combined, None, concepts, strength)
     combined = combined.clone()
     store = MapStore()
-    store.set_tokens([p for positions in per_set for p in positions])
+    store.set_words(per_set)
     install_hook(combined, AttentionRecorder(store=store), "all")
     first = sample(combined, steps=steps, latent=latent, last_step=split, force_full_denoise=False, **sampling)
 
     samples = first["samples"]
-    masks = regions_from_maps(set_maps(store, per_set, tuple(samples.shape[-2:])), threshold)
+    masks = regions_from_maps(store.word_maps(size=tuple(samples.shape[-2:])), threshold)
     masks = masks[: samples.shape[0]]
     regional = model.clone()
     install_regional(regional, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ..attention.calibration import CalibrationSettings
-from ..attention.maps import average_token_maps
 from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..concepts.apply import apply_concepts
@@ -118,19 +117,14 @@ def concept_maps(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
         positive = [[cond, {"pooled_output": pooled}]]
         store = MapStore()
-        store.set_tokens([p for g in groups for p in g])
+        store.set_words(groups)
         install_hook(model, AttentionRecorder(store=store), settings.map_layers)
         pixels = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
         latent = bundle.vae.encode(pixels)
         noise = comfy.sample.prepare_noise(latent, settings.seed)
         comfy.sample.sample(model, noise, settings.iou_steps, 1.0, "euler", "normal", positive, positive,
                             latent, denoise=settings.iou_denoise, seed=settings.seed, disable_pbar=True)
-        token_maps = store.aggregate()  # [1, T, h, w]
-        index, start = [], 0
-        for g in groups:
-            index.append(list(range(start, start + len(g))))
-            start += len(g)
-        return average_token_maps(token_maps, index)[0].float()
+        return store.word_maps()[0].float()
 
 
 def attention_ious(maps: torch.Tensor, scene: sw.Scene) -> dict[str, Any]:

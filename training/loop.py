@@ -23,9 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..attention.calibration import CalibrationSettings, calibration_loss, prepare_maps, soft_iou
+from ..attention.calibration import CalibrationSettings, calibration_terms, prepare_maps, soft_iou
 from ..attention.chain import AttentionHook
-from ..attention.maps import average_token_maps
 from ..attention.nested_hook import NestedSource
 from ..attention.patching import install_hook, install_nested, model_layers
 from ..attention.recorder import AttentionRecorder, MapStore
@@ -408,8 +407,7 @@ class ConceptTrainer:
                                    f"got {rows.shape[1]}")
             self.bank_index.copy_(rows)  # the nested sources hold views of it
         if with_maps:
-            groups = [self._token_groups(tokens) for tokens in token_lists]
-            self.store.set_tokens(torch.tensor([[p for g in row for p in g] for row in groups]))
+            self.store.set_words([self._token_groups(tokens) for tokens in token_lists])
         self.store.clear()
         options = dict(self.model.model_options["transformer_options"])
         with self._autocast(device):
@@ -420,33 +418,28 @@ class ConceptTrainer:
         err = ((eps - noise) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * x0.shape[1]).clamp(min=1)
         losses = {"reconstruction": err.mean()}
         if with_maps:
-            losses.update(self._map_losses(batch, groups[0]))
+            losses.update(self._map_losses(batch))
         else:
             zero = err.new_zeros(())
             losses.update(bind=zero, separation=zero, calibration=zero)
         return losses
 
-    def _map_losses(self, batch, groups: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _map_losses(self, batch) -> dict[str, torch.Tensor]:
         settings = self.settings.calibration
-        raw = self.store.aggregate()  # [b, T, h, w]
-        lengths = [len(g) for g in groups]
-        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
-        maps = average_token_maps(raw, [list(range(o, o + n)) for o, n in zip(offsets, lengths)])
-        modifier, klass = maps[:, 0::2], maps[:, 1::2]
-        out = calibration_loss(modifier, klass, settings)
-        self._step_maps = torch.cat([prepare_maps(modifier, settings, is_class=False)[0],
-                                    prepare_maps(klass, settings, is_class=True)[0]]).detach()
+        maps = self.store.word_maps()  # [b, 2C, h, w]: trigger then class word of each concept
+        modifiers = prepare_maps(maps[:, 0::2], settings, is_class=False)
+        classes = prepare_maps(maps[:, 1::2], settings, is_class=True)
+        out = calibration_terms(modifiers, classes, settings)
+        self._step_maps = torch.cat([modifiers[0], classes[0]]).detach()
+        losses = {"bind": out["bind"], "separation": out["separation"], "calibration": out["total"]}
         masks = [sample.concept_masks for sample, _ in batch]
         if all(m is not None for m in masks) and self.settings.mask_map_weight > 0:
-            target = torch.nn.functional.adaptive_avg_pool2d(torch.stack(masks), raw.shape[-2:])
-            target = target.to(raw.device)
-            mod = prepare_maps(modifier, settings, is_class=False)
-            cls = prepare_maps(klass, settings, is_class=True)
-            supervised = (2 - soft_iou(target, mod, settings.iou_smooth)
-                          - soft_iou(target, cls, settings.iou_smooth)).sum(1).mean()
-            out["mask"] = self.settings.mask_map_weight * supervised
-        return {"bind": out["bind"], "separation": out["separation"],
-                "calibration": out["total"], **({"mask": out["mask"]} if "mask" in out else {})}
+            target = torch.nn.functional.adaptive_avg_pool2d(torch.stack(masks), maps.shape[-2:])
+            target = target.to(maps.device)
+            supervised = (2 - soft_iou(target, modifiers, settings.iou_smooth)
+                          - soft_iou(target, classes, settings.iou_smooth)).sum(1).mean()
+            losses["mask"] = self.settings.mask_map_weight * supervised
+        return losses
 
     def _autocast(self, device: torch.device):
         kind = self.settings.autocast

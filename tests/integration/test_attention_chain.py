@@ -6,9 +6,9 @@ import torch
 
 from concept_attention.attention.chain import AttentionChain, AttentionHook
 from concept_attention.attention.layers import select_layers
-from concept_attention.attention.patching import (chain_at, install_hook, model_layers,
-                                                 remove_hooks)
+from concept_attention.attention.patching import install_hook, model_layers, remove_hooks
 from concept_attention.attention.recorder import AttentionRecorder, MapStore
+from support.chains import chain_at
 from concept_attention.attention.tokens import locate_words
 
 SD15_ATTN2_KEYS = ([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)]

@@ -26,9 +26,9 @@ import torch
 
 from concept_attention.attention.chain import AttentionChain
 from concept_attention.attention.coexistence import coexistence_wrapper
-from concept_attention.attention.patching import (chain_at, install_hook, install_regional, model_layers,
-                                                 remove_hooks)
+from concept_attention.attention.patching import install_hook, install_regional, model_layers, remove_hooks
 from concept_attention.attention.recorder import AttentionRecorder, MapStore
+from support.chains import chain_at
 from concept_attention.sampling.nested_subjects import SubjectSpec
 from support.attn2_pack import AddingReplace, apply_pack
 from support.coexistence_stacks import (ARCHS, CALLS, FEATURES, FOREIGN, PER_DEPTH, PROCEED_CALLS, PROMPT,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from concept_attention.concepts.merge import (_regulariser_features, _trigger_features, comfy_weight,
-                                              constraint_error, generic_captions, merge_concept_sets,
-                                              regulariser_error)
+                                              generic_captions, merge_concept_sets)
+from support.merge_errors import constraint_error, regulariser_error
 from concept_attention.concepts.triggers import with_triggers
 from support.synthetic_concepts import synthetic_set
 

@@ -22,7 +22,7 @@ import torch
 
 from concept_attention.attention.calibration import CalibrationSettings
 from concept_attention.attention.chain import AttentionHook
-from concept_attention.attention.patching import chain_at, install_hook, model_layers, resolve_layers
+from concept_attention.attention.patching import install_hook, model_layers, resolve_layers
 from concept_attention.training import loop
 from concept_attention.concepts.concept_set import ENCODER_KEYS
 from concept_attention.concepts.specs import ConceptSpec

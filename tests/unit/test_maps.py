@@ -25,33 +25,38 @@ def test_split_heads_rejects_indivisible_channels() -> None:
         maps.split_heads(torch.zeros(1, 2, 7), heads=2)
 
 
-def test_attention_probs_single_key_is_one() -> None:
+def full_probs(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None) -> torch.Tensor:
+    """The probabilities of every key: ``token_probs`` with all key positions."""
+    return maps.token_probs(q, k, heads, torch.arange(k.shape[1]), scale=scale)
+
+
+def test_token_probs_single_key_is_one() -> None:
     q = torch.randn(2, 5, 6)
     k = torch.randn(2, 1, 6)
-    probs = maps.attention_probs(q, k, heads=3)
+    probs = full_probs(q, k, heads=3)
     assert probs.shape == (2, 3, 5, 1)
     assert torch.equal(probs, torch.ones_like(probs))
 
 
-def test_attention_probs_hand_computed() -> None:
+def test_token_probs_hand_computed() -> None:
     # one head, d=2: logits = [1*1/sqrt(2), 0] -> softmax = [sigmoid(1/sqrt2), 1 - sigmoid(1/sqrt2)]
     q = torch.tensor([[[1.0, 0.0]]])
     k = torch.tensor([[[1.0, 0.0], [0.0, 5.0]]])
-    probs = maps.attention_probs(q, k, heads=1)
+    probs = full_probs(q, k, heads=1)
     p0 = 1.0 / (1.0 + math.exp(-1.0 / math.sqrt(2.0)))
     assert probs.shape == (1, 1, 1, 2)
     assert probs[0, 0, 0, 0].item() == pytest.approx(p0, abs=1e-6)
     assert probs[0, 0, 0, 1].item() == pytest.approx(1.0 - p0, abs=1e-6)
     # an explicit scale replaces d^-0.5
-    probs_s = maps.attention_probs(q, k, heads=1, scale=2.0)
+    probs_s = full_probs(q, k, heads=1, scale=2.0)
     assert probs_s[0, 0, 0, 0].item() == pytest.approx(1.0 / (1.0 + math.exp(-2.0)), abs=1e-6)
 
 
-def test_attention_probs_matches_per_head_softmax() -> None:
+def test_token_probs_matches_per_head_softmax() -> None:
     torch.manual_seed(0)
     q = torch.randn(2, 7, 12, dtype=torch.float64)
     k = torch.randn(2, 5, 12, dtype=torch.float64)
-    probs = maps.attention_probs(q, k, heads=3)
+    probs = full_probs(q, k, heads=3)
     for h in range(3):
         qh, kh = q[..., 4 * h : 4 * h + 4], k[..., 4 * h : 4 * h + 4]
         expected = torch.softmax(qh @ kh.transpose(1, 2) / 2.0, dim=-1)
@@ -59,22 +64,22 @@ def test_attention_probs_matches_per_head_softmax() -> None:
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 7, dtype=torch.float64))
 
 
-def test_attention_probs_half_inputs_return_float32() -> None:
+def test_token_probs_half_inputs_return_float32() -> None:
     torch.manual_seed(1)
     q = torch.randn(1, 4, 8)
     k = torch.randn(1, 3, 8)
-    probs = maps.attention_probs(q.half(), k.half(), heads=2)
+    probs = full_probs(q.half(), k.half(), heads=2)
     assert probs.dtype == torch.float32
-    expected = maps.attention_probs(q.half().float(), k.half().float(), heads=2)
+    expected = full_probs(q.half().float(), k.half().float(), heads=2)
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
-    assert maps.attention_probs(q.double(), k.double(), heads=2).dtype == torch.float64
+    assert full_probs(q.double(), k.double(), heads=2).dtype == torch.float64
 
 
 def test_token_probs_columns_of_full_softmax() -> None:
     torch.manual_seed(2)
     q = torch.randn(2, 6, 8)
     k = torch.randn(2, 9, 8)
-    full = maps.attention_probs(q, k, heads=2)
+    full = full_probs(q, k, heads=2)
     index = torch.tensor([4, 1])
     cols = maps.token_probs(q, k, heads=2, token_index=index)
     assert cols.shape == (2, 2, 6, 2)
@@ -87,7 +92,7 @@ def test_token_probs_per_row_index() -> None:
     torch.manual_seed(3)
     q = torch.randn(2, 4, 6)
     k = torch.randn(2, 5, 6)
-    full = maps.attention_probs(q, k, heads=3)
+    full = full_probs(q, k, heads=3)
     index = torch.tensor([[0, 2], [3, 4]])
     cols = maps.token_probs(q, k, heads=3, token_index=index)
     torch.testing.assert_close(cols[0], full[0][..., [0, 2]], rtol=0, atol=1e-6)
@@ -162,12 +167,18 @@ def test_minmax_normalize_gradcheck() -> None:
     assert torch.autograd.gradcheck(maps.minmax_normalize, (x,))
 
 
-def test_average_token_maps_groups() -> None:
+def test_word_maps_average_each_words_tokens() -> None:
+    from concept_attention.attention.recorder import MapStore
+
     x = torch.stack([torch.full((2, 2), v) for v in (1.0, 2.0, 6.0)]).unsqueeze(0)  # [1,3,2,2]
-    out = maps.average_token_maps(x, [[0], [1, 2], [2, 0]])
+    store = MapStore()
+    store.set_words([[4], [7, 9], []])  # three words: one token, two tokens, none
+    assert store.token_index.tolist() == [4, 7, 9]
+    store.add(1.0, ("input", 1, 0), x)
+    out = store.word_maps()
     assert out.shape == (1, 3, 2, 2)
-    assert out[0, :, 0, 0].tolist() == [1.0, 4.0, 3.5]
-    with pytest.raises(ValueError):
-        maps.average_token_maps(x, [[0], []])
-    with pytest.raises(IndexError):
-        maps.average_token_maps(x, [[3]])
+    assert out[0, :, 0, 0].tolist() == [1.0, 4.0, 0.0]  # a word of no tokens: a zero map
+    store.set_words([[[1], [2, 3]], [[5], [6, 8]]])  # per row, same word sizes
+    assert store.token_index.tolist() == [[1, 2, 3], [5, 6, 8]]
+    with pytest.raises(ValueError, match="same token counts"):
+        store.set_words([[[1], [2, 3]], [[5, 6], [8]]])

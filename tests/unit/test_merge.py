@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concept_attention.concepts.merge import constraint_error, merge_projection, regulariser_error
+from concept_attention.concepts.merge import merge_projection
+from support.merge_errors import constraint_error, regulariser_error
 
 
 def problem(seed: int = 0, width: int = 24, out: int = 16, concepts: int = 3, tokens: int = 2):

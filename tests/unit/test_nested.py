@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concept_attention.attention.nested import (NestedKV, nested_attention, nested_attention_multi,
-                                                 nested_update)
+from concept_attention.attention.nested import NestedKV, nested_update
+from support.nested_ops import nested_attention, nested_attention_multi
 
 F64 = torch.float64
 
