@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 
 import torch  # noqa: E402
 
-import _common  # noqa: E402
+from devkit import bench  # noqa: E402
 
 TOKENS = [5, 8]  # "cat" and "dog" in "a photo of a cat and a dog" (BOS is position 0)
 PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
@@ -57,13 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="repetitions of the per-call measurement on captured layer inputs "
                              "(default 30 tiny, 10 full size; 0 skips it)")
     parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto = cuda when a GPU is visible, else cpu")
-    parser.add_argument("--attention", choices=("auto", *_common.ATTENTION_FLAGS), default="auto",
-                        help="ComfyUI attention function (auto: sub-quad on CPU, pytorch on CUDA)")
-    parser.add_argument("--dtype", choices=tuple(_common.DTYPES), default="fp32",
+    bench.add_machine_arguments(parser, attention=True)
+    parser.add_argument("--dtype", choices=tuple(bench.DTYPES), default="fp32",
                         help="full-size UNet weight dtype (default fp32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args(argv)
@@ -82,35 +78,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = _common.setup_comfy(args.device, args.attention)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench.start_benchmark(args)
     torch.manual_seed(args.seed)
 
     from concept_attention.attention.chain import AttentionHook
     from concept_attention.attention.patching import install_hook
     from concept_attention.attention.recorder import AttentionRecorder, MapStore
 
-    dtype = _common.DTYPES[args.dtype]
+    dtype = bench.DTYPES[args.dtype]
     latent = args.size // 8
     started = time.perf_counter()
     if args.full_size:
         label = "full-size SD1.5 (random weights)"
-        model = _common.build_full_sd15(args.seed, dtype)
-        positive = _common.random_conds(args.seed + 10)
-        negative = _common.random_conds(args.seed + 11)
+        model = bench.build_full_sd15(args.seed, dtype)
+        positive = bench.random_conds(args.seed + 10)
+        negative = bench.random_conds(args.seed + 11)
     else:
         label = f"tiny {args.arch} fixture"
-        model, clip = _common.build_tiny(args.arch, args.seed)
-        positive, negative = _common.encode(clip, PROMPT), _common.encode(clip, NEGATIVE)
+        model, clip = bench.build_tiny(args.arch, args.seed)
+        positive, negative = bench.encode(clip, PROMPT), bench.encode(clip, NEGATIVE)
     print(f"model: {label}, built in {time.perf_counter() - started:.1f}s")
-    print(f"machine: {_common.machine_info(device)}; {_common.load_average()}")
+    print(f"machine: {bench.machine_info(device)}; {bench.load_average()}")
     print(f"sampling: {args.size}x{args.size} px (latent {latent}x{latent}), {args.steps} steps "
           f"euler/normal, cfg {args.cfg}, batch 1, {args.dtype}, device {device}, "
-          f"ComfyUI attention {_common.attention_name()}")
+          f"ComfyUI attention {bench.attention_name()}")
 
     def sampler(patched, steps=args.steps):
-        return lambda: _common.sample(patched, positive, negative, latent, steps, args.cfg,
+        return lambda: bench.sample(patched, positive, negative, latent, steps, args.cfg,
                                       args.seed)
 
     # Every variant, stock included, samples a clone, so model loading work is the same for all.
@@ -127,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = (patched, store.clear)
         stores[name] = store
 
-    variants = [_common.Variant("stock", sampler(stock))]
-    variants += [_common.Variant(name, sampler(patched), before=before)
+    variants = [bench.Variant("stock", sampler(stock))]
+    variants += [bench.Variant(name, sampler(patched), before=before)
                  for name, (patched, before) in models.items()]
     hooked = {name: len(patched.model_options["transformer_options"]["patches_replace"]["attn2"])
               for name, (patched, _) in models.items()}
@@ -136,20 +130,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # Capture each layer's attention inputs (for the per-call measurement); this one-step run
     # also takes the process's one-time allocations before any variant is measured.
-    calls = _common.capture_attn2_inputs(model, lambda m: sampler(m, 1)(), install_hook,
+    calls = bench.capture_attn2_inputs(model, lambda m: sampler(m, 1)(), install_hook,
                                          AttentionHook)
 
     # Warm-up (untimed). The first round measures each variant's peak memory increase.
     for w in range(args.warmup):
         for v in variants:
             if w == 0 and not args.no_memory:
-                v.last_output, v.peak_mib = _common.run_measuring_peak(v, device)
+                v.last_output, v.peak_mib = bench.run_measuring_peak(v, device)
             else:
                 v.before()
                 v.last_output = v.run()
 
     print(f"timing {args.rounds} rounds x {len(variants)} variants (interleaved, order rotated):")
-    loads = _common.run_interleaved(variants, args.rounds, device)
+    loads = bench.run_interleaved(variants, args.rounds, device)
     base = variants[0]
     # The patches must change nothing in the sampled latent, and the recorders must record.
     for v in variants[1:]:
@@ -167,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.call_reps > 0:
         print(f"per-call overhead: {args.call_reps} back-to-back pairs per hooked layer, on the "
               "inputs of the first model evaluation, against ComfyUI's optimized_attention:")
-        overheads = _common.attn2_call_overheads(models, calls, args.call_reps, device)
+        overheads = bench.attn2_call_overheads(models, calls, args.call_reps, device)
         for name, per_key in overheads.items():
             added = sum(d for d, _ in per_key.values())
             stock_attn = sum(b for _, b in per_key.values())
@@ -186,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
-          f"{_common.attention_name()}, median of {args.rounds} rounds; {_common.load_average()}:")
-    print(_common.format_table(variants, "stock", TARGETS if args.full_size else None,
+          f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
+    print(bench.format_table(variants, "stock", TARGETS if args.full_size else None,
                                estimates, show_peak=args.warmup > 0 and not args.no_memory))
-    _common.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
+    bench.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
     return 0
 
 

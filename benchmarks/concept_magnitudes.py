@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 
-import _common  # noqa: E402
+from devkit import comfy_env  # noqa: E402
 
 RUNS = [(5e-4, 200), (1e-2, 100)]  # (learning rate, steps): the demo's, and 20 times its rate
 
@@ -40,7 +40,7 @@ def largest_ratios(bundle: Any, concepts: Any) -> tuple[float, float]:
 
 def main() -> None:
     """Train each run and print its ratios."""
-    _common.setup_comfy("cpu")
+    comfy_env.start("cpu")
     import numpy as np
     import torch
 

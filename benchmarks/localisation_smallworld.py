@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, setup_comfy  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+from devkit import bench  # noqa: E402
+from devkit.pack import REPO_ROOT  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gate-group", default="latent/1", help="layer group the gates are checked at")
     parser.add_argument("--raw", type=Path, default=None, help="write the raw rows (JSON) here")
     parser.add_argument("--from-raw", type=Path, default=None, help="print the table of saved rows")
-    parser.add_argument("--threads", type=int, default=None)
+    bench.add_machine_arguments(parser, device="cpu")
     return parser.parse_args(argv)
 
 
@@ -44,11 +45,7 @@ def gate_lines(report, group: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    setup_comfy("cpu", attention="pytorch")
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench.start_benchmark(args, attention="pytorch")
     from concept_attention.smallworld import localisation as loc
     from concept_attention.smallworld import model as toy
 

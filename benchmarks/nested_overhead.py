@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 
 import torch  # noqa: E402
 
-import _common  # noqa: E402
+from devkit import bench  # noqa: E402
 
 PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
 WORDS = ("cat", "dog")
@@ -57,10 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="back-to-back pairs of the per-call measurement on captured layer inputs "
                              "(default 20 tiny, 10 full size, 0 with --quick; 0 skips it)")
     parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--attention", choices=("auto", *_common.ATTENTION_FLAGS), default="auto",
-                        help="ComfyUI attention function (auto: sub-quad on CPU, pytorch on CUDA)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_machine_arguments(parser, attention=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.size = args.size or (128 if args.quick else 512)
@@ -93,7 +90,7 @@ def full_size_subjects(tokens: int, seed: int) -> tuple[list, list]:
     """Random positive conditioning and two sources located at fixed rows of it."""
     from concept_attention.attention.nested_hook import NestedSource
 
-    positive = _common.random_conds(seed + 10)
+    positive = bench.random_conds(seed + 10)
     features = positive[0][0][0]
     sources = [NestedSource(name=word, position=pos, signature=features[pos].clone(),
                             bank=random_bank(tokens, features.shape[-1], seed + i))
@@ -170,8 +167,8 @@ def call_overheads(model: Any, patched: Any, calls: dict[Any, tuple], reps: int,
             def hook() -> torch.Tensor:
                 return replace(q, k_all, v_all, extra)
 
-            whole, base = _common.paired_overhead(stock, nested, reps, device)
-            hook_only, _ = _common.paired_overhead(stock_text, hook, reps, device)
+            whole, base = bench.paired_overhead(stock, nested, reps, device)
+            hook_only, _ = bench.paired_overhead(stock_text, hook, reps, device)
         results[key] = (whole, hook_only, base)
     return results
 
@@ -179,29 +176,27 @@ def call_overheads(model: Any, patched: Any, calls: dict[Any, tuple], reps: int,
 def main(argv: list[str] | None = None) -> int:
     """Time stock, one-subject and two-subject nested sampling, interleaved; print the report."""
     args = parse_args(argv)
-    device = _common.setup_comfy(args.device, args.attention)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench.start_benchmark(args)
     torch.manual_seed(args.seed)
     from concept_attention.attention.patching import install_nested
 
     started = time.perf_counter()
     if args.full_size:
         label = "full-size SD1.5 (random weights)"
-        model = _common.build_full_sd15(args.seed)
+        model = bench.build_full_sd15(args.seed)
         positive, sources = full_size_subjects(args.bank_tokens, args.seed)
-        negative = _common.random_conds(args.seed + 11)
+        negative = bench.random_conds(args.seed + 11)
     else:
         label = "tiny sd15 fixture"
-        model, clip = _common.build_tiny("sd15", args.seed)
+        model, clip = bench.build_tiny("sd15", args.seed)
         positive, sources = tiny_subjects(model, clip, args.bank_tokens, args.seed)
-        negative = _common.encode(clip, NEGATIVE)
+        negative = bench.encode(clip, NEGATIVE)
     latent = args.size // 8
     print(f"model: {label}, built in {time.perf_counter() - started:.1f}s")
-    print(f"machine: {_common.machine_info(device)}; {_common.load_average()}")
+    print(f"machine: {bench.machine_info(device)}; {bench.load_average()}")
     print(f"sampling: {args.size}x{args.size} px (latent {latent}x{latent}), {args.steps} steps "
           f"euler/normal, cfg {args.cfg}, batch 1, fp32, device {device}, "
-          f"ComfyUI attention {_common.attention_name()}")
+          f"ComfyUI attention {bench.attention_name()}")
 
     nested = {}
     for name, chosen in (("nested-1", sources[:1]), ("nested-2", sources)):
@@ -213,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
           f"subject at rows {[s.position for s in sources]}, exclusive mode")
 
     def sampler(patched: Any, steps: int = args.steps) -> Any:
-        return lambda: _common.sample(patched, positive, negative, latent, steps, args.cfg, args.seed)
+        return lambda: bench.sample(patched, positive, negative, latent, steps, args.cfg, args.seed)
 
-    variants = [_common.Variant("stock", sampler(model.clone()))]
-    variants += [_common.Variant(name, sampler(patched)) for name, patched in nested.items()]
+    variants = [bench.Variant("stock", sampler(model.clone()))]
+    variants += [bench.Variant(name, sampler(patched)) for name, patched in nested.items()]
     warm = [sampler(model.clone(), 1)] + [sampler(patched, 1) for patched in nested.values()]
     for _ in range(args.warmup):  # untimed, one step: takes the one-time allocations
         for run in warm:
@@ -225,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.call_reps > 0:  # after the warm-up; one step, first evaluation's inputs
         calls = capture_layer_inputs(model, lambda m: sampler(m, 1)())
     print(f"timing {args.rounds} rounds x {len(variants)} variants (interleaved, order rotated):")
-    loads = _common.run_interleaved(variants, args.rounds, device)
+    loads = bench.run_interleaved(variants, args.rounds, device)
     base = variants[0]
     for v in variants[1:]:  # the subjects must act, or the timing measures nothing
         diff = (v.last_output - base.last_output).abs().max().item()
@@ -259,11 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = TARGETS if args.full_size and not args.quick else None
     print()
     print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
-          f"{_common.attention_name()}, median of {args.rounds} rounds; {_common.load_average()}:")
-    print(_common.format_table(variants, "stock", targets, estimates or None, show_peak=False))
+          f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
+    print(bench.format_table(variants, "stock", targets, estimates or None, show_peak=False))
     for v in variants[1:]:
         print(f"ratio {v.name}/stock: {v.median / base.median:.3f}x")
-    _common.print_footer(variants, loads, device, started, targets)
+    bench.print_footer(variants, loads, device, started, targets)
     return 0
 
 

@@ -17,8 +17,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, setup_comfy  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+from devkit import bench  # noqa: E402
+from devkit.pack import REPO_ROOT  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".smallworld_pretrain")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "smallworld" / "weights")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    bench.add_machine_arguments(parser, device="cpu")
     parser.add_argument("--steps", type=int, default=None, help="UNet steps (default: config)")
     parser.add_argument("--more-steps", type=int, default=None,
                         help="UNet steps: this many more than the work directory's UNet stage has done")
@@ -44,7 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="UNet batch size (default: config)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps")
     parser.add_argument("--decoder-batch", type=int, default=None)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the decoder and UNet stages train")
     parser.add_argument("--slim-copy", type=Path, default=None, metavar="DIR",
                         help="copy --work-dir to DIR without optimizer states or latents, and exit")
     parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
@@ -61,11 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    device = setup_comfy(args.device, attention="pytorch")  # SDPA: ~2x faster than sub-quadratic on CPU
+    device = bench.start_benchmark(args, attention="pytorch")  # SDPA: ~2x faster than sub-quadratic on CPU
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True  # GPU only; a tiny model gains nothing from full fp32
     from concept_attention.smallworld import pretrain, quality
 

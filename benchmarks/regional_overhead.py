@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 
 import torch  # noqa: E402
 
-import _common  # noqa: E402
+from devkit import bench  # noqa: E402
 
 PROMPT, NEGATIVE = "a photo of a cat and a dog", ""
 TARGETS = {"regional": 1.30, "regional+texts": 1.30}  # issue target, full-size SD1.5
@@ -48,8 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (3 tiny, 2 full size)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (5 tiny, 3 full size)")
     parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_machine_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.full_size else 3)
@@ -88,9 +87,7 @@ def auto_sampler(model: Any, sets: list, texts: list[torch.Tensor], positive: An
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = _common.setup_comfy(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench.start_benchmark(args)
     import comfy.utils
 
     from concept_attention.attention.patching import install_regional
@@ -100,18 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.full_size:
         label = "full-size SD1.5 (random weights)"
-        model = _common.build_full_sd15(args.seed)
-        positive, negative = _common.random_conds(args.seed + 10), _common.random_conds(args.seed + 11)
-        texts = [_common.random_conds(args.seed + 12 + i)[0][0] for i in range(2)]
+        model = bench.build_full_sd15(args.seed)
+        positive, negative = bench.random_conds(args.seed + 10), bench.random_conds(args.seed + 11)
+        texts = [bench.random_conds(args.seed + 12 + i)[0][0] for i in range(2)]
     else:
         label = "tiny sd15 fixture"
-        model, clip = _common.build_tiny("sd15", args.seed)
-        positive, negative = _common.encode(clip, PROMPT), _common.encode(clip, NEGATIVE)
-        texts = [_common.encode(clip, text)[0][0] for text in ("a photo of a cat", "a photo of a dog")]
+        model, clip = bench.build_tiny("sd15", args.seed)
+        positive, negative = bench.encode(clip, PROMPT), bench.encode(clip, NEGATIVE)
+        texts = [bench.encode(clip, text)[0][0] for text in ("a photo of a cat", "a photo of a dog")]
     latent = args.size // 8
     sets = [random_deltas(model, args.seed + i) for i in (1, 2)]
     print(f"model: {label}, built in {time.perf_counter() - started:.1f}s")
-    print(f"machine: {_common.machine_info(device)}; {_common.load_average()}")
+    print(f"machine: {bench.machine_info(device)}; {bench.load_average()}")
 
     combined = model.clone()
     for deltas in sets:
@@ -125,24 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     install_regional(with_texts, sets, masks, texts)
 
     def sampler(patched):
-        return lambda: _common.sample(patched, positive, negative, latent, args.steps, args.cfg, args.seed)
+        return lambda: bench.sample(patched, positive, negative, latent, args.steps, args.cfg, args.seed)
 
     concept_sets = [concept_set(model, deltas, f"V{i + 1}") for i, deltas in enumerate(sets)]
-    variants = [_common.Variant("stock", sampler(model.clone())),
-                _common.Variant("combined", sampler(combined)),
-                _common.Variant("regional", sampler(regional)),
-                _common.Variant("regional+texts", sampler(with_texts)),
-                _common.Variant("auto", auto_sampler(model, concept_sets, texts, positive, negative, args, False)),
-                _common.Variant("auto+restart",
+    variants = [bench.Variant("stock", sampler(model.clone())),
+                bench.Variant("combined", sampler(combined)),
+                bench.Variant("regional", sampler(regional)),
+                bench.Variant("regional+texts", sampler(with_texts)),
+                bench.Variant("auto", auto_sampler(model, concept_sets, texts, positive, negative, args, False)),
+                bench.Variant("auto+restart",
                                 auto_sampler(model, concept_sets, texts, positive, negative, args, True))]
     for v in variants:  # warm-up, untimed
         v.last_output = v.run()
-    loads = _common.run_interleaved(variants, args.rounds, device)
+    loads = bench.run_interleaved(variants, args.rounds, device)
     print()
     print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
-          f"{_common.attention_name()}, median of {args.rounds} rounds; {_common.load_average()}:")
-    print(_common.format_table(variants, "stock", TARGETS if args.full_size else None, show_peak=False))
-    _common.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
+          f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
+    print(bench.format_table(variants, "stock", TARGETS if args.full_size else None, show_peak=False))
+    bench.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
     return 0
 
 

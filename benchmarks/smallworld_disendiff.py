@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 import _results_v1 as v1  # noqa: E402
 import _results_v2 as v2  # noqa: E402
-from _common import REPO_ROOT, machine_info, setup_comfy  # noqa: E402
+from devkit import bench  # noqa: E402
+from devkit.bench import machine_info  # noqa: E402
+from devkit.pack import REPO_ROOT  # noqa: E402
 
 RAW_FORMAT = 2  # evaluation v2 (issue 18); files without "format" are v1 (_results_v1.py)
 TITLE = "Toy-world results: DisenDiff vs. Custom Diffusion and ablations"
@@ -42,14 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated variant names, 'all', or 'none' (only the composition table)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     parser.add_argument("--quick", action="store_true", help="CI check: 1 scene, attention IoU only")
-    parser.add_argument("--threads", type=int, default=None)
+    bench.add_machine_arguments(parser, device="cpu")
     parser.add_argument("--weights", type=Path, default=None, help="toy-world weights dir (default: shipped)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results.md")
     parser.add_argument("--chart", type=Path, default=REPO_ROOT / "docs" / "results.png")
     parser.add_argument("--raw", type=Path, default=None, help="also write per-run rows as JSON")
     parser.add_argument("--no-composition", action="store_true",
                         help="skip the composition table (separately learned concepts: combined vs the regional modes)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="run only scenes i, i+N, ... and write rows to --raw (merge with --from-raw)")
     parser.add_argument("--scene-ids", default=None, metavar="I,J",
@@ -132,11 +133,7 @@ def sources_section(raw: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = parse_args(argv)
-    device = setup_comfy(args.device)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench.start_benchmark(args)
     from concept_attention.smallworld import composition
     from concept_attention.smallworld import experiment as exp
     from concept_attention.smallworld.report import bar_chart

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 
 import torch  # noqa: E402
 
-import _common  # noqa: E402
+from devkit import bench  # noqa: E402
 
 TARGETS = {"disendiff": 1.15}  # issue target for time at full size; memory target 1.10x
 
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15", help="tiny architecture")
     parser.add_argument("--resolution", type=int, default=512, help="training resolution in px")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    bench.add_machine_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -45,12 +45,12 @@ def build_models(full_size: bool, arch: str) -> tuple[Any, Any, Any]:
         import comfy.sd
         import comfy.supported_models
 
-        model = _common.build_full_sd15()
-        config = comfy.supported_models.SD15(dict(_common.SD15_FULL_UNET))
+        model = bench.build_full_sd15()
+        config = comfy.supported_models.SD15(dict(bench.SD15_FULL_UNET))
         clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32})
         tiny_models.seeded_init_(clip.cond_stage_model, torch.Generator().manual_seed(1))
     else:
-        model, clip = _common.build_tiny(arch)
+        model, clip = bench.build_tiny(arch)
     return model, clip, tiny_models.build_vae()
 
 
@@ -72,7 +72,7 @@ def prepared_trainer(model: Any, clip: Any, vae: Any, calibrated: bool, resoluti
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = _common.setup_comfy(args.device)
+    device = bench.start_benchmark(args)
     import comfy.model_management as mm
 
     from concept_attention.training.loop import clip_layers_out_of_place
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     model, clip, vae = build_models(args.full_size, args.arch)
     what = "full-size SD1.5 (random weights)" if args.full_size else f"tiny {args.arch}"
     print(f"# DisenDiff vs Custom Diffusion training step: {what}, {args.resolution} px, batch 1")
-    print(f"# {_common.machine_info(device)}")
+    print(f"# {bench.machine_info(device)}")
 
     variants = []
     for name, calibrated in (("custom-diffusion", False), ("disendiff", True)):
@@ -94,19 +94,19 @@ def main(argv: list[str] | None = None) -> None:
             with clip_layers_out_of_place(trainer.clip.cond_stage_model):
                 return trainer._step(optimizer, params, pool, [])
 
-        variants.append(_common.Variant(name, step))
+        variants.append(bench.Variant(name, step))
 
     for variant in variants:  # warm-up, then peak memory of one step
         variant.run()
-        _, variant.peak_mib = _common.run_measuring_peak(variant, device)
-    loads = _common.run_interleaved(variants, rounds, device)
+        _, variant.peak_mib = bench.run_measuring_peak(variant, device)
+    loads = bench.run_interleaved(variants, rounds, device)
     print()
-    print(_common.format_table(variants, "custom-diffusion", TARGETS))
+    print(bench.format_table(variants, "custom-diffusion", TARGETS))
     base, calibrated = variants
     if base.peak_mib and calibrated.peak_mib:
         print(f"\npeak memory ratio (step increase): {calibrated.peak_mib / base.peak_mib:.3f}x "
               "(target <= 1.10x at full size)")
-    warning = _common.contention_warning(loads, device)
+    warning = bench.contention_warning(loads, device)
     if warning:
         print(f"\n{warning}")
 

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "dev"))
 
-from support import workflows  # noqa: E402
-from support.server import PACK_FOLDER_NAME, ComfyServer  # noqa: E402
+from devkit import workflows  # noqa: E402
+from devkit.server import PACK_FOLDER_NAME, ComfyServer  # noqa: E402
 
 WORKFLOW = REPO_ROOT / "example_workflows" / "toy_world_two_concepts_api.json"
 SCENE = REPO_ROOT / "example_workflows" / "toy_world_scene.png"

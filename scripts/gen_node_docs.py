@@ -29,15 +29,12 @@ log = logging.getLogger("gen_node_docs")
 
 def library_mode() -> None:
     """Make ComfyUI and the pack (as ``concept_attention``) importable in this process."""
-    tests = str(REPO_ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from support.comfy_env import enable_library_mode
+    dev = str(REPO_ROOT / "dev")
+    if dev not in sys.path:
+        sys.path.insert(0, dev)
+    from devkit.comfy_env import start
 
-    enable_library_mode()
-    from pack_alias import install_alias
-
-    install_alias()
+    start("cpu")
 
 
 class _EveryFolder(dict):

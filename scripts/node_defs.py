@@ -17,13 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _import_comfy() -> Any:
     """ComfyUI's top-level ``nodes`` module with the built-in extra nodes registered."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from support.comfy_env import enable_library_mode  # the tests' helper: same ComfyUI, CPU only
+    sys.path.insert(0, str(REPO_ROOT / "dev"))
+    from devkit.comfy_env import start  # the tests' start-up: same ComfyUI, CPU only
 
-    enable_library_mode()
-    from pack_alias import install_alias
-
-    install_alias()
+    start("cpu")
     import nodes
 
     level = logging.getLogger().level

@@ -47,13 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _import_pack() -> None:
     """Make the repository importable as ``concept_attention`` and ComfyUI importable."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from pack_alias import install_alias
-    from support.comfy_env import enable_library_mode
+    sys.path.insert(0, str(REPO / "dev"))
+    from devkit.comfy_env import start
+    from devkit.pack import install_alias
 
     install_alias()
     if os.environ.get("COMFYUI_PATH") or not _has_comfy():
-        enable_library_mode()
+        start("cpu")
 
 
 def _has_comfy() -> bool:
@@ -82,7 +82,7 @@ def load_frozen(args: argparse.Namespace):
     from concept_attention.training.adapter_train import FrozenModels
 
     if args.tiny:
-        from support import tiny_models
+        from devkit import tiny_models
 
         bundle = tiny_models.build_bundle("sd15", seed=args.seed)
         return FrozenModels(bundle.model, bundle.clip, bundle.vae, tiny_models.build_clip_vision(args.seed))

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from support.server import ComfyServer
+from devkit.server import ComfyServer
 
 CHROMIUM = Path(os.environ.get("CONCEPT_ATTENTION_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from support.example_swaps import UI_WORKFLOWS, for_tiny_models, load_example, prepare_server
-from support.server import PACK_FOLDER_NAME, ComfyServer
+from devkit.server import PACK_FOLDER_NAME, ComfyServer
 from support.ui_workflows import ui_to_api
 
 RUN_TIMEOUT_S = 600

@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from support.concept_files import write_broken_file, write_concept_file
-from support.workflows import TINY_LOADER, link, node
+from devkit.workflows import TINY_LOADER, link, node
 
 EXTENSION = "concept_attention.ui"
 SCRIPT = "/extensions/comfyui-concept-attention/js/concept_attention.js"

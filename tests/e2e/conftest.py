@@ -1,7 +1,7 @@
 """End-to-end fixtures: one real ComfyUI server (``main.py --cpu``) for the whole session.
 
 The pack is installed as a symlinked folder in an extra ``custom_nodes`` dir (see
-``tests/support/server.py``). When a test that used the server fails, the tail of the server log
+``dev/devkit/server.py``). When a test that used the server fails, the tail of the server log
 is printed with the failure.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.server import ComfyServer
+from devkit.server import ComfyServer
 
 LOG_TAIL_CHARS = 8000
 

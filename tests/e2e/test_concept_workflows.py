@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.workflows import TINY_LOADER, link, node
+from devkit.workflows import TINY_LOADER, link, node
 
 TRAIN_STEPS = 3
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from support.example_swaps import UI_WORKFLOWS, example_prompt, load_example, prepare_server
-from support.server import ComfyServer, PromptResult
+from devkit.server import ComfyServer, PromptResult
 from support.ui_workflows import ui_to_api
 
 

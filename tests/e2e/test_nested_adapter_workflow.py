@@ -6,7 +6,7 @@ import safetensors.torch
 from PIL import Image
 
 from support.tiny_adapters import tiny_sd15_plus
-from support.workflows import TINY_LOADER, link, node
+from devkit.workflows import TINY_LOADER, link, node
 
 
 def graph(strength: float, prefix: str) -> dict:

@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from support.concept_files import write_concept_file
-from support.server import ComfyServer, PromptRejected, format_node_errors
-from support.workflows import TINY_LOADER, link, node, tiny_txt2img
+from devkit.server import ComfyServer, PromptRejected, format_node_errors
+from devkit.workflows import TINY_LOADER, link, node, tiny_txt2img
 
 SIZE = 64
 PAIR = "resilience_pair.safetensors"

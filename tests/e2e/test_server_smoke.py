@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import workflows
-from support.server import PACK_FOLDER_NAME, ComfyServer, PromptRejected
+from devkit import workflows
+from devkit.server import PACK_FOLDER_NAME, ComfyServer, PromptRejected
 
 PACK_PREFIX = "ConceptAttention_"
 PACK_MODULE = f"custom_nodes.{PACK_FOLDER_NAME}"

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from support.workflows import TINY_LOADER, link, node
+from devkit.workflows import TINY_LOADER, link, node
 
 PROMPT = "a photo of V1 square"
 

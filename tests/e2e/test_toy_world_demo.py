@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.comfy_env import REPO_ROOT
+from devkit.pack import REPO_ROOT
 
 WEIGHTS = REPO_ROOT / "smallworld" / "weights"
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "unet.safetensors").is_file(),

@@ -7,11 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from support.comfy_env import enable_library_mode
-
-enable_library_mode()
-
-from support import tiny_models  # noqa: E402
+from devkit import tiny_models
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from support.comfy_env import REPO_ROOT
+from devkit.pack import REPO_ROOT
 
 
 def test_example_workflows_are_up_to_date():

@@ -17,7 +17,7 @@ from concept_attention.concepts.concept_set import (Concept, ConceptSet, archite
                                                  encoder_widths, kv_weight_shapes)
 from concept_attention.concepts.export import (check_file_stem, embedding_state_dict,
                                                kv_lora_state_dict, save_embeddings, save_lora)
-from support import tiny_models
+from devkit import tiny_models
 
 STRENGTH = 0.7
 

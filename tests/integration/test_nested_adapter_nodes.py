@@ -10,7 +10,7 @@ from concept_attention.nodes.nested import ApplyNestedAttention
 from concept_attention.nodes.nested_adapter import (LoadNestedAdapter, NestedSubjectFromImage,
                                                     adapter_files, image_tokens)
 from concept_attention.sampling.nested_adapter import NestedAdapter, config_for_layers, ip_order
-from support import tiny_models
+from devkit import tiny_models
 from support.tiny_adapters import TINY_CLIP_VISION_WIDTH, TINY_SD15_IP_WIDTHS, tiny_sd15_plus
 
 PROMPT = "a photo of a cat and a dog"

@@ -29,7 +29,8 @@ from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.training.loop import (ConceptTrainer, DetachStartToken, TrainSettings,
                                              clip_layers_out_of_place, train_concepts)
 from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
-from support import tiny_models
+from devkit import tiny_models
+from support.chains import chain_at
 
 SIZE = 128
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]

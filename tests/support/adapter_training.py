@@ -6,26 +6,26 @@ from pathlib import Path
 from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
+DEV_DIR = TESTS_DIR.parent / "dev"
 
 # tiny adapter for the tiny SD1.5 model: out_dim = the text width, so projections start as to_k/to_v
 TINY_ADAPTER = dict(dim=16, depth=1, heads=1, num_queries=4, out_dim=32)
 
 
 def _setup() -> None:
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.insert(0, str(TESTS_DIR))
-    from pack_alias import install_alias
-    from support.comfy_env import enable_library_mode
+    for folder in (TESTS_DIR, DEV_DIR):  # a spawned DDP worker starts with neither on sys.path
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    from devkit.comfy_env import start
 
-    install_alias()
-    enable_library_mode()
+    start("cpu")
 
 
 def tiny_frozen(seed: int = 0) -> Any:
     """FrozenModels of the tiny SD1.5 bundle and the tiny CLIP vision."""
     _setup()
     from concept_attention.training.adapter_train import FrozenModels
-    from support import tiny_models
+    from devkit import tiny_models
 
     bundle = tiny_models.build_bundle("sd15", seed)
     return FrozenModels(bundle.model, bundle.clip, bundle.vae, tiny_models.build_clip_vision(seed))

@@ -15,10 +15,10 @@ import numpy as np
 import safetensors.torch
 from PIL import Image
 
-from .comfy_env import REPO_ROOT
+from devkit.pack import REPO_ROOT
 from .tiny_adapters import tiny_sd15_plus
 from .ui_workflows import ui_to_api
-from .workflows import TINY_LOADER, Prompt
+from devkit.workflows import TINY_LOADER, Prompt
 
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 UI_WORKFLOWS = sorted(p.name for p in EXAMPLES_DIR.glob("*.json") if not p.name.endswith("_api.json"))

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-# widths of the tiny SD1.5 model's (tests/support/tiny_models.py) 16 cross-attention layers in
+# widths of the tiny SD1.5 model's (dev/devkit/tiny_models.py) 16 cross-attention layers in
 # IP-Adapter order (input 1,2,4,5,7,8; output 3..11; middle), and its CLIP-vision token width
 TINY_SD15_IP_WIDTHS = [32, 32, 64, 64, 64, 64] + [64] * 6 + [32] * 3 + [64]
 TINY_CLIP_VISION_WIDTH = 24

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .workflows import Prompt
+from devkit.workflows import Prompt
 
 VIRTUAL_NODES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

@@ -29,7 +29,7 @@ from concept_attention.concepts.concept_file import (load_concepts, save_concept
 from concept_attention.concepts.concept_set import Concept, ConceptSet
 from concept_attention.concepts.export import save_embeddings, save_lora
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
+DEV_DIR = Path(__file__).resolve().parents[2] / "dev"
 LAYER = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2"
 
 
@@ -191,8 +191,8 @@ def test_interrupt_with_a_failing_save_still_reports_the_interrupt(monkeypatch: 
 
 WRITER_LOOP = textwrap.dedent('''
     import sys
-    sys.path.insert(0, {tests!r})
-    from pack_alias import install_alias
+    sys.path.insert(0, {dev!r})
+    from devkit.pack import install_alias
     install_alias()
     import torch
     from concept_attention.concepts.concept_file import kv_digest, save_concepts
@@ -216,7 +216,7 @@ WRITER_LOOP = textwrap.dedent('''
 def test_a_writer_killed_at_random_moments_leaves_an_old_or_new_complete_file(tmp_path: Path) -> None:
     path = tmp_path / "killed.safetensors"
     script = tmp_path / "writer.py"
-    script.write_text(WRITER_LOOP.format(tests=str(TESTS_DIR)), encoding="utf-8")
+    script.write_text(WRITER_LOOP.format(dev=str(DEV_DIR)), encoding="utf-8")
     rng = random.Random(0)
     versions = []
     for _ in range(6):

@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 
 PACK_NAME = "concept_attention"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def install_alias() -> types.ModuleType:

@@ -1,6 +1,6 @@
 """TEST-ONLY ComfyUI node pack: a loader for tiny random SD1.5/SDXL-architecture models.
 
-Never shipped with Concept Attention. The e2e harness (``tests/support/server.py``) links this
+Never shipped with Concept Attention. The e2e harness (``dev/devkit/server.py``) links this
 folder into a temporary ``custom_nodes`` directory so the real ComfyUI server can run whole
 workflows on CPU in seconds without any checkpoint on disk.
 """
@@ -11,13 +11,13 @@ from pathlib import Path
 
 from comfy_api.latest import ComfyExtension, io
 
-# ``tiny_models`` lives two levels up (tests/support). resolve() follows the symlink the harness
-# places in its custom_nodes dir, so this works wherever the link lives.
-_SUPPORT_DIR = Path(__file__).resolve().parents[2]
-if str(_SUPPORT_DIR) not in sys.path:
-    sys.path.insert(0, str(_SUPPORT_DIR))
+# ``devkit`` lives three levels up (dev/devkit/custom_nodes/...). resolve() follows the symlink the
+# harness places in its custom_nodes dir, so this works wherever the link lives.
+_DEV_DIR = Path(__file__).resolve().parents[3]
+if str(_DEV_DIR) not in sys.path:
+    sys.path.insert(0, str(_DEV_DIR))
 
-import tiny_models  # noqa: E402
+from devkit import tiny_models  # noqa: E402
 
 
 class TinyModelLoader(io.ComfyNode):

@@ -8,7 +8,7 @@ from typing import Any
 
 Prompt = dict[str, dict[str, Any]]
 
-TINY_LOADER = "ConceptTest_TinyModelLoader"  # test-only node: tests/support/custom_nodes/concept_test_nodes
+TINY_LOADER = "ConceptTest_TinyModelLoader"  # test-only node: dev/devkit/custom_nodes/concept_test_nodes
 
 
 def node(class_type: str, **inputs: Any) -> dict[str, Any]:

@@ -4,29 +4,29 @@ Every benchmark measures the pack against the stock ComfyUI path in ONE process,
 variants round by round (machines are noisy, other work shares them) and reporting the median per
 variant and its ratio to the baseline. Nothing is downloaded: models have seeded random weights.
 
-Usage from a benchmark script::
+Usage from a benchmark script (``dev/`` on ``sys.path``)::
 
-    from _common import setup_comfy
-    device = setup_comfy("auto")      # before anything imports comfy.model_management
-    from _common import build_full_sd15, run_interleaved, format_table, ...
+    from devkit import bench
+    bench.add_machine_arguments(parser)          # --device, --threads (, --attention)
+    device = bench.start_benchmark(args)         # before anything imports comfy.model_management
+    model = bench.build_full_sd15(); bench.run_interleaved(...); print(bench.format_table(...))
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTS_DIR = REPO_ROOT / "tests"
+from .comfy_env import ATTENTION_FLAGS, start
+
 
 # ComfyUI's SD1.5 UNet config (comfy/model_detection.py, "SD15"): 320 channels, mult 1-2-4-4,
 # 2 res blocks per level, one transformer per attention block on the first three levels.
@@ -46,43 +46,24 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # --------------------------------------------------------------------------- environment
 
-def resolve_device(name: str) -> str:
-    """``"auto"`` is ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    return name
+def add_machine_arguments(parser: argparse.ArgumentParser, device: str = "auto",
+                          attention: bool = False) -> None:
+    """The flags every benchmark takes: ``--device``, ``--threads`` and, if asked, ``--attention``."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=device,
+                        help=f"where to run (default {device}; auto = cuda when a GPU is visible)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    if attention:
+        parser.add_argument("--attention", choices=("auto", *ATTENTION_FLAGS), default="auto",
+                            help="ComfyUI's attention function (auto: ComfyUI's choice for the device)")
 
 
-ATTENTION_FLAGS = {"pytorch": "use_pytorch_cross_attention", "sub-quad": "use_quad_cross_attention",
-                   "split": "use_split_cross_attention"}
-
-
-def setup_comfy(device: str = "auto", attention: str = "auto") -> str:
-    """Import paths for ComfyUI (library mode) and the pack alias ``concept_attention``.
-
-    Must run before ``comfy.model_management`` is imported: on ``"cpu"`` it forces ComfyUI's CPU
-    mode, as the tests do. ``attention`` picks ComfyUI's attention function like its command-line
-    flags (``"auto"`` keeps ComfyUI's choice: sub-quadratic on CPU, PyTorch SDPA on CUDA).
-    Returns the resolved device name.
-    """
-    device = resolve_device(device)
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.insert(0, str(TESTS_DIR))
-    from pack_alias import install_alias
-    from support.comfy_env import comfy_root
-
-    install_alias()
-    root = str(comfy_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    if "comfy.model_management" not in sys.modules:
-        from comfy.cli_args import args
-
-        args.cpu = device == "cpu"
-        if attention != "auto":
-            setattr(args, ATTENTION_FLAGS[attention], True)
+def start_benchmark(args: argparse.Namespace, attention: str | None = None) -> str:
+    """The one start-up: library-mode ComfyUI on ``args.device`` with ``attention`` (default
+    ``args.attention``, else ComfyUI's choice) and ``args.threads`` torch threads; returns the
+    device. Call it before anything imports comfy.model_management."""
+    device = start(args.device, attention or getattr(args, "attention", "auto"))
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     return device
 
 
@@ -121,7 +102,7 @@ def build_full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    from support.tiny_models import seeded_init_
+    from .tiny_models import seeded_init_
 
     config = comfy.supported_models.SD15(dict(SD15_FULL_UNET))
     config.set_inference_dtype(dtype, None)
@@ -132,7 +113,7 @@ def build_full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
 
 def build_tiny(arch: str = "sd15", seed: int = 0) -> tuple[Any, Any]:
     """The tiny test fixture's (MODEL, CLIP) of ``arch`` (``"sd15"`` or ``"sdxl"``)."""
-    from support import tiny_models
+    from . import tiny_models
 
     return tiny_models.build_model(arch, seed), tiny_models.build_clip(arch, seed)
 

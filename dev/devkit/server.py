@@ -37,10 +37,8 @@ from typing import Any
 import requests
 import websocket  # the websocket-client package
 
-try:  # imported as ``support.server`` (tests) or as ``server`` (tests/support on sys.path)
-    from .comfy_env import REPO_ROOT, comfy_root
-except ImportError:  # pragma: no cover - depends on how the caller set sys.path
-    from comfy_env import REPO_ROOT, comfy_root
+from .comfy_env import comfy_root
+from .pack import REPO_ROOT
 
 PACK_FOLDER_NAME = "comfyui-concept-attention"
 TEST_PACK_DIR = Path(__file__).resolve().parent / "custom_nodes" / "concept_test_nodes"
