@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+MODES = ("combined", "regional_auto", "regional_auto_shared", "regional_auto_restart_triggers",
+         "regional_auto_restart", "regional_masks", "single")  # the v1 composition table's rows, in order
 METRICS = [  # (key, column title, higher is better)
     ("iou_trigger_own", "trigger IoU own ↑", True), ("iou_trigger_other", "trigger IoU other ↓", False),
     ("iou_class_own", "class IoU own ↑", True), ("fidelity_single", "fidelity single ↑", True),

@@ -74,7 +74,7 @@ def concept_set(model: Any, deltas: dict[str, torch.Tensor], trigger: str) -> An
 def auto_sampler(model: Any, sets: list, texts: list[torch.Tensor], positive: Any, negative: Any,
                  args: argparse.Namespace, restart: bool) -> Callable[[], torch.Tensor]:
     """One 'regional_auto' sampling as KSampler with Concepts runs it."""
-    from concept_attention.nodes.common import run_ksampler
+    from concept_attention.sampling.ksampler import run_ksampler
     from concept_attention.sampling.auto_regions import sample_auto_regional
 
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}

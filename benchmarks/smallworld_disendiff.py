@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(exp.VARIANTS)  # the table's usual order, whatever order the files came in
         raw["rows"] = dict(sorted(raw["rows"].items(),
                                   key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
-        modes = list(composition.MODES)
+        modes = list(v1.MODES if raw.get("format", 1) == 1 else composition.MODES)
         raw["composition"] = dict(sorted(raw["composition"].items(),
                                          key=lambda item: modes.index(item[0]) if item[0] in modes else len(modes)))
     else:

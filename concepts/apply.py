@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from .concept_set import ConceptSet, check_compatible
 from .triggers import with_triggers
@@ -28,6 +30,12 @@ def apply_concepts(model: Any, clip: Any, concepts: ConceptSet,
     if clip is not None:
         patched_clip = with_triggers(clip, {c.trigger: c.embeddings for c in concepts.concepts})
     return patched_model, patched_clip
+
+
+def scaled_kv_deltas(sets: Sequence[ConceptSet], strength: float = 1.0) -> list[dict[str, torch.Tensor]]:
+    """Each set's K/V deltas times ``strength``, for regional composition (one dict per set)."""
+    check_strength(strength)
+    return [{key: strength * delta for key, delta in s.kv_deltas.items()} for s in sets]
 
 
 def check_strength(strength: float, name: str = "strength") -> float:

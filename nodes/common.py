@@ -90,19 +90,6 @@ def ksampler_inputs(with_positive: bool = True) -> list[io.Input]:
     return inputs
 
 
-def run_ksampler(model: Any, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-                 positive: Any, negative: Any, latent: dict, denoise: float, **stage: Any) -> dict:
-    """Sample exactly as the stock KSampler node does (noise, noise mask, previews, progress).
-
-    ``stage`` takes KSamplerAdvanced's split: ``start_step``, ``last_step``, ``disable_noise``,
-    ``force_full_denoise``.
-    """
-    import nodes as comfy_nodes  # ComfyUI's top-level nodes module, not this package
-
-    return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
-                                       negative, latent, denoise=denoise, **stage)[0]
-
-
 def split_words(text: str) -> list[str]:
     """Comma-separated words or phrases, stripped, empty ones dropped."""
     words = [w.strip() for w in text.split(",") if w.strip()]

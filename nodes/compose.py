@@ -3,22 +3,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..attention.patching import install_regional
-from ..concepts.apply import apply_concepts
 from ..concepts.concept_file import save_concepts
 from ..concepts.concept_set import check_compatible
-from ..sampling.auto_regions import class_word_positions, region_text_features, sample_auto_regional
 from ..concepts.merge import merge_concept_sets
+from ..sampling.composition import MODES, Composition, sample_composed
 from .common import (check_latent, check_masks_finite, check_numbers, check_sampled, ksampler_inputs,
-                     overwrite_input, run_ksampler)
+                     overwrite_input)
 from .concepts import concept_path
 from .vocabulary import CATEGORY, NODE_PREFIX, ConceptsSocket
-
-MODES = ("off", "combined", "regional", "regional_auto")
 
 log = logging.getLogger(__name__)
 
@@ -142,72 +136,11 @@ class ConceptSampler(io.ComfyNode):
             check_compatible(concepts, model, None)
         check_latent(latent_image)
         check_masks_finite(masks)
-        sampling = dict(seed=seed, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                        positive=positive, negative=negative, denoise=denoise)
-        size = latent_image["samples"].shape[-2:]
-        image_size = (size[0] * 8, size[1] * 8)
-        if composition == "regional_auto":
-            if denoise == 0:
-                raise ValueError("'denoise' is 0, so no step is sampled, but regional_auto finds its "
-                                 "regions while sampling: set denoise above 0 (1.0 for a new picture), "
-                                 "or use 'regional' with masks")
-            per_set = cls._class_words(clip, positive_text, positive, sets)
-            texts = region_text_features(clip, positive_text, sets) if region_texts else None
-            latent, regions = sample_auto_regional(run_ksampler, model, sets, strength, per_set, steps,
-                                                   auto_steps, region_threshold, latent_image, texts=texts,
-                                                   restart=auto_restart, **sampling)
-            check_sampled(latent, "KSampler with Concepts")
-            regions = regions.reshape(-1, *regions.shape[-2:])
-            return io.NodeOutput(latent, F.interpolate(regions[None], size=image_size, mode="nearest")[0])
-        patched, regions = model, torch.zeros(len(sets), *image_size)
-        if composition == "combined":
-            regions = torch.ones(len(sets), *image_size)
-            for concepts in sets:
-                patched, _ = apply_concepts(patched, None, concepts, strength)
-        elif composition == "regional":
-            if masks is None:
-                raise ValueError("regional composition needs a MASK batch with one mask per "
-                                 "concept set (connect Load Image (as Mask) / mask nodes to 'masks')")
-            if masks.dim() == 2:
-                masks = masks[None]
-            if masks.shape[0] != len(sets):
-                raise ValueError(f"{len(sets)} concept sets are connected but 'masks' holds "
-                                 f"{masks.shape[0]} masks: give exactly one per set, in order")
-            texts = None
-            if region_texts and clip is not None and positive_text.strip():
-                texts = cls._region_texts(clip, positive_text, positive, sets)
-            elif region_texts:
-                log.info("regional: no 'clip' and 'positive_text' connected, so every region reads the "
-                         "whole prompt; connect them to give each region its own text")
-            patched = model.clone()
-            install_regional(patched, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
-                             masks.float(), texts)
-            regions = masks.float()
-        elif composition != "off":
-            raise ValueError(f"unknown composition {composition!r}; use one of {MODES}")
-        latent = run_ksampler(patched, steps=steps, latent=latent_image, **sampling)
+        how = Composition(mode=composition, strength=strength, masks=masks, clip=clip,
+                          positive_text=positive_text, auto_steps=auto_steps,
+                          region_threshold=region_threshold,
+                          region_texts=region_texts, auto_restart=auto_restart)
+        latent, regions = sample_composed(model, sets, how, seed=seed, steps=steps, cfg=cfg,
+                                          sampler_name=sampler_name, scheduler=scheduler, positive=positive,
+                                          negative=negative, latent=latent_image, denoise=denoise)
         return io.NodeOutput(check_sampled(latent, "KSampler with Concepts"), regions)
-
-    @staticmethod
-    def _check_text(clip, positive_text: str, positive) -> None:
-        """Check that ``positive_text`` encoded with ``clip`` is the ``positive`` conditioning."""
-        if clip is None or not positive_text.strip():
-            raise ValueError("regional_auto needs 'clip' and 'positive_text' (the positive prompt's "
-                             "text) to find the class words; or use 'regional' with masks")
-        encoded = clip.encode_from_tokens_scheduled(clip.tokenize(positive_text))[0][0]
-        given = positive[0][0]
-        if encoded.shape != given.shape or not torch.allclose(encoded.float(), given.float(), atol=1e-3, rtol=1e-3):
-            raise ValueError("'positive_text' encoded with 'clip' does not give the 'positive' "
-                             "conditioning: connect the same text and CLIP that made 'positive'")
-
-    @classmethod
-    def _class_words(cls, clip, positive_text: str, positive, sets) -> list[list[int]]:
-        """Class-word positions per set, after checking that the text is the positive prompt."""
-        cls._check_text(clip, positive_text, positive)
-        return class_word_positions(clip, positive_text, sets)
-
-    @classmethod
-    def _region_texts(cls, clip, positive_text: str, positive, sets) -> list[torch.Tensor]:
-        """Each set's own text features: the positive text without the other sets' concepts."""
-        cls._check_text(clip, positive_text, positive)
-        return region_text_features(clip, positive_text, sets)

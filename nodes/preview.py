@@ -10,7 +10,8 @@ from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.visualize import colorize, overlay, upscale_maps
 from ..concepts.triggers import locate_words_and_triggers
-from .common import check_latent, check_numbers, check_sampled, ksampler_inputs, run_ksampler, split_words
+from ..sampling.ksampler import run_ksampler
+from .common import check_latent, check_numbers, check_sampled, ksampler_inputs, split_words
 from .vocabulary import CATEGORY, NODE_PREFIX
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from ..attention.patching import install_hook, install_regional
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.regional import regions_from_maps
 from ..attention.tokens import find_subsequence, flatten_tokens, phrase_ids
-from ..concepts.apply import apply_concepts
+from ..concepts.apply import apply_concepts, scaled_kv_deltas
 from ..concepts.concept_set import ConceptSet
 from ..concepts.triggers import locate_words_and_triggers
 
@@ -118,7 +118,7 @@ def sample_auto_regional(sample: Sampler, model: Any, sets: Sequence[ConceptSet]
     masks = regions_from_maps(store.word_maps(size=tuple(samples.shape[-2:])), threshold)
     masks = masks[: samples.shape[0]]
     regional = model.clone()
-    install_regional(regional, [{k: strength * d for k, d in s.kv_deltas.items()} for s in sets],
+    install_regional(regional, scaled_kv_deltas(sets, strength),
                      masks if masks.shape[0] > 1 else masks[0], texts)
     if restart:
         second = sample(regional, steps=steps, latent=latent, **sampling)

@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from .ksampler import empty_latent, run_ksampler
+
 
 def captions_for(images: torch.Tensor, captions: str) -> list[tuple[torch.Tensor, str]]:
     """Pair an IMAGE batch with captions: one per line, or a single line for all images."""
@@ -20,16 +22,12 @@ def captions_for(images: torch.Tensor, captions: str) -> list[tuple[torch.Tensor
 def generate_prior_images(model: Any, clip: Any, vae: Any, prompt: str, count: int, size: int,
                           seed: int, steps: int = 25, cfg: float = 6.0) -> list[tuple[torch.Tensor, str]]:
     """Sample ``count`` images of the class prompt with the base model (DreamBooth-style prior)."""
-    import comfy.sample
-
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     pairs = []
     for i in range(count):
-        latent = torch.zeros(1, 4, size // 8, size // 8)
-        noise = comfy.sample.prepare_noise(latent, seed + i)
-        samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative,
-                                      latent, seed=seed + i, disable_pbar=True)
+        samples = run_ksampler(model, seed + i, steps, cfg, "euler", "normal", positive, negative,
+                               empty_latent(size))["samples"]
         image = vae.decode(samples)
         pairs.append((image.reshape(-1, *image.shape[-3:])[0].clamp(0, 1), prompt))
     return pairs

@@ -4,23 +4,21 @@ For a reference scene each object is learned on its own ("Vi shape", trained wit
 concept set per object, as a user would train from different pictures). The combined caption
 "a V1 shape1 and a V2 shape2 on a grey background" is then sampled with fixed seeds
 
-- ``combined``: every set's K/V deltas applied everywhere (Apply Concepts / KSampler with
-  Concepts 'combined');
+- ``combined``: every set's K/V deltas applied everywhere;
 - ``regional_auto``: the regions found from the class words' maps over the first steps, the rest
-  sampled regionally, each region reading the caption without the other concepts' triggers
-  (KSampler with Concepts 'regional_auto' before ``auto_restart`` and whole-phrase region texts);
+  sampled regionally, each region reading the caption without the other concepts' phrases;
 - ``regional_auto_shared``: the same regions, every region reading the whole caption (only the
   K/V deltas are regional; shows what the region texts add);
-- ``regional_auto_restart_triggers``: the automatic regions, then every step sampled again with
-  them in place (``auto_restart``), regions reading the caption without the other triggers;
-- ``regional_auto_restart``: the same, each region reading the caption without the other concepts'
-  whole phrases ("a V2 diamond"): KSampler with Concepts' defaults;
-- ``regional_masks``: the scene's true object masks as regions, reading the caption without the
-  other triggers (an upper bound for the automatic regions),
+- ``regional_auto_restart``: the automatic regions, then every step sampled again with them in
+  place: KSampler with Concepts' defaults;
+- ``regional_masks``: the scene's true object masks as regions ('regional' mode, an upper bound for
+  the automatic regions),
 - ``single``: no composition at all, each concept alone with its own set ("a V1 shape1 on a grey
-  background"): the leakage its learning left in it, the floor no composition can go below,
+  background"): the leakage its learning left in it, the floor no composition can go below.
 
-and read back with evaluation v2 (``evaluate.score_picture``): fidelity of each concept, objects not
+Every mode but ``single`` is one setting of KSampler with Concepts (:data:`COMPOSITIONS`), sampled
+through the product's own function (``sampling.composition.sample_composed``), and read back
+with evaluation v2 (``evaluate.score_picture``): fidelity of each concept, objects not
 drawn, extra objects, and leakage of one concept's colour (and pattern) onto the other next to its
 chance level.
 """
@@ -35,8 +33,8 @@ import torch
 
 from ..concepts.apply import apply_concepts
 from ..concepts.concept_file import load_concepts, save_concepts
-from ..attention.patching import install_regional
-from ..sampling.auto_regions import class_word_positions, region_text_features, sample_auto_regional
+from ..sampling.composition import Composition, sample_composed
+from ..sampling.ksampler import empty_latent
 from ..concepts.concept_set import ConceptSet
 from ..concepts.specs import ConceptSpec
 from ..training.loop import TrainSettings, train_concepts
@@ -47,14 +45,16 @@ from . import report
 from . import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
-SAMPLING_MODES = ("combined", "regional_auto", "regional_auto_shared", "regional_auto_restart_triggers",
-                  "regional_auto_restart", "regional_masks")
+_AUTO = Composition(mode="regional_auto", auto_steps=0.3, region_threshold=0.4)  # the node's defaults
+COMPOSITIONS = {  # each row is KSampler with Concepts with these inputs (the product's own path)
+    "combined": Composition(mode="combined"),
+    "regional_auto": replace(_AUTO, auto_restart=False),
+    "regional_auto_shared": replace(_AUTO, auto_restart=False, region_texts=False),
+    "regional_auto_restart": _AUTO,
+    "regional_masks": Composition(mode="regional"),  # with the scene's true masks
+}
+SAMPLING_MODES = tuple(COMPOSITIONS)
 MODES = (*SAMPLING_MODES, "single")  # the table's rows
-AUTO_MODES = {  # mode: (restart, what region texts drop; None = regions read the whole caption)
-    "regional_auto": (False, "triggers"), "regional_auto_shared": (False, None),
-    "regional_auto_restart_triggers": (True, "triggers"), "regional_auto_restart": (True, "concepts")}
-AUTO_FRACTION = 0.3
-REGION_THRESHOLD = 0.4
 
 
 def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
@@ -87,55 +87,37 @@ def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
     return sets
 
 
-def _sampler(model: Any, steps: int, latent: dict, seed: int, cfg: float, positive: Any, negative: Any,
-             start_step: int | None = None, last_step: int | None = None, disable_noise: bool = False,
-             force_full_denoise: bool = False, **_: Any) -> dict:
-    """KSamplerAdvanced-style call of ComfyUI's sampler (euler, normal schedule)."""
-    import comfy.sample
-
-    samples = latent["samples"]
-    noise = torch.zeros_like(samples) if disable_noise else comfy.sample.prepare_noise(samples, seed)
-    out = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, samples,
-                              start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
-                              disable_noise=disable_noise, seed=seed, disable_pbar=True)
-    return {"samples": out}
-
-
-def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, seed: int,
-                settings: ExperimentSettings, masks: torch.Tensor | None = None) -> np.ndarray:
-    """One image [H, W, 3] in 0..1 of ``prompt`` with the sets composed by ``mode``.
+def sample_latent(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, seed: int,
+                  settings: ExperimentSettings, masks: torch.Tensor | None = None) -> dict:
+    """The LATENT KSampler with Concepts gives for ``prompt`` with the sets composed as ``mode``.
 
     ``masks`` ([R, H, W], one per set) are the regions of 'regional_masks'.
     """
+    if mode not in COMPOSITIONS:
+        raise ValueError(f"unknown composition mode {mode!r}; use one of {SAMPLING_MODES}")
+    how = COMPOSITIONS[mode]
+    if how.mode == "regional":
+        if masks is None:
+            raise ValueError("'regional_masks' needs the scene's object masks")
+        how = replace(how, masks=masks.float())
     clip = bundle.clip
     for concepts in sets:
         _, clip = apply_concepts(None, clip, concepts)
     with torch.inference_mode():
         positive, negative = quality.encode(clip, prompt), quality.encode(clip, "")
-        latent = {"samples": torch.zeros(1, 4, toy.IMAGE_SIZE // 8, toy.IMAGE_SIZE // 8)}
-        args = dict(seed=seed, cfg=settings.cfg, positive=positive, negative=negative)
-        if mode == "combined":
-            model = bundle.model
-            for concepts in sets:
-                model, _ = apply_concepts(model, None, concepts)
-            out = _sampler(model, settings.sample_steps, latent, **args)
-        elif mode in AUTO_MODES:
-            restart, drop = AUTO_MODES[mode]
-            classes = class_word_positions(clip, prompt, sets)
-            texts = region_text_features(clip, prompt, sets, drop) if drop else None
-            out, _ = sample_auto_regional(_sampler, bundle.model, sets, 1.0, classes, settings.sample_steps,
-                                          AUTO_FRACTION, REGION_THRESHOLD, latent, texts=texts,
-                                          restart=restart, **args)
-        elif mode == "regional_masks":
-            if masks is None:
-                raise ValueError("'regional_masks' needs the scene's object masks")
-            model = bundle.model.clone()
-            install_regional(model, [dict(s.kv_deltas) for s in sets], masks.float(),
-                             region_text_features(clip, prompt, sets, "triggers"))
-            out = _sampler(model, settings.sample_steps, latent, **args)
-        else:
-            raise ValueError(f"unknown composition mode {mode!r}; use one of {SAMPLING_MODES}")
-        return bundle.vae.decode(out["samples"])[0].float().cpu().numpy()
+        latent, _ = sample_composed(bundle.model, sets, replace(how, clip=clip, positive_text=prompt),
+                                    seed=seed, steps=settings.sample_steps, cfg=settings.cfg,
+                                    sampler_name="euler", scheduler="normal", positive=positive,
+                                    negative=negative, latent=empty_latent(toy.IMAGE_SIZE))
+    return latent
+
+
+def sample_mode(bundle: Any, sets: list[ConceptSet], prompt: str, mode: str, seed: int,
+                settings: ExperimentSettings, masks: torch.Tensor | None = None) -> np.ndarray:
+    """One image [H, W, 3] in 0..1 of ``prompt`` with the sets composed by ``mode`` (see :func:`sample_latent`)."""
+    latent = sample_latent(bundle, sets, prompt, mode, seed, settings, masks)
+    with torch.inference_mode():
+        return bundle.vae.decode(latent["samples"])[0].float().cpu().numpy()
 
 
 def _readouts(bundle: Any, sets: list[ConceptSet], scene: sw.Scene, mode: str, seed: int,

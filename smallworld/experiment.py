@@ -33,6 +33,7 @@ from ..concepts.concept_set import ConceptSet
 from ..training.data import AugmentSettings
 from ..concepts.specs import ConceptSpec
 from ..training.loop import TrainResult, TrainSettings, train_concepts
+from ..sampling.ksampler import run_ksampler
 from ..sampling.nested_subjects import with_concept_banks
 from ..concepts.triggers import concept_token_groups
 from . import evaluate as ev
@@ -105,8 +106,6 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
 def concept_maps(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
                  settings: ExperimentSettings) -> torch.Tensor:
     """[2n, h, w] maps on the training image: trigger then class word of each concept."""
-    import comfy.sample
-
     model, clip = apply_concepts(bundle.model, bundle.clip, concepts)
     prompt = caption_for(scene)
     with torch.inference_mode():
@@ -120,10 +119,9 @@ def concept_maps(bundle: Any, scene: sw.Scene, concepts: ConceptSet,
         store.set_words(groups)
         install_hook(model, AttentionRecorder(store=store), settings.map_layers)
         pixels = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
-        latent = bundle.vae.encode(pixels)
-        noise = comfy.sample.prepare_noise(latent, settings.seed)
-        comfy.sample.sample(model, noise, settings.iou_steps, 1.0, "euler", "normal", positive, positive,
-                            latent, denoise=settings.iou_denoise, seed=settings.seed, disable_pbar=True)
+        latent = {"samples": bundle.vae.encode(pixels)}
+        run_ksampler(model, settings.seed, settings.iou_steps, 1.0, "euler", "normal", positive, positive,
+                     latent, settings.iou_denoise)
         return store.word_maps()[0].float()
 
 

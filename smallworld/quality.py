@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..sampling.ksampler import empty_latent, run_ksampler
 from . import model as toy
 from . import readout
 from . import scenes as sw
@@ -36,17 +37,13 @@ def encode(clip: Any, text: str) -> list:
 
 def generate(bundle: Any, prompt: str, seeds: Sequence[int], steps: int = 20, cfg: float = 5.0,
              negative: str = "", size: int = toy.IMAGE_SIZE) -> np.ndarray:
-    """Images [len(seeds),H,W,3] in 0..1 from ComfyUI's sampler (euler, normal schedule)."""
-    import comfy.sample
-
+    """Images [len(seeds),H,W,3] in 0..1 from ComfyUI's KSampler path (euler, normal schedule)."""
     images = []
     with torch.inference_mode():
         positive, neg = encode(bundle.clip, prompt), encode(bundle.clip, negative)
         for seed in seeds:
-            latent = torch.zeros(1, 4, size // 8, size // 8)
-            noise = comfy.sample.prepare_noise(latent, seed)
-            out = comfy.sample.sample(bundle.model, noise, steps, cfg, "euler", "normal", positive,
-                                      neg, latent, seed=seed, disable_pbar=True)
+            out = run_ksampler(bundle.model, seed, steps, cfg, "euler", "normal", positive, neg,
+                               empty_latent(size))["samples"]
             images.append(bundle.vae.decode(out)[0].float().cpu().numpy())
     return np.stack(images)
 

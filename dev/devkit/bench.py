@@ -64,6 +64,9 @@ def start_benchmark(args: argparse.Namespace, attention: str | None = None) -> s
     device = start(args.device, attention or getattr(args, "attention", "auto"))
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_enabled(False)  # a progress bar per sampling call would flood the log
     return device
 
 
@@ -132,13 +135,11 @@ def random_conds(seed: int, shape: Sequence[int] = (1, *SD15_CONTEXT)) -> list[l
 def sample(model: Any, positive: Any, negative: Any, latent_size: int, steps: int,
            cfg: float = 7.0, seed: int = 0, sampler: str = "euler",
            scheduler: str = "normal") -> torch.Tensor:
-    """``comfy.sample.sample`` exactly as the stock KSampler runs it (square latent, batch 1)."""
-    import comfy.sample
+    """The stock KSampler's path (the pack's ``run_ksampler``) on a square empty latent, batch 1."""
+    from concept_attention.sampling.ksampler import run_ksampler
 
-    latent = torch.zeros(1, 4, latent_size, latent_size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative,
-                               latent, denoise=1.0, seed=seed, disable_pbar=True)
+    latent = {"samples": torch.zeros(1, 4, latent_size, latent_size)}
+    return run_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)["samples"]
 
 
 # --------------------------------------------------------------------------- timing

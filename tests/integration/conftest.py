@@ -24,14 +24,12 @@ class Conditioned:
 
     def sample(self, model: Any = None, prompt: str = "a photo of a cat and a dog", steps: int = 3,
                cfg: float = 5.0, seed: int = 0, size: int = 32, denoise: float = 1.0) -> torch.Tensor:
-        """Run ``comfy.sample.sample`` exactly as the stock KSampler does."""
-        import comfy.sample
+        """Sample exactly as the stock KSampler does (the pack's one sampling helper)."""
+        from concept_attention.sampling.ksampler import run_ksampler
 
-        latent = torch.zeros(1, 4, size, size)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(model or self.bundle.model, noise, steps, cfg, "euler", "normal",
-                                   self.encode(prompt), self.encode(""), latent, denoise=denoise,
-                                   seed=seed, disable_pbar=True)
+        latent = {"samples": torch.zeros(1, 4, size, size)}
+        return run_ksampler(model or self.bundle.model, seed, steps, cfg, "euler", "normal",
+                            self.encode(prompt), self.encode(""), latent, denoise)["samples"]
 
 
 @pytest.fixture(scope="module")

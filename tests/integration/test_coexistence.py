@@ -150,7 +150,7 @@ def test_issue_table_every_row_correct(request, arch, row):
 def test_preview_node_over_other_packs(request, arch):
     """KSampler with Attention Maps gives the stock KSampler's latent of the model it is given, the
     other packs keep running, and the first layer's maps of the first step are its own."""
-    from concept_attention.nodes.common import run_ksampler
+    from concept_attention.sampling.ksampler import run_ksampler
     from concept_attention.nodes.preview import AttentionMapSampler
 
     tiny = request.getfixturevalue(arch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from concept_attention.nodes.common import run_ksampler
+from concept_attention.sampling.ksampler import run_ksampler
 from concept_attention.nodes.compose import ConceptSampler
 from concept_attention.concepts.apply import apply_concepts
 from support.synthetic_concepts import synthetic_set

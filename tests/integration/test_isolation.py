@@ -92,7 +92,7 @@ class Workflow:
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
     def stock(self, model: Any = None, seed: int = 3) -> torch.Tensor:
-        from concept_attention.nodes.common import run_ksampler
+        from concept_attention.sampling.ksampler import run_ksampler
 
         return run_ksampler(model or self.b.model, seed, 2, 5.0, "euler", "normal",
                             self.encode(self.b.clip, "a photo of a cat and a dog"),
@@ -100,7 +100,7 @@ class Workflow:
 
     def applied(self, concepts: ConceptSet, seed: int = 3) -> torch.Tensor:
         """Apply Concepts -> CLIPTextEncode -> KSampler."""
-        from concept_attention.nodes.common import run_ksampler
+        from concept_attention.sampling.ksampler import run_ksampler
 
         model, clip = apply_concepts(self.b.model, self.b.clip, concepts)
         return run_ksampler(model, seed, 2, 5.0, "euler", "normal", self.encode(clip, PROMPT),
@@ -132,7 +132,7 @@ class Workflow:
         return out.result[2]
 
     def nested(self, bank: torch.Tensor) -> torch.Tensor:
-        from concept_attention.nodes.common import run_ksampler
+        from concept_attention.sampling.ksampler import run_ksampler
 
         model, positive = ApplyNestedAttention.execute(self.b.model, self.b.clip, "a photo of a cat",
                                                        SubjectSpec("cat", bank=bank)).result
