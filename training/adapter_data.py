@@ -89,24 +89,3 @@ def subject_crop(image: np.ndarray, mask: np.ndarray, background: int = 255, mar
     x0, x1 = max(0, xs.min() - margin), min(mask.shape[1], xs.max() + 1 + margin)
     crop = np.where(mask[..., None], image, background).astype(np.uint8)
     return crop[y0:y1, x0:x1]
-
-
-def write_smallworld_dataset(folder: str | os.PathLike[str], count: int, seed: int = 0, size: int = 64) -> Path:
-    """A toy-world dataset: random scenes as targets, their first object cropped by its mask as reference."""
-    from PIL import Image
-
-    from ..smallworld.scenes import random_scene
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        scene = random_scene(np.random.default_rng([seed, i]), size=size)
-        subject = scene.objects[0].shape
-        Image.fromarray(scene.image).save(folder / f"{i:05d}.png")
-        Image.fromarray(subject_crop(scene.image, scene.masks[0])).save(folder / f"{i:05d}_crop.png")
-        lines.append(json.dumps({"image": f"{i:05d}.png", "caption": scene.caption, "subject": subject,
-                                 "crop": f"{i:05d}_crop.png"}))
-    (folder / CAPTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log.info("wrote %d toy-world training pairs to %s", count, folder)
-    return folder

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from concept_attention.training.adapter_data import read_dataset, write_smallworld_dataset
+from concept_attention.smallworld.adapter_dataset import write_smallworld_dataset
+from concept_attention.training.adapter_data import read_dataset
 from concept_attention.training.adapter_train import AdapterTrainer
 from concept_attention.sampling.nested_adapter import load_adapter
 from support.adapter_training import DDP_SETTINGS, ddp_worker, tiny_frozen, tiny_settings, weights_and_grads
