@@ -12,7 +12,6 @@ it the encoder sees the whole image, which teaches copy-paste (spec §2: use cro
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
 
 CAPTIONS_FILE = "captions.jsonl"
 
