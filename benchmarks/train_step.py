@@ -58,7 +58,8 @@ def prepared_trainer(model: Any, clip: Any, vae: Any, calibrated: bool, resoluti
     """A ConceptTrainer set up up to its first step (parameters, hooks, loaded models, pool)."""
     from concept_attention.attention.calibration import CalibrationSettings
     from concept_attention.concepts.specs import ConceptSpec
-    from concept_attention.training.loop import ConceptTrainer, TrainSettings
+    from concept_attention.training.loop import ConceptTrainer
+    from concept_attention.training.settings import TrainSettings
 
     settings = TrainSettings(steps=1, micro_batch=1, grad_accumulation=1, resolution=resolution,
                              pool_size=2, calibration=CalibrationSettings(

@@ -39,7 +39,8 @@ from ..attention.patching import install_regional
 from ..sampling.auto_regions import class_word_positions, region_text_features, sample_auto_regional
 from ..concepts.concept_set import ConceptSet
 from ..concepts.specs import ConceptSpec
-from ..training.loop import TrainSettings, train_concepts
+from ..training.loop import train_concepts
+from ..training.settings import TrainSettings
 from . import evaluate as ev
 from . import model as toy
 from . import quality

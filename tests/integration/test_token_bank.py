@@ -16,8 +16,9 @@ from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFr
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_file import load_concepts, save_concepts
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import (BANK_INIT_NOISE, ConceptTrainer, TrainSettings,
+from concept_attention.training.loop import (BANK_INIT_NOISE, ConceptTrainer,
                                              clip_layers_out_of_place, train_concepts)
+from concept_attention.training.settings import TrainSettings
 
 SIZE = 64
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]

@@ -23,11 +23,11 @@ import torch
 from concept_attention.attention.calibration import CalibrationSettings
 from concept_attention.attention.chain import AttentionHook
 from concept_attention.attention.patching import install_hook, model_layers, resolve_layers
-from concept_attention.training import loop
 from concept_attention.concepts.concept_set import ENCODER_KEYS
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import (ConceptTrainer, DetachStartToken, TrainSettings,
+from concept_attention.training.loop import (ConceptTrainer, DetachStartToken,
                                              clip_layers_out_of_place, train_concepts)
+from concept_attention.training.settings import TrainResult, TrainSettings
 from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
 from support import tiny_models
 
@@ -120,7 +120,7 @@ def _init_vectors(clip: Any) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _vectors(result: loop.TrainResult) -> dict[str, dict[str, torch.Tensor]]:
+def _vectors(result: TrainResult) -> dict[str, dict[str, torch.Tensor]]:
     return {c.trigger: c.embeddings for c in result.concepts.concepts}
 
 
@@ -156,11 +156,11 @@ def _eval_loss(bundle: tiny_models.TinyBundle, deltas: dict[str, torch.Tensor] |
     return float(((eps - noise) ** 2).mean())
 
 
-def _train(bundle: tiny_models.TinyBundle, settings: TrainSettings, **kwargs: Any) -> loop.TrainResult:
+def _train(bundle: tiny_models.TinyBundle, settings: TrainSettings, **kwargs: Any) -> TrainResult:
     return train_concepts(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, settings, **kwargs)
 
 
-def _state(result: loop.TrainResult) -> dict[str, torch.Tensor]:
+def _state(result: TrainResult) -> dict[str, torch.Tensor]:
     """Every trained tensor of a result, flat."""
     state = {f"kv:{k}": v for k, v in result.concepts.kv_deltas.items()}
     for concept in result.concepts.concepts:
@@ -180,7 +180,7 @@ class Run:
 
     bundle: tiny_models.TinyBundle
     settings: TrainSettings
-    result: loop.TrainResult
+    result: TrainResult
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
 
@@ -648,7 +648,7 @@ def test_interrupt_propagates_after_checkpoint(bundles):
     assert concepts.metadata["steps_done"] == 2
     assert concepts.metadata["stopped"] == "interrupted"
     assert concepts.triggers == ["V1", "V2"]
-    _assert_states_equal(_state(loop.TrainResult(concepts, [], None, "interrupted")), _state(reference))
+    _assert_states_equal(_state(TrainResult(concepts, [], None, "interrupted")), _state(reference))
 
 
 def test_gradient_checkpointing_gives_the_same_training(bundles):
