@@ -30,6 +30,7 @@ from concept_attention.training.loop import (ConceptTrainer, DetachStartToken,
 from concept_attention.training.settings import TrainResult, TrainSettings
 from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
 from support import tiny_models
+from support.chains import chain_at
 
 SIZE = 128
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]
