@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     device = _common.setup_comfy(args.device)
     import comfy.model_management as mm
 
-    from concept_attention.training.loop import clip_layers_out_of_place
+    from concept_attention.training.text_encoder import clip_layers_out_of_place
 
     rounds = args.rounds or (3 if args.full_size else 8)
     model, clip, vae = build_models(args.full_size, args.arch)

@@ -34,6 +34,7 @@ from .data import MASK_WHITE, TrainingSample, augment, default_caption, prepare_
 from ..concepts.specs import ConceptSpec, check_specs
 from ..concepts.triggers import TriggerTokenizer, concept_token_groups, known_words, trigger_positions
 from .settings import TrainResult, TrainSettings
+from .text_encoder import clip_layers_out_of_place, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +69,6 @@ class _KVDelta:
 
 def _identity(weight: torch.Tensor) -> torch.Tensor:
     return weight
-
-
-def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
-    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
-    return x + self.mlp(self.layer_norm2(x))
-
-
-@contextlib.contextmanager
-def clip_layers_out_of_place(clip_model: torch.nn.Module):
-    """ComfyUI's CLIPLayer adds in place, which breaks gradients to input embeddings."""
-    layers = [m for m in clip_model.modules() if type(m).__name__ == "CLIPLayer"]
-    for layer in layers:
-        layer.forward = types.MethodType(_out_of_place_clip_layer, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 def _autograd_safe(patcher: Any, module: torch.nn.Module, prefix: str, skip: set[str]) -> None:
@@ -218,7 +201,7 @@ class ConceptTrainer:
         if self.settings.token_bank <= 0:
             return
         with torch.no_grad():
-            cond, _, token_lists = self._encode_prompts([self.caption])
+            cond, _, token_lists = encode_prompts(self.clip, [self.caption])
             features = cond[0].detach().float().cpu()
             rows = self._trigger_rows(token_lists[0])
         generator = torch.Generator().manual_seed(self.settings.seed + 7919)
@@ -297,17 +280,6 @@ class ConceptTrainer:
         return pool
 
     # ----- one forward ----------------------------------------------------------------------
-    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list]:
-        conds, pooled, token_lists = [], [], []
-        for prompt in prompts:
-            tokens = self.clip.tokenize(prompt)
-            cond, pool = self.clip.cond_stage_model.encode_token_weights(tokens)[:2]
-            conds.append(cond)
-            pooled.append(pool)
-            token_lists.append(tokens)
-        pooled_out = torch.cat(pooled) if all(p is not None for p in pooled) else None
-        return torch.cat(conds), pooled_out, token_lists
-
     def _token_groups(self, tokens: dict) -> list[list[int]]:
         """Positions of each concept's trigger, then its class phrase, in one prompt."""
         pairs = [(spec.trigger, spec.class_phrase, vectors[next(iter(vectors))])
@@ -328,7 +300,7 @@ class ConceptTrainer:
         base = self.model.model
         device = next(base.diffusion_model.parameters()).device
         x0 = torch.cat([latent for _, latent in batch]).to(device)
-        cond, pooled, token_lists = self._encode_prompts([sample.prompt for sample, _ in batch])
+        cond, pooled, token_lists = encode_prompts(self.clip, [sample.prompt for sample, _ in batch])
         sigmas_table = base.model_sampling.sigmas
         t = torch.randint(0, len(sigmas_table), (x0.shape[0],), generator=self.generator)
         sigma = sigmas_table[t].to(device)

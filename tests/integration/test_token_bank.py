@@ -16,9 +16,9 @@ from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFr
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_file import load_concepts, save_concepts
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import (BANK_INIT_NOISE, ConceptTrainer,
-                                             clip_layers_out_of_place, train_concepts)
+from concept_attention.training.loop import BANK_INIT_NOISE, ConceptTrainer, train_concepts
 from concept_attention.training.settings import TrainSettings
+from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
 
 SIZE = 64
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]
@@ -88,7 +88,7 @@ def test_no_bank_by_default_and_bank_settings_then_ignored(sd15):
 def test_banks_start_at_the_trigger_features_with_distinct_tokens(sd15):
     with torch.inference_mode(False), torch.enable_grad():
         trainer, _ = _prepared(sd15.bundle, _settings())
-        cond, _, tokens = trainer._encode_prompts([CAPTION])
+        cond, _, tokens = encode_prompts(trainer.clip, [CAPTION])
     assert trainer._trigger_rows(tokens[0]) == TRIGGER_ROWS
     features = cond[0].detach()
     width = features.shape[-1]

@@ -25,9 +25,9 @@ from concept_attention.attention.chain import AttentionHook
 from concept_attention.attention.patching import install_hook, model_layers, resolve_layers
 from concept_attention.concepts.concept_set import ENCODER_KEYS
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import (ConceptTrainer, DetachStartToken,
-                                             clip_layers_out_of_place, train_concepts)
+from concept_attention.training.loop import ConceptTrainer, DetachStartToken, train_concepts
 from concept_attention.training.settings import TrainResult, TrainSettings
+from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
 from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
 from support import tiny_models
 from support.chains import chain_at
@@ -446,7 +446,7 @@ def _reconstruction_grads(bundle, detach: bool, extra_hook: AttentionHook | None
         assert any(isinstance(h, DetachStartToken) for h in chain.hooks) == detach
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             loss = trainer._loss([pool[0]], with_maps=False)["reconstruction"]
-            context = trainer._encode_prompts([pool[0][0].prompt])[0][0].detach()
+            context = encode_prompts(trainer.clip, [pool[0][0].prompt])[0][0].detach()
             inputs = {f"kv:{k}": d for k, d in trainer.kv_deltas.items()}
             inputs.update(probe_k=probe.probe_k, probe_v=probe.probe_v)
             grads = _grads(loss, inputs)
