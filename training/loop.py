@@ -18,66 +18,23 @@ import math
 import random
 import re
 import types
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ..attention.calibration import calibration_terms, prepare_maps, soft_iou
-from ..attention.chain import AttentionHook
-from ..attention.nested_hook import NestedSource
-from ..attention.patching import install_hook, install_nested, model_layers
+from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
 from ..attention.tokens import phrase_ids
-from ..concepts.concept_set import ENCODER_KEYS, Concept, ConceptSet, FORMAT_VERSION, architecture_fingerprint
-from .data import MASK_WHITE, TrainingSample, augment, default_caption, prepare_image, prepare_masks
+from ..concepts.concept_set import FORMAT_VERSION, ConceptSet
 from ..concepts.specs import ConceptSpec, check_specs
-from ..concepts.triggers import TriggerTokenizer, concept_token_groups, known_words, trigger_positions
+from ..concepts.triggers import known_words
+from .data import MASK_WHITE, TrainingSample, augment, default_caption, prepare_image, prepare_masks
+from .parameters import ConceptParameters
 from .settings import TrainResult, TrainSettings
 from .text_encoder import clip_layers_out_of_place, encode_prompts
 
 log = logging.getLogger(__name__)
-
-# A token bank starts at the trigger's text features plus this much seeded noise (relative to
-# the features' standard deviation), so its tokens differ but nested attention starts near stock.
-BANK_INIT_NOISE = 0.01
-# Rare CLIP vocabulary rows DisenDiff (after Custom Diffusion) copies new tokens from: ktn, pll, ucd.
-RARE_TOKEN_ROWS = (42170, 47629, 43514)
-
-
-@dataclass(frozen=True, eq=False)
-class DetachStartToken(AttentionHook):
-    """Custom Diffusion's trick: no gradient through the start token's key and value."""
-
-    chunk: int = 77
-
-    def apply(self, q, k, v, ctx, proceed):
-        keep = torch.ones(k.shape[1], 1, dtype=k.dtype, device=k.device)
-        keep[:: self.chunk] = 0
-        return proceed(q, k * keep + (k * (1 - keep)).detach(), v * keep + (v * (1 - keep)).detach())
-
-
-class _KVDelta:
-    """Weight wrapper adding a trainable delta to a frozen weight."""
-
-    def __init__(self, delta: torch.Tensor):
-        self.delta = delta
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta.to(weight)
-
-
-def _identity(weight: torch.Tensor) -> torch.Tensor:
-    return weight
-
-
-def _autograd_safe(patcher: Any, module: torch.nn.Module, prefix: str, skip: set[str]) -> None:
-    """Weights made under inference_mode cannot be saved for backward; have them copied per use."""
-    for name, param in module.named_parameters():
-        key = prefix + name
-        if param.is_inference() and key not in skip:
-            patcher.add_weight_wrapper(key, _identity)
-
 
 def image_hash(picture: torch.Tensor) -> str:
     """Short content hash of the training picture, kept in the concept file."""
@@ -104,10 +61,7 @@ class ConceptTrainer:
                       for number, (pixels, caption) in enumerate(prior or [], 1)]
         self.rng = random.Random(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
-        self.kv_deltas: dict[str, torch.Tensor] = {}
-        self.embeddings: list[dict[str, torch.Tensor]] = []
-        self.banks: list[torch.Tensor] = []  # nested-attention token bank per concept (token_bank > 0)
-        self.bank_index = torch.full((len(specs), settings.micro_batch), -1, dtype=torch.long)
+        self.parameters: ConceptParameters | None = None  # made by install()
         self.store = MapStore()
         self.history: list[dict[str, float]] = []
         self.last_maps: torch.Tensor | None = None  # maps of the last step with a finite loss
@@ -161,91 +115,20 @@ class ConceptTrainer:
                     ids.add(value)
         return ids
 
-    def _init_parameters(self) -> None:
-        encoders = {key: getattr(self.clip.cond_stage_model, key) for key in ENCODER_KEYS
-                    if getattr(self.clip.cond_stage_model, key, None) is not None}
-        for i, spec in enumerate(self.specs):
-            vectors = {}
-            for key, encoder in encoders.items():
-                table = encoder.transformer.get_input_embeddings().weight
-                from_last = len(self.specs) - 1 - i  # the last concept gets the first rare row
-                if self.settings.init == "rare" and from_last < len(RARE_TOKEN_ROWS):
-                    rows = [RARE_TOKEN_ROWS[from_last]]
-                else:
-                    rows = phrase_ids(self.clip, spec.class_phrase)[:1]
-                vector = table[rows].detach().clone().float()
-                vectors[key] = torch.nn.Parameter(vector, requires_grad=self.settings.train_embeddings)
-            self.embeddings.append(vectors)
-        for layer in model_layers(self.model):
-            for key in layer.weight_keys:
-                shape = self.model.model.state_dict()[key].shape
-                self.kv_deltas[key] = torch.nn.Parameter(torch.zeros(shape),
-                                                         requires_grad=self.settings.train_kv)
-
-    def _install(self) -> None:
-        for key, delta in self.kv_deltas.items():
-            self.model.add_weight_wrapper(key, _KVDelta(delta))
-        _autograd_safe(self.model, self.model.model.diffusion_model, "diffusion_model.",
-                       set(self.kv_deltas))
-        _autograd_safe(self.clip.patcher, self.clip.cond_stage_model, "", set())
-        self.clip.tokenizer = TriggerTokenizer(self.clip.tokenizer, {
-            spec.trigger: vectors for spec, vectors in zip(self.specs, self.embeddings)})
-        if self.settings.detach_start_token:
-            install_hook(self.model, DetachStartToken(), "all")
+    def install(self) -> None:
+        """Create what is learned and put it, with the loss's attention recorder, on the clones."""
+        self.parameters = ConceptParameters.initial(self.model, self.clip, self.specs, self.settings)
+        self.parameters.install(self.model, self.clip, self.settings)
         if self.uses_maps:
             install_hook(self.model, AttentionRecorder(store=self.store, keep_grad=True, rows="all"),
                          self.settings.map_layers)
 
-    def _init_banks(self) -> None:
-        """Token banks from the trigger's text features in the caption, plus seeded noise."""
-        if self.settings.token_bank <= 0:
-            return
-        with torch.no_grad():
-            cond, _, token_lists = encode_prompts(self.clip, [self.caption])
-            features = cond[0].detach().float().cpu()
-            rows = self._trigger_rows(token_lists[0])
-        generator = torch.Generator().manual_seed(self.settings.seed + 7919)
-        for spec, row in zip(self.specs, rows):
-            start = features[row]
-            noise = torch.randn(self.settings.token_bank, start.shape[-1], generator=generator)
-            bank = start[None] + BANK_INIT_NOISE * float(features.std()) * noise
-            self.banks.append(torch.nn.Parameter(bank))
-        log.info("token banks of %d tokens x %d for %s", self.settings.token_bank, features.shape[-1],
-                 ", ".join(s.trigger for s in self.specs))
+    def load_models(self) -> None:
+        """Load the patched UNet (weight wrappers and all) and the CLIP where they will run."""
+        import comfy.model_management as mm
 
-    def _install_banks(self) -> None:
-        """Nested attention on every layer, each trigger's token reading its bank."""
-        if not self.banks:
-            return
-        sources = [NestedSource(name=spec.trigger, bank=bank, index=index)
-                   for spec, bank, index in zip(self.specs, self.banks, self.bank_index)]
-        install_nested(self.model, sources, "all")
-
-    def _trigger_rows(self, tokens: dict) -> list[int]:
-        """Position of each concept's trigger (its last token) in one prompt, -1 if absent."""
-        rows = []
-        for vectors in self.embeddings:
-            found = trigger_positions(tokens, vectors[next(iter(vectors))])
-            rows.append(found[-1] if found else -1)
-        return rows
-
-    def _parameters(self) -> list[torch.Tensor]:
-        params = [d for d in self.kv_deltas.values() if d.requires_grad]
-        params += [v for vectors in self.embeddings for v in vectors.values() if v.requires_grad]
-        params += self.banks
-        if not params:
-            raise ValueError("nothing to train: both K/V deltas and embeddings are switched off")
-        return params
-
-    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """AdamW; the token banks (if any) in a group of their own with their learning rate."""
-        banks = {id(b) for b in self.banks}
-        rest = [p for p in params if id(p) not in banks]
-        if not banks:
-            return torch.optim.AdamW(rest, lr=self.settings.learning_rate)
-        return torch.optim.AdamW([{"params": rest},
-                                  {"params": list(self.banks), "lr": self.settings.bank_learning_rate}],
-                                 lr=self.settings.learning_rate)
+        mm.load_models_gpu([self.model], force_full_load=True)
+        self.clip.load_model()
 
     # ----- data -----------------------------------------------------------------------------
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -280,12 +163,6 @@ class ConceptTrainer:
         return pool
 
     # ----- one forward ----------------------------------------------------------------------
-    def _token_groups(self, tokens: dict) -> list[list[int]]:
-        """Positions of each concept's trigger, then its class phrase, in one prompt."""
-        pairs = [(spec.trigger, spec.class_phrase, vectors[next(iter(vectors))])
-                 for spec, vectors in zip(self.specs, self.embeddings)]
-        return concept_token_groups(self.clip, tokens, pairs)
-
     def _extra_conds(self, pooled: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor]:
         base = self.model.model
         if getattr(base, "adm_channels", 0) == 0:
@@ -306,14 +183,9 @@ class ConceptTrainer:
         sigma = sigmas_table[t].to(device)
         noise = torch.randn(x0.shape, generator=self.generator).to(device)
         xt = base.model_sampling.noise_scaling(sigma, noise, x0)
-        if self.banks:
-            rows = torch.tensor([self._trigger_rows(tokens) for tokens in token_lists]).T  # [C, B]
-            if rows.shape != self.bank_index.shape:
-                raise RuntimeError(f"token banks expect batches of {self.bank_index.shape[1]}, "
-                                   f"got {rows.shape[1]}")
-            self.bank_index.copy_(rows)  # the nested sources hold views of it
+        self.parameters.point_banks_at(token_lists)
         if with_maps:
-            self.store.set_words([self._token_groups(tokens) for tokens in token_lists])
+            self.store.set_words([self.parameters.token_groups(self.clip, tokens) for tokens in token_lists])
         self.store.clear()
         options = dict(self.model.model_options["transformer_options"])
         with self._autocast(device):
@@ -356,18 +228,12 @@ class ConceptTrainer:
 
     # ----- run ------------------------------------------------------------------------------
     def prepare(self) -> tuple[list, list, list[torch.Tensor], torch.optim.Optimizer]:
-        """Everything before the first step: parameters, hooks, loaded models, data, optimizer."""
-        import comfy.model_management as mm
-
-        self._init_parameters()
-        self._install()
-        mm.load_models_gpu([self.model], force_full_load=True)
-        self.clip.load_model()
-        self._init_banks()
-        self._install_banks()
+        """Everything before the first step: parameters, hooks, loaded models, banks, data, optimizer."""
+        self.install()
+        self.load_models()
+        self.parameters.add_banks(self.model, self.clip, self.caption, self.settings)
         target_pool, prior_pool = self._build_pool(), self._prior_pool()
-        params = self._parameters()
-        return target_pool, prior_pool, params, self._optimizer(params)
+        return target_pool, prior_pool, self.parameters.trainable(), self.parameters.optimizer(self.settings)
 
     def run(self, progress: Callable[[int, int, dict[str, float], torch.Tensor | None], None] | None = None,
             on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
@@ -433,10 +299,6 @@ class ConceptTrainer:
 
     def result(self, stopped: str) -> TrainResult:
         """The current state as a ConceptSet (detached copies)."""
-        banks = [b.detach().clone() for b in self.banks] or [None] * len(self.specs)
-        concepts = [Concept(spec.trigger, spec.class_phrase,
-                            {k: v.detach().clone() for k, v in vectors.items()}, bank)
-                    for spec, vectors, bank in zip(self.specs, self.embeddings, banks)]
         metadata = {
             "format_version": FORMAT_VERSION,
             "method": "disendiff",
@@ -448,9 +310,8 @@ class ConceptTrainer:
             "stopped": stopped,
             "final_loss": self.history[-1]["loss"] if self.history else math.nan,
         }
-        concept_set = ConceptSet(concepts, {k: d.detach().clone() for k, d in self.kv_deltas.items()},
-                                 architecture_fingerprint(self.model, self.clip), metadata)
-        return TrainResult(concept_set, list(self.history), self.last_maps, stopped)
+        concepts = self.parameters.concept_set(self.model, self.clip, metadata)
+        return TrainResult(concepts, list(self.history), self.last_maps, stopped)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ from concept_attention.attention.chain import AttentionHook
 from concept_attention.attention.patching import install_hook, model_layers, resolve_layers
 from concept_attention.concepts.concept_set import ENCODER_KEYS
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import ConceptTrainer, DetachStartToken, train_concepts
+from concept_attention.training.loop import ConceptTrainer, train_concepts
+from concept_attention.training.parameters import DetachStartToken
 from concept_attention.training.settings import TrainResult, TrainSettings
 from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
 from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
@@ -300,12 +301,12 @@ def test_embeddings_start_from_rare_rows(bundles):
     bundle = _bundle(bundles, "sd15")
     with torch.inference_mode(False), torch.enable_grad():
         trainer = ConceptTrainer(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, _settings())
-        trainer._init_parameters()
+        trainer.install()
     init = _init_vectors(bundle.clip)
-    for spec, vectors in zip(SPECS, trainer.embeddings):
+    for spec, vectors in zip(SPECS, trainer.parameters.embeddings):
         assert torch.equal(vectors["clip_l"].detach(), init[spec.trigger]["clip_l"]), spec.trigger
         assert vectors["clip_l"].requires_grad
-    assert all(not torch.count_nonzero(d) and d.requires_grad for d in trainer.kv_deltas.values())
+    assert all(not torch.count_nonzero(d) and d.requires_grad for d in trainer.parameters.kv_deltas.values())
 
 
 @pytest.mark.parametrize("train_kv, train_embeddings", [(True, False), (False, True)])
@@ -328,15 +329,11 @@ def test_nothing_to_train_is_refused(bundles):
 # ----- 3. gradient placement ------------------------------------------------------------------
 def _set_up(bundle: tiny_models.TinyBundle, settings: TrainSettings, outer_hooks: tuple = ()):
     """A trainer built the way ``run`` builds it; ``outer_hooks`` sit before the trainer's own."""
-    import comfy.model_management as mm
-
     trainer = ConceptTrainer(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, settings)
     for hook in outer_hooks:
         install_hook(trainer.model, hook, "all")
-    trainer._init_parameters()
-    trainer._install()
-    mm.load_models_gpu([trainer.model], force_full_load=True)
-    trainer.clip.load_model()
+    trainer.install()
+    trainer.load_models()
     return trainer, trainer._build_pool()
 
 
@@ -367,12 +364,12 @@ def map_losses(bundles):
         trainer, pool = _set_up(bundle, settings)
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             tokens = trainer.clip.tokenize(pool[0][0].prompt)
-            groups = trainer._token_groups(tokens)
+            groups = trainer.parameters.token_groups(trainer.clip, tokens)
             losses = trainer._loss([pool[0]], with_maps=True)
             maps = trainer.store.layer_maps()
             inputs = {f"map{i}": m for i, m in enumerate(maps)}
-            inputs.update({f"kv:{k}": d for k, d in trainer.kv_deltas.items()})
-            inputs.update({f"emb:{s.trigger}": v["clip_l"] for s, v in zip(SPECS, trainer.embeddings)})
+            inputs.update({f"kv:{k}": d for k, d in trainer.parameters.kv_deltas.items()})
+            inputs.update({f"emb:{s.trigger}": v["clip_l"] for s, v in zip(SPECS, trainer.parameters.embeddings)})
             grads = {name: _grads(losses[name], inputs) for name in ("bind", "separation")}
     return dict(trainer=trainer, pool=pool, groups=groups, losses=losses, maps=maps, grads=grads)
 
@@ -407,7 +404,7 @@ def test_map_loss_gradient_reaches_exactly_the_upstream_parameters(map_losses, t
     trainer, grads = map_losses["trainer"], map_losses["grads"][term]
     unreachable = _unreachable_by_maps(trainer.model, trainer.settings.map_layers)
     assert len(unreachable) == 13  # output blocks 6..11 (K and V) and output block 5's V
-    for key in trainer.kv_deltas:
+    for key in trainer.parameters.kv_deltas:
         nonzero = bool(torch.count_nonzero(grads[f"kv:{key}"]))
         assert nonzero == (key not in unreachable), (term, key)
     for spec in SPECS:
@@ -447,7 +444,7 @@ def _reconstruction_grads(bundle, detach: bool, extra_hook: AttentionHook | None
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             loss = trainer._loss([pool[0]], with_maps=False)["reconstruction"]
             context = encode_prompts(trainer.clip, [pool[0][0].prompt])[0][0].detach()
-            inputs = {f"kv:{k}": d for k, d in trainer.kv_deltas.items()}
+            inputs = {f"kv:{k}": d for k, d in trainer.parameters.kv_deltas.items()}
             inputs.update(probe_k=probe.probe_k, probe_v=probe.probe_v)
             grads = _grads(loss, inputs)
     return float(loss.detach()), grads, context
@@ -607,7 +604,7 @@ def test_non_finite_step_keeps_last_good_state(bundles, monkeypatch, where):
             if where == "loss":
                 losses["reconstruction"] = losses["reconstruction"] * float("nan")
             else:  # finite value, NaN gradient: d sqrt(u)/du = inf at u = 0, times du/dx = 0
-                delta = next(iter(self.kv_deltas.values()))
+                delta = next(iter(self.parameters.kv_deltas.values()))
                 losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(delta.sum() * 0)
         return losses
 
