@@ -16,7 +16,6 @@ import hashlib
 import logging
 import math
 import random
-import re
 import types
 from typing import Any, Callable
 
@@ -25,12 +24,12 @@ import torch
 from ..attention.calibration import calibration_terms, prepare_maps, soft_iou
 from ..attention.patching import install_hook
 from ..attention.recorder import AttentionRecorder, MapStore
-from ..attention.tokens import phrase_ids
 from ..concepts.concept_set import FORMAT_VERSION, ConceptSet
 from ..concepts.specs import ConceptSpec, check_specs
 from ..concepts.triggers import known_words
-from .data import MASK_WHITE, TrainingSample, augment, default_caption, prepare_image, prepare_masks
+from .data import TrainingSample, check_caption, default_caption, prepare_image, prepare_masks
 from .parameters import ConceptParameters
+from .pools import Pool, draw_micro_batch, prior_pool, view_pool
 from .settings import TrainResult, TrainSettings
 from .text_encoder import clip_layers_out_of_place, encode_prompts
 
@@ -66,7 +65,7 @@ class ConceptTrainer:
         self.history: list[dict[str, float]] = []
         self.last_maps: torch.Tensor | None = None  # maps of the last step with a finite loss
         self._step_maps: torch.Tensor | None = None
-        self._check_caption()
+        check_caption(self.clip, self.caption, specs)
         for word in known_words(self.clip, [spec.trigger for spec in specs]):
             log.warning("trigger %r is a word this CLIP already knows (one token of its vocabulary): "
                         "training starts from what it means and changes it in every prompt with this "
@@ -81,40 +80,6 @@ class ConceptTrainer:
         return calibrated or supervised
 
     # ----- set-up -------------------------------------------------------------------------
-    def _check_caption(self) -> None:
-        special = self._special_token_ids()
-        for spec in self.specs:
-            # Whole words only: "V1 cats" contains the text "V1 cat" but not the token "cat".
-            pair = re.escape(f"{spec.trigger} {spec.class_phrase}")
-            if not re.search(rf"(?<!\w){pair}(?!\w)", self.caption):
-                raise ValueError(f"the caption {self.caption!r} must contain "
-                                 f"'{spec.trigger} {spec.class_phrase}' (trigger right before its class)")
-            uses = len(re.findall(rf"(?<![\w:]){re.escape(spec.trigger)}(?!\w)", self.caption))
-            if uses > 1:
-                raise ValueError(f"the caption {self.caption!r} uses the trigger {spec.trigger!r} "
-                                 f"{uses} times: write it once, right before its class word")
-            ids = phrase_ids(self.clip, spec.class_phrase)
-            if not ids or special & set(ids):
-                raise ValueError(f"the class phrase {spec.class_phrase!r} of {spec.trigger!r} gives "
-                                 "no ordinary tokens for this CLIP: use a plain word such as 'cat'")
-        windows = max(len(chunks) for chunks in self.clip.tokenize(self.caption).values())
-        if windows > 1:
-            raise ValueError(f"the caption {self.caption!r} is longer than CLIP's 75-token window "
-                             f"({len(self.specs)} concepts): a trigger and its class in different "
-                             "windows cannot be bound. Train fewer concepts per run (or use shorter "
-                             "class phrases / caption) and combine the sets with Merge Concepts")
-
-    def _special_token_ids(self) -> set[int]:
-        """Start, end and padding token ids of the CLIP's tokenizers (never a class word)."""
-        ids: set[int] = set()
-        for name in ("clip_l", "clip_g"):
-            sub = getattr(self.clip.tokenizer, name, None)
-            for attr in ("start_token", "end_token"):
-                value = getattr(sub, attr, None)
-                if isinstance(value, int):
-                    ids.add(value)
-        return ids
-
     def install(self) -> None:
         """Create what is learned and put it, with the loss's attention recorder, on the clones."""
         self.parameters = ConceptParameters.initial(self.model, self.clip, self.specs, self.settings)
@@ -130,37 +95,10 @@ class ConceptTrainer:
         mm.load_models_gpu([self.model], force_full_load=True)
         self.clip.load_model()
 
-    # ----- data -----------------------------------------------------------------------------
-    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            latent = self.vae.encode(pixels[None])
-        if not torch.isfinite(latent).all():
-            raise ValueError("the VAE turned the training picture into non-finite latents: check "
-                             "that the VAE matches the model and try fp32")
-        return self.model.model.process_latent_in(latent.float()).detach().clone()
-
-    def _build_pool(self) -> list[tuple[TrainingSample, torch.Tensor]]:
-        size = self.settings.resolution
-        count = max(1, min(self.settings.pool_size,
-                           self.settings.steps * self.settings.grad_accumulation * self.settings.micro_batch))
-        pool = []
-        for _ in range(count):
-            sample = augment(self.picture, self.masks, self.caption, size, self.rng,
-                             enabled=self.settings.augment, flip=self.settings.flip,
-                             settings=self.settings.augmentation)
-            if sample.concept_masks is not None and self.settings.mask_reconstruction:
-                union = sample.concept_masks.amax(0)[None, None]
-                region = torch.nn.functional.adaptive_max_pool2d(union, size // 8)[0, 0]
-                sample.loss_mask = sample.loss_mask * (region > MASK_WHITE).float()
-            pool.append((sample, self._encode_pixels(sample.pixels)))
-        return pool
-
-    def _prior_pool(self) -> list[tuple[TrainingSample, torch.Tensor]]:
-        size, pool = self.settings.resolution, []
-        for pixels, caption in self.prior:
-            sample = augment(pixels, None, caption, size, self.rng, enabled=False, flip=self.settings.flip)
-            pool.append((sample, self._encode_pixels(sample.pixels)))
-        return pool
+    def pools(self) -> tuple[Pool, Pool]:
+        """The augmented views of the picture and the prior images, each encoded once."""
+        views = view_pool(self.picture, self.masks, self.caption, self.settings, self.rng, self.vae, self.model)
+        return views, prior_pool(self.prior, self.settings, self.rng, self.vae, self.model)
 
     # ----- one forward ----------------------------------------------------------------------
     def _extra_conds(self, pooled: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor]:
@@ -232,7 +170,7 @@ class ConceptTrainer:
         self.install()
         self.load_models()
         self.parameters.add_banks(self.model, self.clip, self.caption, self.settings)
-        target_pool, prior_pool = self._build_pool(), self._prior_pool()
+        target_pool, prior_pool = self.pools()
         return target_pool, prior_pool, self.parameters.trainable(), self.parameters.optimizer(self.settings)
 
     def run(self, progress: Callable[[int, int, dict[str, float], torch.Tensor | None], None] | None = None,
@@ -277,10 +215,8 @@ class ConceptTrainer:
         totals: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         for _ in range(accumulation):
-            use_prior = bool(prior_pool) and self.rng.random() < 0.5
-            pool = prior_pool if use_prior else target_pool
-            batch = [pool[self.rng.randrange(len(pool))] for _ in range(self.settings.micro_batch)]
-            losses = self._loss(batch, with_maps=self.uses_maps and not use_prior)
+            batch, from_prior = draw_micro_batch(target_pool, prior_pool, self.settings.micro_batch, self.rng)
+            losses = self._loss(batch, with_maps=self.uses_maps and not from_prior)
             loss = losses["reconstruction"] + losses.get("calibration", 0) + losses.get("mask", 0)
             if not torch.isfinite(loss):
                 return None

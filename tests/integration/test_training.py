@@ -334,7 +334,7 @@ def _set_up(bundle: tiny_models.TinyBundle, settings: TrainSettings, outer_hooks
         install_hook(trainer.model, hook, "all")
     trainer.install()
     trainer.load_models()
-    return trainer, trainer._build_pool()
+    return trainer, trainer.pools()[0]
 
 
 def _grads(loss: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
