@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             # Each variant owns its clone: make sure its weight wrappers are the loaded ones.
             mm.load_models_gpu([trainer.model], force_full_load=True)
             with clip_layers_out_of_place(trainer.clip.cond_stage_model):
-                return trainer._step(optimizer, params, pool, [])
+                return trainer.step(optimizer, params, pool, [])
 
         variants.append(_common.Variant(name, step))
 

@@ -1,13 +1,15 @@
-"""The DisenDiff training loop: K/V deltas and one token per concept, from one picture.
+"""The DisenDiff training run: K/V deltas and one token per concept, from one picture.
 
 Runs inside a ComfyUI node, so it leaves ``inference_mode`` itself, works on clones of MODEL and
 CLIP, and never changes the objects it received. Follows ``disendiff.md``: masked eps-MSE plus
 0.01 x (L_bind + L_s&s) on Gaussian-smoothed, min-max normalised latent/4 maps, SOT key/value
 detached, AdamW 8e-5, effective batch 8, 250 steps. Every piece can be switched off.
 
-With ``token_bank`` > 0 each concept also learns a nested-attention token bank
-(``nested_attention.md`` §6A): ``M`` vectors in text-feature space that every cross-attention
-layer projects with its own (delta-patched) ``to_k``/``to_v``, read by the trigger token.
+:class:`ConceptTrainer` orchestrates the parts, each in its own module: ``settings`` (the knobs
+and the result), ``data`` (checked inputs, augmentation), ``parameters`` (what is learned and how
+it is put on the clones), ``pools`` (views encoded once, the micro-batch draw), ``objective``
+(one micro-batch's losses) and ``text_encoder`` (training through ComfyUI's CLIP). Here: the order
+of set-up, the optimizer steps, the roll-back of a non-finite step, interrupts, checkpointing.
 """
 from __future__ import annotations
 
@@ -17,23 +19,24 @@ import logging
 import math
 import random
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ..attention.calibration import calibration_terms, prepare_maps, soft_iou
-from ..attention.patching import install_hook
-from ..attention.recorder import AttentionRecorder, MapStore
 from ..concepts.concept_set import FORMAT_VERSION, ConceptSet
 from ..concepts.specs import ConceptSpec, check_specs
 from ..concepts.triggers import known_words
-from .data import TrainingSample, check_caption, default_caption, prepare_image, prepare_masks
+from .data import check_caption, default_caption, prepare_image, prepare_masks
+from .objective import TrainingObjective
 from .parameters import ConceptParameters
 from .pools import Pool, draw_micro_batch, prior_pool, view_pool
 from .settings import TrainResult, TrainSettings
-from .text_encoder import clip_layers_out_of_place, encode_prompts
+from .text_encoder import clip_layers_out_of_place
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, dict[str, float], torch.Tensor | None], None]
+
 
 def image_hash(picture: torch.Tensor) -> str:
     """Short content hash of the training picture, kept in the concept file."""
@@ -58,35 +61,26 @@ class ConceptTrainer:
         self.model, self.clip, self.vae = model.clone(), clip.clone(), vae
         self.prior = [(prepare_image(pixels[None], f"prior image {number} (prior_images)"), caption)
                       for number, (pixels, caption) in enumerate(prior or [], 1)]
-        self.rng = random.Random(settings.seed)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.rng = random.Random(settings.seed)  # views, then micro-batch draws
+        self.generator = torch.Generator().manual_seed(settings.seed)  # timesteps and noise
         self.parameters: ConceptParameters | None = None  # made by install()
-        self.store = MapStore()
+        self.objective: TrainingObjective | None = None  # made by install()
         self.history: list[dict[str, float]] = []
         self.last_maps: torch.Tensor | None = None  # maps of the last step with a finite loss
-        self._step_maps: torch.Tensor | None = None
         check_caption(self.clip, self.caption, specs)
         for word in known_words(self.clip, [spec.trigger for spec in specs]):
             log.warning("trigger %r is a word this CLIP already knows (one token of its vocabulary): "
                         "training starts from what it means and changes it in every prompt with this "
                         "CLIP; a made-up word such as V1 is safer", word)
 
-    @property
-    def uses_maps(self) -> bool:
-        """Whether any loss needs attention maps (if not, nothing is recorded: Custom Diffusion)."""
-        calibration = self.settings.calibration
-        calibrated = calibration.use_bind or calibration.use_separation
-        supervised = self.masks is not None and self.settings.mask_map_weight > 0
-        return calibrated or supervised
-
-    # ----- set-up -------------------------------------------------------------------------
+    # ----- set-up, in this order --------------------------------------------------------------
     def install(self) -> None:
-        """Create what is learned and put it, with the loss's attention recorder, on the clones."""
+        """Create what is learned and put it, with the objective's map recorder, on the clones."""
         self.parameters = ConceptParameters.initial(self.model, self.clip, self.specs, self.settings)
         self.parameters.install(self.model, self.clip, self.settings)
-        if self.uses_maps:
-            install_hook(self.model, AttentionRecorder(store=self.store, keep_grad=True, rows="all"),
-                         self.settings.map_layers)
+        self.objective = TrainingObjective(self.model, self.clip, self.parameters, self.settings,
+                                           self.generator, masked=self.masks is not None)
+        self.objective.install()
 
     def load_models(self) -> None:
         """Load the patched UNet (weight wrappers and all) and the CLIP where they will run."""
@@ -100,72 +94,7 @@ class ConceptTrainer:
         views = view_pool(self.picture, self.masks, self.caption, self.settings, self.rng, self.vae, self.model)
         return views, prior_pool(self.prior, self.settings, self.rng, self.vae, self.model)
 
-    # ----- one forward ----------------------------------------------------------------------
-    def _extra_conds(self, pooled: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor]:
-        base = self.model.model
-        if getattr(base, "adm_channels", 0) == 0:
-            return {}
-        size = self.settings.resolution
-        ys = [base.encode_adm(pooled_output=pooled[i:i + 1], width=size, height=size,
-                              target_width=size, target_height=size, device=pooled.device)
-              for i in range(batch)]
-        return {"y": torch.cat(ys)}
-
-    def _loss(self, batch: list[tuple[TrainingSample, torch.Tensor]], with_maps: bool) -> dict[str, torch.Tensor]:
-        base = self.model.model
-        device = next(base.diffusion_model.parameters()).device
-        x0 = torch.cat([latent for _, latent in batch]).to(device)
-        cond, pooled, token_lists = encode_prompts(self.clip, [sample.prompt for sample, _ in batch])
-        sigmas_table = base.model_sampling.sigmas
-        t = torch.randint(0, len(sigmas_table), (x0.shape[0],), generator=self.generator)
-        sigma = sigmas_table[t].to(device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(device)
-        xt = base.model_sampling.noise_scaling(sigma, noise, x0)
-        self.parameters.point_banks_at(token_lists)
-        if with_maps:
-            self.store.set_words([self.parameters.token_groups(self.clip, tokens) for tokens in token_lists])
-        self.store.clear()
-        options = dict(self.model.model_options["transformer_options"])
-        with self._autocast(device):
-            denoised = base.apply_model(xt, sigma, c_crossattn=cond.to(device), transformer_options=options,
-                                        **self._extra_conds(pooled, x0.shape[0]))
-        eps = (xt - denoised.float()) / sigma.view(-1, 1, 1, 1)
-        mask = torch.stack([sample.loss_mask for sample, _ in batch])[:, None].to(device)
-        err = ((eps - noise) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * x0.shape[1]).clamp(min=1)
-        losses = {"reconstruction": err.mean()}
-        if with_maps:
-            losses.update(self._map_losses(batch))
-        else:
-            zero = err.new_zeros(())
-            losses.update(bind=zero, separation=zero, calibration=zero)
-        return losses
-
-    def _map_losses(self, batch) -> dict[str, torch.Tensor]:
-        settings = self.settings.calibration
-        maps = self.store.word_maps()  # [b, 2C, h, w]: trigger then class word of each concept
-        modifiers = prepare_maps(maps[:, 0::2], settings, is_class=False)
-        classes = prepare_maps(maps[:, 1::2], settings, is_class=True)
-        out = calibration_terms(modifiers, classes, settings)
-        self._step_maps = torch.cat([modifiers[0], classes[0]]).detach()
-        losses = {"bind": out["bind"], "separation": out["separation"], "calibration": out["total"]}
-        masks = [sample.concept_masks for sample, _ in batch]
-        if all(m is not None for m in masks) and self.settings.mask_map_weight > 0:
-            target = torch.nn.functional.adaptive_avg_pool2d(torch.stack(masks), maps.shape[-2:])
-            target = target.to(maps.device)
-            supervised = (2 - soft_iou(target, modifiers, settings.iou_smooth)
-                          - soft_iou(target, classes, settings.iou_smooth)).sum(1).mean()
-            losses["mask"] = self.settings.mask_map_weight * supervised
-        return losses
-
-    def _autocast(self, device: torch.device):
-        kind = self.settings.autocast
-        if kind == "none":
-            return contextlib.nullcontext()
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[kind]
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
-    # ----- run ------------------------------------------------------------------------------
-    def prepare(self) -> tuple[list, list, list[torch.Tensor], torch.optim.Optimizer]:
+    def prepare(self) -> tuple[Pool, Pool, list[torch.Tensor], torch.optim.Optimizer]:
         """Everything before the first step: parameters, hooks, loaded models, banks, data, optimizer."""
         self.install()
         self.load_models()
@@ -173,7 +102,8 @@ class ConceptTrainer:
         target_pool, prior_pool = self.pools()
         return target_pool, prior_pool, self.parameters.trainable(), self.parameters.optimizer(self.settings)
 
-    def run(self, progress: Callable[[int, int, dict[str, float], torch.Tensor | None], None] | None = None,
+    # ----- run ------------------------------------------------------------------------------
+    def run(self, progress: Progress | None = None,
             on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
         """Train; ``progress`` may raise to interrupt: ``on_checkpoint`` then gets the partial
         result and the exception propagates."""
@@ -183,7 +113,7 @@ class ConceptTrainer:
         try:
             with clip_layers_out_of_place(self.clip.cond_stage_model), self._checkpointing():
                 for step in range(self.settings.steps):
-                    totals = self._step(optimizer, params, target_pool, prior_pool)
+                    totals = self.step(optimizer, params, target_pool, prior_pool)
                     if totals is None:
                         stopped = "non-finite loss"
                         log.warning("training stopped at step %d: the loss or its gradient is not "
@@ -193,7 +123,7 @@ class ConceptTrainer:
                                 p.copy_(good)
                         break
                     snapshot = [p.detach().clone() for p in params]
-                    self.last_maps = self._step_maps
+                    self.last_maps = self.objective.maps
                     totals["step"] = step + 1
                     self.history.append(totals)
                     if progress is not None:
@@ -208,15 +138,15 @@ class ConceptTrainer:
             raise
         return self.result(stopped)
 
-    def _step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], target_pool: list,
-              prior_pool: list) -> dict[str, float] | None:
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], target_pool: Pool,
+             prior_pool: Pool) -> dict[str, float] | None:
         """One optimizer step over ``grad_accumulation`` micro-batches; None if not finite."""
         accumulation = self.settings.grad_accumulation
         totals: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         for _ in range(accumulation):
             batch, from_prior = draw_micro_batch(target_pool, prior_pool, self.settings.micro_batch, self.rng)
-            losses = self._loss(batch, with_maps=self.uses_maps and not from_prior)
+            losses = self.objective.losses(batch, with_maps=self.objective.uses_maps and not from_prior)
             loss = losses["reconstruction"] + losses.get("calibration", 0) + losses.get("mask", 0)
             if not torch.isfinite(loss):
                 return None
@@ -228,7 +158,7 @@ class ConceptTrainer:
         optimizer.step()
         return totals
 
-    def _checkpointing(self):
+    def _checkpointing(self) -> contextlib.AbstractContextManager:
         if not self.settings.gradient_checkpointing:
             return contextlib.nullcontext()
         return _checkpointed(self.model.model.diffusion_model)
@@ -251,7 +181,7 @@ class ConceptTrainer:
 
 
 @contextlib.contextmanager
-def _checkpointed(diffusion_model: torch.nn.Module):
+def _checkpointed(diffusion_model: torch.nn.Module) -> Iterator[None]:
     """Recompute activations of the UNet's top-level blocks in backward to save memory."""
     from torch.utils.checkpoint import checkpoint
 
@@ -270,7 +200,7 @@ def _checkpointed(diffusion_model: torch.nn.Module):
 def train_concepts(model: Any, clip: Any, vae: Any, image: torch.Tensor, specs: list[ConceptSpec],
                    settings: TrainSettings | None = None, masks: torch.Tensor | None = None,
                    prior: list[tuple[torch.Tensor, str]] | None = None,
-                   progress: Callable[[int, int, dict[str, float], torch.Tensor | None], None] | None = None,
+                   progress: Progress | None = None,
                    on_checkpoint: Callable[[ConceptSet], None] | None = None) -> TrainResult:
     """Learn ``specs`` from one picture; safe to call from a node running under inference_mode."""
     with torch.inference_mode(False), torch.enable_grad():

@@ -17,6 +17,7 @@ from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_file import load_concepts, save_concepts
 from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.training.loop import ConceptTrainer, train_concepts
+from concept_attention.training.objective import TrainingObjective
 from concept_attention.training.parameters import BANK_INIT_NOISE
 from concept_attention.training.settings import TrainSettings
 from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
@@ -112,14 +113,14 @@ def test_gradient_reaches_each_bank_only_through_its_trigger(sd15):
         trainer, pool = _prepared(sd15.bundle, _settings(augment=False, flip=False))
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             sample = pool[0]
-            loss = trainer._loss([sample, sample], with_maps=True)
+            loss = trainer.objective.losses([sample, sample], with_maps=True)
             total = loss["reconstruction"] + loss["calibration"]
             grads = torch.autograd.grad(total, trainer.parameters.banks, retain_graph=True)
             assert trainer.parameters.bank_index.tolist() == [[4, 4], [7, 7]]
             assert all(float(g.abs().sum()) > 0 for g in grads)
             # a row without the triggers (a prior image's caption) gives the banks no gradient
             prior = replace(sample[0], prompt="photo of a cat and dog")
-            no_trigger = trainer._loss([(prior, sample[1])] * 2, with_maps=False)["reconstruction"]
+            no_trigger = trainer.objective.losses([(prior, sample[1])] * 2, with_maps=False)["reconstruction"]
             assert trainer.parameters.bank_index.tolist() == [[-1, -1], [-1, -1]]
             unused = torch.autograd.grad(no_trigger, trainer.parameters.banks, allow_unused=True)
     assert all(g is None or not torch.count_nonzero(g) for g in unused)
@@ -225,7 +226,7 @@ def test_interrupt_and_non_finite_loss_keep_the_banks(sd15, monkeypatch):
     for a, b in zip(partial.concepts, reference.concepts.concepts):
         assert torch.equal(a.bank, b.bank)
 
-    original, calls = ConceptTrainer._loss, []
+    original, calls = TrainingObjective.losses, []
 
     def poisoned(self, batch, with_maps):
         losses = original(self, batch, with_maps)
@@ -234,7 +235,7 @@ def test_interrupt_and_non_finite_loss_keep_the_banks(sd15, monkeypatch):
             losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(self.parameters.banks[0].sum() * 0)
         return losses
 
-    monkeypatch.setattr(ConceptTrainer, "_loss", poisoned)
+    monkeypatch.setattr(TrainingObjective, "losses", poisoned)
     result = _train(sd15.bundle, settings)
     assert result.stopped == "non-finite loss" and len(result.history) == 1
     for a, b in zip(result.concepts.concepts, reference.concepts.concepts):

@@ -26,6 +26,7 @@ from concept_attention.attention.patching import install_hook, model_layers, res
 from concept_attention.concepts.concept_set import ENCODER_KEYS
 from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.training.loop import ConceptTrainer, train_concepts
+from concept_attention.training.objective import TrainingObjective
 from concept_attention.training.parameters import DetachStartToken
 from concept_attention.training.settings import TrainResult, TrainSettings
 from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
@@ -365,8 +366,8 @@ def map_losses(bundles):
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             tokens = trainer.clip.tokenize(pool[0][0].prompt)
             groups = trainer.parameters.token_groups(trainer.clip, tokens)
-            losses = trainer._loss([pool[0]], with_maps=True)
-            maps = trainer.store.layer_maps()
+            losses = trainer.objective.losses([pool[0]], with_maps=True)
+            maps = trainer.objective.store.layer_maps()
             inputs = {f"map{i}": m for i, m in enumerate(maps)}
             inputs.update({f"kv:{k}": d for k, d in trainer.parameters.kv_deltas.items()})
             inputs.update({f"emb:{s.trigger}": v["clip_l"] for s, v in zip(SPECS, trainer.parameters.embeddings)})
@@ -442,7 +443,7 @@ def _reconstruction_grads(bundle, detach: bool, extra_hook: AttentionHook | None
         assert chain.hooks[0] is probe  # outside (before) the trainer's own hooks
         assert any(isinstance(h, DetachStartToken) for h in chain.hooks) == detach
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
-            loss = trainer._loss([pool[0]], with_maps=False)["reconstruction"]
+            loss = trainer.objective.losses([pool[0]], with_maps=False)["reconstruction"]
             context = encode_prompts(trainer.clip, [pool[0][0].prompt])[0][0].detach()
             inputs = {f"kv:{k}": d for k, d in trainer.parameters.kv_deltas.items()}
             inputs.update(probe_k=probe.probe_k, probe_v=probe.probe_v)
@@ -594,7 +595,7 @@ def test_non_finite_step_keeps_last_good_state(bundles, monkeypatch, where):
     bundle = _bundle(bundles, "sd15")
     settings = _settings(steps=4, micro_batch=2, pool_size=2)
     reference = _train(bundle, replace(settings, steps=1))  # same pool: min(pool_size, steps * batch)
-    original = ConceptTrainer._loss
+    original = TrainingObjective.losses
     calls = []
 
     def poisoned(self, batch, with_maps):
@@ -608,7 +609,7 @@ def test_non_finite_step_keeps_last_good_state(bundles, monkeypatch, where):
                 losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(delta.sum() * 0)
         return losses
 
-    monkeypatch.setattr(ConceptTrainer, "_loss", poisoned)
+    monkeypatch.setattr(TrainingObjective, "losses", poisoned)
     result = _train(bundle, settings)
     assert len(calls) == 2
     assert result.stopped == "non-finite loss"

@@ -179,7 +179,7 @@ def test_interrupt_with_a_failing_save_still_reports_the_interrupt(monkeypatch: 
     trainer.settings = TrainSettings(steps=1)
     trainer.history = []
     trainer.clip = SimpleNamespace(cond_stage_model=torch.nn.Module())
-    monkeypatch.setattr(trainer, "_step", lambda *a: (_ for _ in ()).throw(Stop("cancelled")), raising=False)
+    monkeypatch.setattr(trainer, "step", lambda *a: (_ for _ in ()).throw(Stop("cancelled")), raising=False)
     monkeypatch.setattr(trainer, "result", lambda stopped: TrainResult(concept_set(1), [], None, stopped),
                         raising=False)
 
