@@ -130,7 +130,7 @@ class NestedContextPatch:
     def __deepcopy__(self, memo: dict) -> "NestedContextPatch":
         # Frozen, and nothing in the pack changes it or its subjects, so a clone (ModelPatcher.clone
         # deep-copies model_options) shares it instead of copying every bank. The one writer of
-        # its tensors is the trainer that built them, on purpose (training/loop.py, bank_index).
+        # its tensors is the trainer that built them, on purpose (training/parameters.py, bank_index).
         return self
 
 

@@ -49,7 +49,8 @@ def main() -> None:
     from concept_attention.smallworld import scenes
     from concept_attention.concepts.concept_set import MAX_EMBEDDING_RATIO, MAX_KV_RATIO
     from concept_attention.concepts.specs import ConceptSpec
-    from concept_attention.training.loop import TrainSettings, train_concepts
+    from concept_attention.training.loop import train_concepts
+    from concept_attention.training.settings import TrainSettings
 
     torch.set_num_threads(1)
     bundle = toy.load_bundle()

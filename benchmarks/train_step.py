@@ -58,7 +58,8 @@ def prepared_trainer(model: Any, clip: Any, vae: Any, calibrated: bool, resoluti
     """A ConceptTrainer set up up to its first step (parameters, hooks, loaded models, pool)."""
     from concept_attention.attention.calibration import CalibrationSettings
     from concept_attention.concepts.specs import ConceptSpec
-    from concept_attention.training.loop import ConceptTrainer, TrainSettings
+    from concept_attention.training.loop import ConceptTrainer
+    from concept_attention.training.settings import TrainSettings
 
     settings = TrainSettings(steps=1, micro_batch=1, grad_accumulation=1, resolution=resolution,
                              pool_size=2, calibration=CalibrationSettings(
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     device = bench.start_benchmark(args)
     import comfy.model_management as mm
 
-    from concept_attention.training.loop import clip_layers_out_of_place
+    from concept_attention.training.text_encoder import clip_layers_out_of_place
 
     rounds = args.rounds or (3 if args.full_size else 8)
     model, clip, vae = build_models(args.full_size, args.arch)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             # Each variant owns its clone: make sure its weight wrappers are the loaded ones.
             mm.load_models_gpu([trainer.model], force_full_load=True)
             with clip_layers_out_of_place(trainer.clip.cond_stage_model):
-                return trainer._step(optimizer, params, pool, [])
+                return trainer.step(optimizer, params, pool, [])
 
         variants.append(bench.Variant(name, step))
 

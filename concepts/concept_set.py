@@ -79,7 +79,7 @@ def context_width(architecture: Mapping[str, Any]) -> int:
 
 def encoder_widths(clip: Any) -> dict[str, int]:
     """Token-embedding width of each text encoder of a ComfyUI CLIP object."""
-    widths = {key: int(table.shape[1]) for key, table in _token_tables(clip).items()}
+    widths = {key: int(table.shape[1]) for key, table in token_tables(clip).items()}
     if not widths:
         raise ValueError(f"{type(clip.cond_stage_model).__name__} has no CLIP-L/CLIP-G text "
                          "encoder; only SD1.x and SDXL text encoders are supported")
@@ -184,7 +184,7 @@ def check_magnitudes(concepts: ConceptSet, model: Any | None, clip: Any | None) 
                                  f"size of the weight it changes (trained deltas stay well below "
                                  f"{MAX_KV_RATIO:g} times); {advice}")
     if clip is not None:
-        longest = {key: float(table.float().norm(dim=1).max()) for key, table in _token_tables(clip).items()}
+        longest = {key: float(table.float().norm(dim=1).max()) for key, table in token_tables(clip).items()}
         for concept in concepts.concepts:
             for key, vector in concept.embeddings.items():
                 if key not in longest or vector.numel() == 0:
@@ -196,7 +196,7 @@ def check_magnitudes(concepts: ConceptSet, model: Any | None, clip: Any | None) 
                                      f"token vector (at most {MAX_EMBEDDING_RATIO:g} times); {advice}")
 
 
-def _token_tables(clip: Any) -> dict[str, torch.Tensor]:
+def token_tables(clip: Any) -> dict[str, torch.Tensor]:
     """Each text encoder's token-embedding table, by encoder key."""
     tables = {}
     for key in ENCODER_KEYS:

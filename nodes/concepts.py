@@ -14,8 +14,9 @@ from ..concepts.concept_file import load_concepts, save_concepts, save_partial_c
 from ..concepts.specs import parse_concept_specs
 from ..concepts.export import concepts_with_banks, export_concepts
 from ..concepts.safe_files import NAME_ADVICE, TargetExistsError, check_file_stem, check_targets, next_free_path
-from ..training.loop import TrainSettings, train_concepts
+from ..training.loop import train_concepts
 from ..training.plots import loss_curve_image
+from ..training.settings import TrainSettings
 from ..sampling.prior import captions_for, generate_prior_images
 from .common import check_numbers, listed_model_path, overwrite_input
 from .vocabulary import (CATEGORY, CONCEPTS_FOLDER, EMBEDDINGS_FOLDER, LORAS_FOLDER, NODE_PREFIX, ConceptsSocket,

@@ -37,7 +37,8 @@ from ..sampling.composition import Composition, sample_composed
 from ..sampling.ksampler import empty_latent
 from ..concepts.concept_set import ConceptSet
 from ..concepts.specs import ConceptSpec
-from ..training.loop import TrainSettings, train_concepts
+from ..training.loop import train_concepts
+from ..training.settings import TrainSettings
 from . import evaluate as ev
 from . import model as toy
 from . import quality

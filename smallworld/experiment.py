@@ -32,7 +32,8 @@ from ..concepts.apply import apply_concepts
 from ..concepts.concept_set import ConceptSet
 from ..training.data import AugmentSettings
 from ..concepts.specs import ConceptSpec
-from ..training.loop import TrainResult, TrainSettings, train_concepts
+from ..training.loop import train_concepts
+from ..training.settings import TrainResult, TrainSettings
 from ..sampling.ksampler import run_ksampler
 from ..sampling.nested_subjects import with_concept_banks
 from ..concepts.triggers import concept_token_groups

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.tokens import phrase_ids
-from ..training.loop import clip_layers_out_of_place
+from ..training.text_encoder import clip_layers_out_of_place
 from . import model as toy
 from . import scenes as sw
 from . import supervision as sup

@@ -1,15 +1,20 @@
-"""Training data from one picture: validation, Custom-Diffusion-style augmentation, prompts."""
+"""Training data from one picture: checked inputs (picture, masks, caption), Custom-Diffusion-style
+augmentation, prompts."""
 from __future__ import annotations
 
 import logging
 import math
 import random
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..attention.tokens import phrase_ids
 from ..concepts.specs import ConceptSpec
+from ..concepts.triggers import SUB_TOKENIZERS
 
 
 log = logging.getLogger(__name__)
@@ -154,6 +159,44 @@ def check_mask_overlap(masks: torch.Tensor) -> None:
 def default_caption(specs: list[ConceptSpec]) -> str:
     """DisenDiff's caption: "photo of a V1 cat and V2 dog"."""
     return "photo of a " + " and ".join(f"{s.trigger} {s.class_phrase}" for s in specs)
+
+
+def check_caption(clip: Any, caption: str, specs: list[ConceptSpec]) -> None:
+    """Refuse a caption a run cannot bind: each trigger once, right before a class phrase of
+    ordinary tokens, all in one CLIP window."""
+    special = _special_token_ids(clip)
+    for spec in specs:
+        # Whole words only: "V1 cats" contains the text "V1 cat" but not the token "cat".
+        pair = re.escape(f"{spec.trigger} {spec.class_phrase}")
+        if not re.search(rf"(?<!\w){pair}(?!\w)", caption):
+            raise ValueError(f"the caption {caption!r} must contain "
+                             f"'{spec.trigger} {spec.class_phrase}' (trigger right before its class)")
+        uses = len(re.findall(rf"(?<![\w:]){re.escape(spec.trigger)}(?!\w)", caption))
+        if uses > 1:
+            raise ValueError(f"the caption {caption!r} uses the trigger {spec.trigger!r} "
+                             f"{uses} times: write it once, right before its class word")
+        ids = phrase_ids(clip, spec.class_phrase)
+        if not ids or special & set(ids):
+            raise ValueError(f"the class phrase {spec.class_phrase!r} of {spec.trigger!r} gives "
+                             "no ordinary tokens for this CLIP: use a plain word such as 'cat'")
+    windows = max(len(chunks) for chunks in clip.tokenize(caption).values())
+    if windows > 1:
+        raise ValueError(f"the caption {caption!r} is longer than CLIP's 75-token window "
+                         f"({len(specs)} concepts): a trigger and its class in different "
+                         "windows cannot be bound. Train fewer concepts per run (or use shorter "
+                         "class phrases / caption) and combine the sets with Merge Concepts")
+
+
+def _special_token_ids(clip: Any) -> set[int]:
+    """Start, end and padding token ids of the CLIP's tokenizers (never a class word)."""
+    ids: set[int] = set()
+    for name in SUB_TOKENIZERS:
+        sub = getattr(clip.tokenizer, name, None)
+        for attr in ("start_token", "end_token"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int):
+                ids.add(value)
+    return ids
 
 
 def _center_square(pixels: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

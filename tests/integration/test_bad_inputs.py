@@ -30,7 +30,8 @@ from concept_attention.nodes.preview import AttentionMapSampler
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.training.data import prepare_image
 from concept_attention.concepts.specs import ConceptSpec, parse_concept_specs
-from concept_attention.training.loop import ConceptTrainer, TrainSettings, train_concepts
+from concept_attention.training.loop import ConceptTrainer, train_concepts
+from concept_attention.training.settings import TrainSettings
 from concept_attention.concepts.concept_file import concept_file_contents
 from concept_attention.concepts.concept_set import ConceptSet
 from concept_attention.sampling.nested_subjects import SubjectSpec

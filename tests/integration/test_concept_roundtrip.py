@@ -8,7 +8,8 @@ from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_file import load_concepts, save_concepts
 from concept_attention.concepts.specs import ConceptSpec
 from concept_attention.concepts.export import save_embeddings, save_lora
-from concept_attention.training.loop import TrainSettings, train_concepts
+from concept_attention.training.loop import train_concepts
+from concept_attention.training.settings import TrainSettings
 from devkit import tiny_models
 
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]

@@ -26,7 +26,8 @@ from concept_attention.nodes.preview import AttentionMapSampler
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_set import Concept, ConceptSet
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import TrainSettings, train_concepts
+from concept_attention.training.loop import train_concepts
+from concept_attention.training.settings import TrainSettings
 from concept_attention.sampling.nested_subjects import SubjectSpec
 from concept_attention.concepts.triggers import TriggerTokenizer
 from support.synthetic_concepts import synthetic_set

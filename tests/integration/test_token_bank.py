@@ -16,8 +16,11 @@ from concept_attention.nodes.nested import ApplyNestedAttention, NestedSubjectFr
 from concept_attention.concepts.apply import apply_concepts
 from concept_attention.concepts.concept_file import load_concepts, save_concepts
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import (BANK_INIT_NOISE, ConceptTrainer, TrainSettings,
-                                             clip_layers_out_of_place, train_concepts)
+from concept_attention.training.loop import ConceptTrainer, train_concepts
+from concept_attention.training.objective import TrainingObjective
+from concept_attention.training.parameters import BANK_INIT_NOISE
+from concept_attention.training.settings import TrainSettings
+from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
 
 SIZE = 64
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]
@@ -59,7 +62,7 @@ def trained(sd15) -> dict[str, Any]:
     settings = _settings()
     with torch.inference_mode(False), torch.enable_grad():
         start, _ = _prepared(sd15.bundle, settings)
-    initial = [b.detach().clone() for b in start.banks]
+    initial = [b.detach().clone() for b in start.parameters.banks]
     return dict(settings=settings, initial=initial, result=_train(sd15.bundle, settings))
 
 
@@ -80,19 +83,19 @@ def test_no_bank_by_default_and_bank_settings_then_ignored(sd15):
     assert plain.history == other_lr.history
     with torch.inference_mode(False), torch.enable_grad():
         trainer, _ = _prepared(sd15.bundle, _settings(token_bank=0))
-    assert trainer.banks == [] and nested_subjects(trainer.model) == ()
-    assert len(trainer._optimizer(trainer._parameters()).param_groups) == 1
+    assert trainer.parameters.banks == [] and nested_subjects(trainer.model) == ()
+    assert len(trainer.parameters.optimizer(trainer.settings).param_groups) == 1
 
 
 def test_banks_start_at_the_trigger_features_with_distinct_tokens(sd15):
     with torch.inference_mode(False), torch.enable_grad():
         trainer, _ = _prepared(sd15.bundle, _settings())
-        cond, _, tokens = trainer._encode_prompts([CAPTION])
-    assert trainer._trigger_rows(tokens[0]) == TRIGGER_ROWS
+        cond, _, tokens = encode_prompts(trainer.clip, [CAPTION])
+    assert trainer.parameters.trigger_rows(tokens[0]) == TRIGGER_ROWS
     features = cond[0].detach()
     width = features.shape[-1]
     assert width == 32
-    for bank, row in zip(trainer.banks, TRIGGER_ROWS):
+    for bank, row in zip(trainer.parameters.banks, TRIGGER_ROWS):
         assert bank.shape == (4, width) and bank.requires_grad
         offset = bank.detach() - features[row]
         noise = BANK_INIT_NOISE * float(features.std())
@@ -100,9 +103,9 @@ def test_banks_start_at_the_trigger_features_with_distinct_tokens(sd15):
         assert float(torch.cdist(bank.detach(), bank.detach()).triu(1).max()) > 0  # tokens differ
     subjects = nested_subjects(trainer.model)
     assert [s.name for s in subjects] == ["V1", "V2"]
-    assert all(s.bank is b for s, b in zip(subjects, trainer.banks))
-    groups = trainer._optimizer(trainer._parameters()).param_groups
-    assert [g["lr"] for g in groups] == [1e-2, 5e-2] and groups[1]["params"] == trainer.banks
+    assert all(s.bank is b for s, b in zip(subjects, trainer.parameters.banks))
+    groups = trainer.parameters.optimizer(trainer.settings).param_groups
+    assert [g["lr"] for g in groups] == [1e-2, 5e-2] and groups[1]["params"] == trainer.parameters.banks
 
 
 def test_gradient_reaches_each_bank_only_through_its_trigger(sd15):
@@ -110,16 +113,16 @@ def test_gradient_reaches_each_bank_only_through_its_trigger(sd15):
         trainer, pool = _prepared(sd15.bundle, _settings(augment=False, flip=False))
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             sample = pool[0]
-            loss = trainer._loss([sample, sample], with_maps=True)
+            loss = trainer.objective.losses([sample, sample], with_maps=True)
             total = loss["reconstruction"] + loss["calibration"]
-            grads = torch.autograd.grad(total, trainer.banks, retain_graph=True)
-            assert trainer.bank_index.tolist() == [[4, 4], [7, 7]]
+            grads = torch.autograd.grad(total, trainer.parameters.banks, retain_graph=True)
+            assert trainer.parameters.bank_index.tolist() == [[4, 4], [7, 7]]
             assert all(float(g.abs().sum()) > 0 for g in grads)
             # a row without the triggers (a prior image's caption) gives the banks no gradient
             prior = replace(sample[0], prompt="photo of a cat and dog")
-            no_trigger = trainer._loss([(prior, sample[1])] * 2, with_maps=False)["reconstruction"]
-            assert trainer.bank_index.tolist() == [[-1, -1], [-1, -1]]
-            unused = torch.autograd.grad(no_trigger, trainer.banks, allow_unused=True)
+            no_trigger = trainer.objective.losses([(prior, sample[1])] * 2, with_maps=False)["reconstruction"]
+            assert trainer.parameters.bank_index.tolist() == [[-1, -1], [-1, -1]]
+            unused = torch.autograd.grad(no_trigger, trainer.parameters.banks, allow_unused=True)
     assert all(g is None or not torch.count_nonzero(g) for g in unused)
 
 
@@ -223,16 +226,16 @@ def test_interrupt_and_non_finite_loss_keep_the_banks(sd15, monkeypatch):
     for a, b in zip(partial.concepts, reference.concepts.concepts):
         assert torch.equal(a.bank, b.bank)
 
-    original, calls = ConceptTrainer._loss, []
+    original, calls = TrainingObjective.losses, []
 
     def poisoned(self, batch, with_maps):
         losses = original(self, batch, with_maps)
         calls.append(1)
         if len(calls) == 2:  # finite loss, NaN gradient on the banks only
-            losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(self.banks[0].sum() * 0)
+            losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(self.parameters.banks[0].sum() * 0)
         return losses
 
-    monkeypatch.setattr(ConceptTrainer, "_loss", poisoned)
+    monkeypatch.setattr(TrainingObjective, "losses", poisoned)
     result = _train(sd15.bundle, settings)
     assert result.stopped == "non-finite loss" and len(result.history) == 1
     for a, b in zip(result.concepts.concepts, reference.concepts.concepts):

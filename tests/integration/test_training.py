@@ -23,11 +23,13 @@ import torch
 from concept_attention.attention.calibration import CalibrationSettings
 from concept_attention.attention.chain import AttentionHook
 from concept_attention.attention.patching import install_hook, model_layers, resolve_layers
-from concept_attention.training import loop
 from concept_attention.concepts.concept_set import ENCODER_KEYS
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import (ConceptTrainer, DetachStartToken, TrainSettings,
-                                             clip_layers_out_of_place, train_concepts)
+from concept_attention.training.loop import ConceptTrainer, train_concepts
+from concept_attention.training.objective import TrainingObjective
+from concept_attention.training.parameters import DetachStartToken
+from concept_attention.training.settings import TrainResult, TrainSettings
+from concept_attention.training.text_encoder import clip_layers_out_of_place, encode_prompts
 from concept_attention.concepts.triggers import TriggerTokenizer, with_triggers
 from devkit import tiny_models
 from support.chains import chain_at
@@ -121,7 +123,7 @@ def _init_vectors(clip: Any) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _vectors(result: loop.TrainResult) -> dict[str, dict[str, torch.Tensor]]:
+def _vectors(result: TrainResult) -> dict[str, dict[str, torch.Tensor]]:
     return {c.trigger: c.embeddings for c in result.concepts.concepts}
 
 
@@ -157,11 +159,11 @@ def _eval_loss(bundle: tiny_models.TinyBundle, deltas: dict[str, torch.Tensor] |
     return float(((eps - noise) ** 2).mean())
 
 
-def _train(bundle: tiny_models.TinyBundle, settings: TrainSettings, **kwargs: Any) -> loop.TrainResult:
+def _train(bundle: tiny_models.TinyBundle, settings: TrainSettings, **kwargs: Any) -> TrainResult:
     return train_concepts(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, settings, **kwargs)
 
 
-def _state(result: loop.TrainResult) -> dict[str, torch.Tensor]:
+def _state(result: TrainResult) -> dict[str, torch.Tensor]:
     """Every trained tensor of a result, flat."""
     state = {f"kv:{k}": v for k, v in result.concepts.kv_deltas.items()}
     for concept in result.concepts.concepts:
@@ -181,7 +183,7 @@ class Run:
 
     bundle: tiny_models.TinyBundle
     settings: TrainSettings
-    result: loop.TrainResult
+    result: TrainResult
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
 
@@ -300,12 +302,12 @@ def test_embeddings_start_from_rare_rows(bundles):
     bundle = _bundle(bundles, "sd15")
     with torch.inference_mode(False), torch.enable_grad():
         trainer = ConceptTrainer(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, _settings())
-        trainer._init_parameters()
+        trainer.install()
     init = _init_vectors(bundle.clip)
-    for spec, vectors in zip(SPECS, trainer.embeddings):
+    for spec, vectors in zip(SPECS, trainer.parameters.embeddings):
         assert torch.equal(vectors["clip_l"].detach(), init[spec.trigger]["clip_l"]), spec.trigger
         assert vectors["clip_l"].requires_grad
-    assert all(not torch.count_nonzero(d) and d.requires_grad for d in trainer.kv_deltas.values())
+    assert all(not torch.count_nonzero(d) and d.requires_grad for d in trainer.parameters.kv_deltas.values())
 
 
 @pytest.mark.parametrize("train_kv, train_embeddings", [(True, False), (False, True)])
@@ -328,16 +330,12 @@ def test_nothing_to_train_is_refused(bundles):
 # ----- 3. gradient placement ------------------------------------------------------------------
 def _set_up(bundle: tiny_models.TinyBundle, settings: TrainSettings, outer_hooks: tuple = ()):
     """A trainer built the way ``run`` builds it; ``outer_hooks`` sit before the trainer's own."""
-    import comfy.model_management as mm
-
     trainer = ConceptTrainer(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, settings)
     for hook in outer_hooks:
         install_hook(trainer.model, hook, "all")
-    trainer._init_parameters()
-    trainer._install()
-    mm.load_models_gpu([trainer.model], force_full_load=True)
-    trainer.clip.load_model()
-    return trainer, trainer._build_pool()
+    trainer.install()
+    trainer.load_models()
+    return trainer, trainer.pools()[0]
 
 
 def _grads(loss: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -367,12 +365,12 @@ def map_losses(bundles):
         trainer, pool = _set_up(bundle, settings)
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
             tokens = trainer.clip.tokenize(pool[0][0].prompt)
-            groups = trainer._token_groups(tokens)
-            losses = trainer._loss([pool[0]], with_maps=True)
-            maps = trainer.store.layer_maps()
+            groups = trainer.parameters.token_groups(trainer.clip, tokens)
+            losses = trainer.objective.losses([pool[0]], with_maps=True)
+            maps = trainer.objective.store.layer_maps()
             inputs = {f"map{i}": m for i, m in enumerate(maps)}
-            inputs.update({f"kv:{k}": d for k, d in trainer.kv_deltas.items()})
-            inputs.update({f"emb:{s.trigger}": v["clip_l"] for s, v in zip(SPECS, trainer.embeddings)})
+            inputs.update({f"kv:{k}": d for k, d in trainer.parameters.kv_deltas.items()})
+            inputs.update({f"emb:{s.trigger}": v["clip_l"] for s, v in zip(SPECS, trainer.parameters.embeddings)})
             grads = {name: _grads(losses[name], inputs) for name in ("bind", "separation")}
     return dict(trainer=trainer, pool=pool, groups=groups, losses=losses, maps=maps, grads=grads)
 
@@ -407,7 +405,7 @@ def test_map_loss_gradient_reaches_exactly_the_upstream_parameters(map_losses, t
     trainer, grads = map_losses["trainer"], map_losses["grads"][term]
     unreachable = _unreachable_by_maps(trainer.model, trainer.settings.map_layers)
     assert len(unreachable) == 13  # output blocks 6..11 (K and V) and output block 5's V
-    for key in trainer.kv_deltas:
+    for key in trainer.parameters.kv_deltas:
         nonzero = bool(torch.count_nonzero(grads[f"kv:{key}"]))
         assert nonzero == (key not in unreachable), (term, key)
     for spec in SPECS:
@@ -445,9 +443,9 @@ def _reconstruction_grads(bundle, detach: bool, extra_hook: AttentionHook | None
         assert chain.hooks[0] is probe  # outside (before) the trainer's own hooks
         assert any(isinstance(h, DetachStartToken) for h in chain.hooks) == detach
         with clip_layers_out_of_place(trainer.clip.cond_stage_model):
-            loss = trainer._loss([pool[0]], with_maps=False)["reconstruction"]
-            context = trainer._encode_prompts([pool[0][0].prompt])[0][0].detach()
-            inputs = {f"kv:{k}": d for k, d in trainer.kv_deltas.items()}
+            loss = trainer.objective.losses([pool[0]], with_maps=False)["reconstruction"]
+            context = encode_prompts(trainer.clip, [pool[0][0].prompt])[0][0].detach()
+            inputs = {f"kv:{k}": d for k, d in trainer.parameters.kv_deltas.items()}
             inputs.update(probe_k=probe.probe_k, probe_v=probe.probe_v)
             grads = _grads(loss, inputs)
     return float(loss.detach()), grads, context
@@ -597,7 +595,7 @@ def test_non_finite_step_keeps_last_good_state(bundles, monkeypatch, where):
     bundle = _bundle(bundles, "sd15")
     settings = _settings(steps=4, micro_batch=2, pool_size=2)
     reference = _train(bundle, replace(settings, steps=1))  # same pool: min(pool_size, steps * batch)
-    original = ConceptTrainer._loss
+    original = TrainingObjective.losses
     calls = []
 
     def poisoned(self, batch, with_maps):
@@ -607,11 +605,11 @@ def test_non_finite_step_keeps_last_good_state(bundles, monkeypatch, where):
             if where == "loss":
                 losses["reconstruction"] = losses["reconstruction"] * float("nan")
             else:  # finite value, NaN gradient: d sqrt(u)/du = inf at u = 0, times du/dx = 0
-                delta = next(iter(self.kv_deltas.values()))
+                delta = next(iter(self.parameters.kv_deltas.values()))
                 losses["reconstruction"] = losses["reconstruction"] + torch.sqrt(delta.sum() * 0)
         return losses
 
-    monkeypatch.setattr(ConceptTrainer, "_loss", poisoned)
+    monkeypatch.setattr(TrainingObjective, "losses", poisoned)
     result = _train(bundle, settings)
     assert len(calls) == 2
     assert result.stopped == "non-finite loss"
@@ -649,7 +647,7 @@ def test_interrupt_propagates_after_checkpoint(bundles):
     assert concepts.metadata["steps_done"] == 2
     assert concepts.metadata["stopped"] == "interrupted"
     assert concepts.triggers == ["V1", "V2"]
-    _assert_states_equal(_state(loop.TrainResult(concepts, [], None, "interrupted")), _state(reference))
+    _assert_states_equal(_state(TrainResult(concepts, [], None, "interrupted")), _state(reference))
 
 
 def test_gradient_checkpointing_gives_the_same_training(bundles):

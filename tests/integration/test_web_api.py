@@ -12,7 +12,8 @@ from PIL import Image
 from concept_attention.nodes import register_model_folders
 from concept_attention.nodes import web_api
 from concept_attention.concepts.specs import ConceptSpec
-from concept_attention.training.loop import TrainSettings, train_concepts
+from concept_attention.training.loop import train_concepts
+from concept_attention.training.settings import TrainSettings
 from support.concept_files import write_broken_file, write_concept_file
 
 

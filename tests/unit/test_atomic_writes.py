@@ -168,18 +168,19 @@ def test_a_damaged_file_is_no_work_to_keep(tmp_path: Path) -> None:
 
 def test_interrupt_with_a_failing_save_still_reports_the_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
     """ConceptTrainer.run: if keeping the partial set fails, the user still sees the interrupt."""
-    from concept_attention.training import loop
+    from concept_attention.training.loop import ConceptTrainer
+    from concept_attention.training.settings import TrainResult, TrainSettings
 
     class Stop(Exception):
         pass
 
-    trainer = loop.ConceptTrainer.__new__(loop.ConceptTrainer)
+    trainer = ConceptTrainer.__new__(ConceptTrainer)
     monkeypatch.setattr(trainer, "prepare", lambda: ([], [], [], None), raising=False)
-    trainer.settings = loop.TrainSettings(steps=1)
+    trainer.settings = TrainSettings(steps=1)
     trainer.history = []
     trainer.clip = SimpleNamespace(cond_stage_model=torch.nn.Module())
-    monkeypatch.setattr(trainer, "_step", lambda *a: (_ for _ in ()).throw(Stop("cancelled")), raising=False)
-    monkeypatch.setattr(trainer, "result", lambda stopped: loop.TrainResult(concept_set(1), [], None, stopped),
+    monkeypatch.setattr(trainer, "step", lambda *a: (_ for _ in ()).throw(Stop("cancelled")), raising=False)
+    monkeypatch.setattr(trainer, "result", lambda stopped: TrainResult(concept_set(1), [], None, stopped),
                         raising=False)
 
     def failing_save(concepts: ConceptSet) -> None:

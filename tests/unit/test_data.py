@@ -143,7 +143,7 @@ def test_augmentation_settings_change_texts_canvas_and_scale():
                                  dict(smallest_scale=float("nan")), dict(far_prefixes="a far away ")])
 def test_bad_augmentation_settings_are_refused(bad):
     from concept_attention.training.data import AugmentSettings
-    from concept_attention.training.loop import TrainSettings
+    from concept_attention.training.settings import TrainSettings
 
     with pytest.raises(ValueError, match="augmentation"):
         TrainSettings(augmentation=AugmentSettings(**bad)).validate()
