@@ -1,7 +1,7 @@
 """DisenDiff attention-calibration math: smoothing, suppression, soft IoU and the two losses (pure torch).
 
 Maps entering the losses are ``G(minmax(m))`` for modifier tokens and ``G(minmax(c))**p`` for
-class tokens (DisenDiff spec §3.3). Unlike the official code, the class-map suppression is
+class tokens (``docs/method.md`` §6). Unlike the official code, the class-map suppression is
 independent of the Gaussian switch: turning the Gaussian off keeps the suppression.
 """
 from __future__ import annotations

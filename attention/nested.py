@@ -1,8 +1,8 @@
 """Nested Attention as an efficient cross-attention op (pure torch).
 
-The literal definition (spec §1.1) gives every query its own value table in which the subject
+The literal definition (``docs/method.md`` §11) gives every query its own value table in which the subject
 token's value ``V[s*]`` is replaced by a nested attention readout ``v*``. It is computed here in
-the equivalent form of spec §7.2, which never builds that table:
+the equivalent form of ``docs/method.md`` §12, which never builds that table:
 
     O  = softmax(q K^T / sqrt(d) + bias) V            (bias = log(w) on the s* column)
     a  = the share of s* in that softmax, per query and head

@@ -2,9 +2,10 @@
 
 CLIP-vision patch tokens (penultimate hidden states) go through a Perceiver resampler (learned
 latent queries attending to the image tokens) into ``M`` tokens; every cross-attention layer has
-its own ``to_k_ip``/``to_v_ip`` turning them into the nested keys/values of that layer (spec §1.3,
-§6B). The state-dict layout is IP-Adapter-Plus's, so public IP-Adapter-Plus SD1.5/SDXL files load
-as they are (the "6B-0" shortcut of the spec), and files trained here load in IP-Adapter tools:
+its own ``to_k_ip``/``to_v_ip`` turning them into the nested keys/values of that layer
+(``docs/method.md`` §16). The state-dict layout is IP-Adapter-Plus's, so public IP-Adapter-Plus
+SD1.5/SDXL files load as they are, used as nested keys/values without training, and files trained
+here load in IP-Adapter tools:
 
 - ``image_proj.latents`` ``[1, M, dim]``, ``image_proj.proj_in`` (embed -> dim),
   ``image_proj.proj_out`` (dim -> out), ``image_proj.norm_out``;

@@ -52,7 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no Gaussian": {"gaussian": False},
     "DisenDiff + token bank": {},
 }
-# Training switches beyond calibration: the nested-attention token bank (nested_attention.md §6A).
+# Training switches beyond calibration: the nested-attention token bank (docs/method.md §15).
 TRAIN_OVERRIDES: dict[str, dict[str, Any]] = {"DisenDiff + token bank": {"token_bank": 16}}
 BACKGROUND_SWAP = "light blue"
 

@@ -7,7 +7,7 @@ A dataset is a folder with pictures and a ``captions.jsonl`` file, one JSON obje
 
 ``image`` is the training target, ``caption`` must contain the ``subject`` word (the s* slot),
 and the optional ``crop`` (a tight picture of the subject) is what the image encoder sees; without
-it the encoder sees the whole image, which teaches copy-paste (spec §2: use crop -> full pairs).
+it the encoder sees the whole image, which teaches copy-paste (``docs/method.md`` §17).
 """
 from __future__ import annotations
 

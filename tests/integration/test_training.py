@@ -38,7 +38,7 @@ SIZE = 128
 SPECS = [ConceptSpec("V1", "cat"), ConceptSpec("V2", "dog")]
 CAPTION = "photo of a V1 cat and V2 dog"
 PROMPT = "a photo of a cat and a dog"  # for stock sampling
-INIT_ROWS = {"V1": 47629, "V2": 42170}  # disendiff.md §1: <new1> <- 47629, <new2> (last) <- 42170
+INIT_ROWS = {"V1": 47629, "V2": 42170}  # docs/method.md §1: V1 <- 47629, V2 (last) <- 42170
 KV_KEY = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
 
 

@@ -174,7 +174,7 @@ def test_prepare_maps_order_and_decoupled_suppression() -> None:
 
 
 def _manual_loss(mod: torch.Tensor, cls: torch.Tensor, weight: float) -> torch.Tensor:
-    """Spec §3.7 written out for two concepts, independent of calibration_loss's plumbing."""
+    """docs/method.md §8 written out for two concepts, independent of calibration_loss's plumbing."""
     kernel = cal.gaussian_kernel(dtype=mod.dtype)
 
     def g(t: torch.Tensor) -> torch.Tensor:

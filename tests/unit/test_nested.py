@@ -1,4 +1,4 @@
-"""Unit tests for attention/nested.py against a literal per-query value table (spec §1.1, eqs. 1-3)."""
+"""Unit tests for attention/nested.py against a literal per-query value table (docs/method.md §11, eqs. 1-3)."""
 from __future__ import annotations
 
 import math
