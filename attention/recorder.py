@@ -63,11 +63,15 @@ class MapStore:
 
     def aggregate(self, steps: Sequence[int] | None = None,
                   size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Mean map per token over heads, layers and steps: ``[rows, T, H, W]``."""
+        """Mean map per token over heads, layers and steps: ``[rows, T, H, W]``; layers of several
+        resolutions are resized to ``size`` (default: the finest recorded)."""
         maps = self.layer_maps(steps)
         if not maps:
             raise RuntimeError("no attention maps were recorded: is the recorder installed on the "
                                "model that ran, and do its layers and sigma range match?")
+        sizes = {tuple(m.shape[-2:]) for m in maps}
+        if size is None and len(sizes) > 1:
+            size = max(sizes, key=lambda s: s[0] * s[1])
         as_heads = [m if m.ndim == 5 else m.unsqueeze(1) for m in maps]
         return aggregate_maps(as_heads, size=size)
 

@@ -99,6 +99,4 @@ class AttentionMapSampler(io.ComfyNode):
         n_steps = len(store.steps)
         first = min(int(step_start * n_steps), n_steps - 1)
         last = max(first + 1, round(step_end * n_steps))
-        sizes = [m.shape[-2:] for m in store.layer_maps()]
-        biggest = max(sizes, key=lambda s: s[0] * s[1])
-        return store.word_maps(range(first, last), size=tuple(biggest))[: samples.shape[0]]
+        return store.word_maps(range(first, last))[: samples.shape[0]]

@@ -1,9 +1,9 @@
 """The DisenDiff training run: K/V deltas and one token per concept, from one picture.
 
 Runs inside a ComfyUI node, so it leaves ``inference_mode`` itself, works on clones of MODEL and
-CLIP, and never changes the objects it received. Follows ``disendiff.md``: masked eps-MSE plus
-0.01 x (L_bind + L_s&s) on Gaussian-smoothed, min-max normalised latent/4 maps, SOT key/value
-detached, AdamW 8e-5, effective batch 8, 250 steps. Every piece can be switched off.
+CLIP, and never changes the objects it received. Follows ``docs/method.md`` §1-§9: masked eps-MSE (§4)
+plus 0.01 x (L_bind + L_s&s) (§8) on Gaussian-smoothed, min-max normalised latent/4 maps (§5-§6),
+start-token key/value detached (§1), AdamW 8e-5, effective batch 8, 250 steps (§9). Every piece can be switched off.
 
 :class:`ConceptTrainer` orchestrates the parts, each in its own module: ``settings`` (the knobs
 and the result), ``data`` (checked inputs, augmentation), ``parameters`` (what is learned and how

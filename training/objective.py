@@ -1,4 +1,4 @@
-"""What a DisenDiff run minimises on one micro-batch (``disendiff.md``).
+"""What a DisenDiff run minimises on one micro-batch (``docs/method.md`` §4-§8).
 
 ``reconstruction``: the UNet's eps-MSE on the noised views, inside each view's loss mask. With
 attention maps (the trigger's and its class phrase's, recorded at ``map_layers``), DisenDiff's

@@ -2,8 +2,8 @@
 
 Per concept one token vector per text encoder (copied from a rare vocabulary row, as Custom
 Diffusion does, or from the class word); the cross-attention K/V weight deltas all concepts share;
-and with ``token_bank`` > 0 a nested-attention token bank per concept (``nested_attention.md``
-§6A): ``M`` vectors in text-feature space that every cross-attention layer projects with its own
+and with ``token_bank`` > 0 a nested-attention token bank per concept (``docs/method.md``
+§15): ``M`` vectors in text-feature space that every cross-attention layer projects with its own
 (delta-patched) ``to_k``/``to_v``, read by the trigger token.
 """
 from __future__ import annotations

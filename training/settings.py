@@ -38,7 +38,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     pool_size: int = 32  # augmented views encoded up front
     token_bank: int = 0  # nested-attention tokens per concept (0: none, nothing changes)
-    bank_learning_rate: float = 5e-3  # AdamW learning rate of the token banks (nested_attention.md §6A)
+    bank_learning_rate: float = 5e-3  # AdamW learning rate of the token banks (docs/method.md §15)
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON-able form for the concept file."""

@@ -538,6 +538,14 @@ def test_masks_add_a_mask_loss(bundles):
     assert masked.history[0]["reconstruction"] != plain.history[0]["reconstruction"]  # region only
 
 
+def test_maps_of_every_layer_train_at_the_finest_resolution(bundles):
+    """map_layers='all' (offered by Train Concepts) mixes 2x2 ... 16x16 maps: they meet at the finest."""
+    result = _train(_bundle(bundles, "sd15"), _settings(steps=1, map_layers="all"), masks=_masks())
+    assert result.stopped == "complete"
+    assert result.maps.shape[-2:] == (SIZE // 8, SIZE // 8)  # the finest attention level's map size
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.history[0].values())
+
+
 def test_input_errors(bundles):
     bundle = _bundle(bundles, "sd15")
     with pytest.raises(ValueError, match="masks"):
