@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw", type=Path, default=None, help="write the raw rows (JSON) here")
     parser.add_argument("--from-raw", type=Path, default=None, help="print the table of saved rows")
     bench.add_machine_arguments(parser, device="cpu")
+    parser.add_argument("--levels", default=None, help="comma list of the noise levels to print rows for "
+                        "(the averages always use all), e.g. 0.05,0.45,0.95")
     return parser.parse_args(argv)
 
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.raw:
             args.raw.parent.mkdir(parents=True, exist_ok=True)
             args.raw.write_text(report.to_json())
-    print(report.table())
+    levels = [float(v) for v in args.levels.split(",")] if args.levels else None
+    print(report.table(levels))
     print(gate_lines(report, args.gate_group))
     return 0
 

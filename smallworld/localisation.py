@@ -186,13 +186,14 @@ class LocalisationReport:
         """Noise levels measured."""
         return sorted({r.t for r in self.objects})
 
-    def table(self) -> str:
-        """Markdown: one row per group and noise level, then the t <= 0.5 and uniform-t averages."""
+    def table(self, levels: Optional[Sequence[float]] = None) -> str:
+        """Markdown: one row per group and noise level (``levels``: a subset), then the t <= 0.5 and
+        uniform-t averages (always over every level measured)."""
         head = ("| group | t | soft IoU | ceiling | share | own / other / bg mass | thr. IoU (ceiling) "
                 "| objects thr. ≥ 0.5 | argmax (chance) |\n|---|---|---|---|---|---|---|---|---|")
         lines = [head]
         for group in self.groups():
-            cases = [(f"{t:.2f}", self.summary(group, t=t)) for t in self.levels()]
+            cases = [(f"{t:.2f}", self.summary(group, t=t)) for t in self.levels() if levels is None or t in levels]
             cases += [("**≤ 0.5**", self.summary(group, low_only=True)), ("**all**", self.summary(group))]
             for label, s in cases:
                 lines.append(f"| {group} | {label} | {s['soft']:.2f} | {s['ceiling']:.2f} | {s['share']:.0%} | "
