@@ -5,7 +5,7 @@
 
 Held-out scenes of the pretraining distribution, every layer group and noise level: class-word
 soft IoU against its ceiling, mass on the own object / other objects / background, thresholded
-IoU and argmax assignment (protocol: ``smallworld/localisation.py``, ``docs/toy_world.md``). Prints
+IoU and argmax assignment (protocol: ``dev/smallworld_lab/localisation.py``, ``docs/toy_world.md``). Prints
 a markdown table and the acceptance gates at ``--gate-group``.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     bench.start_benchmark(args, attention="pytorch")
-    from concept_attention.smallworld import localisation as loc
+    from smallworld_lab import localisation as loc
     from concept_attention.smallworld import model as toy
 
     if args.from_raw:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True  # GPU only; a tiny model gains nothing from full fp32
-    from concept_attention.smallworld import pretrain, quality
+    from smallworld_lab import pretrain, quality
 
     if args.slim_copy:
         pretrain.slim_checkpoint(args.work_dir, args.slim_copy)

@@ -5,13 +5,13 @@
     .venv/bin/python benchmarks/smallworld_disendiff.py --from-raw docs/results_raw/*.json   # report only
 
 Needs the shipped toy-world weights (``smallworld/weights``). Each variant learns the concepts of
-each reference scene from that one image, then is measured (``smallworld/experiment.py``): attention
+each reference scene from that one image, then is measured (``dev/smallworld_lab/experiment.py``): attention
 IoU of trigger and class maps with the objects' masks, and fidelity / leakage / extra objects / text
-alignment of fixed-seed samples, scored by evaluation v2 (``smallworld/evaluate.py``, report in
-``_results_v2.py``). Raw files written before v2 (no ``format`` key) are reported with evaluation
-v1's tables (``_results_v1.py``); the two are never merged. ``--quick`` (CI) trains DisenDiff and
+alignment of fixed-seed samples, scored by evaluation v2 (``dev/smallworld_lab/evaluate.py``, report in
+``results_v2.py``). Raw files written before v2 (no ``format`` key) are reported with evaluation
+v1's tables (``results_v1.py``); the two are never merged. ``--quick`` (CI) trains DisenDiff and
 Custom Diffusion on one scene, measures attention only, and exits 1 unless calibration moves the
-IoU the right way. A second table (``smallworld/composition.py``) learns each object of a scene
+IoU the right way. A second table (``dev/smallworld_lab/composition.py``) learns each object of a scene
 separately and samples the combined caption with the sets combined and with automatic regions.
 """
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
-import _results_v1 as v1  # noqa: E402
-import _results_v2 as v2  # noqa: E402
 from devkit import bench  # noqa: E402
 from devkit.bench import machine_info  # noqa: E402
 from devkit.pack import REPO_ROOT  # noqa: E402
+from smallworld_lab import results_v1 as v1  # noqa: E402
+from smallworld_lab import results_v2 as v2  # noqa: E402
 
-RAW_FORMAT = 2  # evaluation v2 (issue 18); files without "format" are v1 (_results_v1.py)
+RAW_FORMAT = 2  # evaluation v2 (issue 18); files without "format" are v1 (results_v1.py)
 TITLE = "Toy-world results: DisenDiff vs. Custom Diffusion and ablations"
 QUICK_METRICS = [("iou_trigger_own", "trigger IoU own ↑", True),
                  ("iou_trigger_other", "trigger IoU other ↓", False)]
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sample the composition table with N seeds per scene (default: the 4 "
                              "sample seeds; leakage is a rare event, so more seeds narrow its noise)")
     parser.add_argument("--composition-modes", default=None, metavar="A,B",
-                        help="only these modes of smallworld/composition.py (default: all)")
+                        help="only these modes of dev/smallworld_lab/composition.py (default: all)")
     parser.add_argument("--sets-dir", type=Path, default=None,
                         help="keep the composition table's separately learned sets here and reuse them")
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = parse_args(argv)
     device = bench.start_benchmark(args)
-    from concept_attention.smallworld import composition
-    from concept_attention.smallworld import experiment as exp
-    from concept_attention.smallworld.report import bar_chart
+    from smallworld_lab import composition
+    from smallworld_lab import experiment as exp
+    from smallworld_lab.report import bar_chart
 
     settings = exp.ExperimentSettings()
     if args.steps:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[str, float]], list]:
     """(title, markdown after the settings line, per-variant summary, chart metrics) for the raw format."""
-    from concept_attention.smallworld.report import paired_difference
+    from smallworld_lab.report import paired_difference
 
     rows = raw["rows"]
     chart = f"![bar chart]({chart_name})"
@@ -204,8 +204,8 @@ def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[st
 
 def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str], device: str) -> dict:
     """Train and measure every variant on every (shard's) scene; the raw record of all rows."""
-    from concept_attention.smallworld import composition
-    from concept_attention.smallworld import experiment as exp
+    from smallworld_lab import composition
+    from smallworld_lab import experiment as exp
     from concept_attention.smallworld import model as toy
     from concept_attention.smallworld import scenes as sw
 

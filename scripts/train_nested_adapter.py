@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _import_pack()
     distributed = _init_distributed()
-    from concept_attention.smallworld.adapter_dataset import write_smallworld_dataset
+    from smallworld_lab.adapter_dataset import write_smallworld_dataset
     from concept_attention.training.adapter_data import read_dataset
     from concept_attention.training.adapter_train import CHECKPOINT, AdapterTrainer, AdapterTrainSettings
 

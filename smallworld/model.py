@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_FILE, CLIP_FILE, VAE_FILE = "unet.safetensors", "clip_l.safetensors", "taesd.safetensors"
 IMAGE_SIZE = 128  # pixels; 16x16 latents
+Init = Callable[[torch.nn.Module], None]  # fills a fresh module's weights (the harness seeds them)
 
 MODEL_CHANNELS = 64  # base model v2; v1 had 32 (its weights still load: the width is read from them)
 UNET_CONFIG: dict[str, Any] = dict(
@@ -51,21 +52,6 @@ class ToyBundle:
     vae: Any
 
 
-def init_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Seeded init of every parameter (ComfyUI's ops skip init): norms 1/0, weights N(0, 1/fan_in)."""
-    with torch.no_grad():
-        for sub in module.modules():
-            is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-            for name, param in sub.named_parameters(recurse=False):
-                if is_norm:
-                    param.fill_(1.0 if name == "weight" else 0.0)
-                elif param.ndim >= 2:
-                    fan_in = param[0].numel()
-                    param.copy_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
-                else:
-                    param.zero_()
-
-
 def unet_config(model_channels: int = MODEL_CHANNELS) -> dict[str, Any]:
     """The toy UNet's config at a width (channels of the finest level; mult 1-2-2)."""
     return dict(UNET_CONFIG, model_channels=model_channels)
@@ -76,37 +62,44 @@ def width_of(state_dict: dict) -> int:
     return int(state_dict["input_blocks.0.0.weight"].shape[0])
 
 
-def build_model(state_dict: Optional[dict] = None, seed: int = 0, model_channels: Optional[int] = None) -> Any:
-    """ModelPatcher around the toy UNet: given weights (width read from them), or seeded random ones."""
+def build_model(state_dict: Optional[dict] = None, model_channels: Optional[int] = None,
+                init: Optional[Init] = None) -> Any:
+    """ModelPatcher around the toy UNet: given weights (width read from them), or fresh ones that
+    ``init`` fills (ComfyUI's layers skip initialisation)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
+    if state_dict is None and init is None:
+        raise ValueError("the toy UNet needs its weights (load_bundle) or an init for fresh ones")
     if model_channels is None:
         model_channels = MODEL_CHANNELS if state_dict is None else width_of(state_dict)
     config = comfy.supported_models.SD15(unet_config(model_channels))
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     if state_dict is None:
-        init_weights_(base.diffusion_model, torch.Generator().manual_seed(seed))
+        init(base.diffusion_model)
     else:
         base.diffusion_model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
 
 
-def build_clip(state_dict: Optional[dict] = None, seed: int = 0,
-               embedding_directory: Optional[list[str]] = None) -> Any:
-    """ComfyUI CLIP around the toy text model (fp32), with the real SD1.5 tokenizer."""
+def build_clip(state_dict: Optional[dict] = None, embedding_directory: Optional[list[str]] = None,
+               init: Optional[Init] = None) -> Any:
+    """ComfyUI CLIP around the toy text model (fp32), with the real SD1.5 tokenizer: given weights,
+    or fresh ones that ``init`` fills."""
     import comfy.sd
     import comfy.supported_models
 
+    if state_dict is None and init is None:
+        raise ValueError("the toy text model needs its weights (load_bundle) or an init for fresh ones")
     config = comfy.supported_models.SD15(unet_config())
     options = {"dtype": torch.float32, "clip_l_model_config": dict(CLIP_CONFIG)}
     clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=embedding_directory or [],
                          model_options=options)
     text_model = clip.cond_stage_model
     if state_dict is None:
-        init_weights_(text_model, torch.Generator().manual_seed(seed + 1))
+        init(text_model)
     else:
         missing, unexpected = text_model.clip_l.load_state_dict(
             {k: v.float() for k, v in state_dict.items()}, strict=False)
@@ -118,25 +111,11 @@ def build_clip(state_dict: Optional[dict] = None, seed: int = 0,
     return clip
 
 
-def build_vae(state_dict: Optional[dict] = None, seed: int = 0) -> Any:
-    """ComfyUI VAE around a TAESD (8x down, 4 channels): given weights, or seeded random ones."""
+def build_vae(state_dict: dict) -> Any:
+    """ComfyUI VAE around a TAESD (8x down, 4 channels) with the given weights."""
     import comfy.sd
 
-    if state_dict is None:
-        state_dict = new_taesd(seed).state_dict()
     return comfy.sd.VAE(sd={k: v.float() for k, v in state_dict.items()})
-
-
-def new_taesd(seed: int = 0) -> torch.nn.Module:
-    """A fresh TAESD module with seeded weights and identity latent scale."""
-    import comfy.taesd.taesd
-
-    taesd = comfy.taesd.taesd.TAESD()
-    init_weights_(taesd, torch.Generator().manual_seed(seed + 2))
-    with torch.no_grad():
-        taesd.vae_scale.fill_(1.0)
-        taesd.vae_shift.fill_(0.0)
-    return taesd
 
 
 def weights_present(directory: Path = WEIGHTS_DIR) -> bool:

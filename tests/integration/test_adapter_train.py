@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from concept_attention.smallworld.adapter_dataset import write_smallworld_dataset
+from smallworld_lab.adapter_dataset import write_smallworld_dataset
 from concept_attention.training.adapter_data import read_dataset
 from concept_attention.training.adapter_train import AdapterTrainer
 from concept_attention.sampling.nested_adapter import load_adapter

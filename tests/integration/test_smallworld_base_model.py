@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from concept_attention.smallworld import experiment as exp
-from concept_attention.smallworld import learnability
-from concept_attention.smallworld import localisation as loc
+from smallworld_lab import experiment as exp
+from smallworld_lab import learnability
+from smallworld_lab import localisation as loc
 from concept_attention.smallworld import model as toy
-from concept_attention.smallworld import quality
+from smallworld_lab import quality
 from concept_attention.smallworld import scenes as sw
-from concept_attention.smallworld.readout import read_scene
+from smallworld_lab.readout import read_scene
 
 CALIBRATION_LAYERS = "latent/1"  # base model v2: 16x16 maps, as SD1.5's at 512 px
 

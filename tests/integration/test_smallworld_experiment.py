@@ -6,8 +6,9 @@ import re
 import pytest
 import torch
 
-from concept_attention.smallworld import composition
-from concept_attention.smallworld import experiment as exp
+from smallworld_lab import fresh
+from smallworld_lab import composition
+from smallworld_lab import experiment as exp
 from concept_attention.smallworld import model as toy
 from concept_attention.smallworld import scenes as sw
 
@@ -17,7 +18,7 @@ TINY = exp.ExperimentSettings(steps=2, micro_batch=1, grad_accumulation=1, sampl
 
 @pytest.fixture(scope="module")
 def random_toy():
-    return toy.ToyBundle(toy.build_model(seed=1), toy.build_clip(seed=1), toy.build_vae(seed=1))
+    return fresh.random_bundle(1)
 
 
 def test_token_bank_variant_trains_banks_and_samples_with_them(random_toy):
@@ -58,7 +59,7 @@ def test_bank_changes_samples_only_for_prompts_with_its_trigger(random_toy):
 
 
 def test_composition_trains_one_set_per_object_and_scores_every_mode(random_toy):
-    from concept_attention.smallworld import composition
+    from smallworld_lab import composition
 
     scene = sw.reference_scenes(1)[0]
     sets = composition.train_separately(random_toy, scene, TINY)
@@ -152,7 +153,7 @@ def _benchmark_module():
 
 
 def test_benchmark_composition_section_has_a_row_per_mode(random_toy):
-    from concept_attention.smallworld.report import paired_difference
+    from smallworld_lab.report import paired_difference
 
     module = _benchmark_module()
     scene = sw.reference_scenes(1)[0]
@@ -305,7 +306,7 @@ def test_separately_learned_sets_are_cached_and_reused(random_toy, tmp_path, mon
 def test_gate_report_counts_a_sample_only_when_exactly_one_object_is_read():
     from types import SimpleNamespace
 
-    from concept_attention.smallworld import quality
+    from smallworld_lab import quality
 
     def obj(shape, colour):
         return SimpleNamespace(shape=shape, colour=colour, attributes=lambda: {"shape": shape, "colour": colour})

@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from concept_attention.smallworld import localisation as loc
+from smallworld_lab import fresh
+from smallworld_lab import localisation as loc
 from concept_attention.smallworld import model as toy
 from concept_attention.smallworld import scenes as sw
-from concept_attention.smallworld import supervision as sup
-from concept_attention.smallworld import widen
+from smallworld_lab import supervision as sup
+from smallworld_lab import widen
 
 
 @pytest.fixture(scope="module")
 def random_toy():
-    return toy.ToyBundle(toy.build_model(seed=3), toy.build_clip(seed=3), toy.build_vae(seed=3))
+    return fresh.random_bundle(3)
 
 
 def test_held_out_scenes_name_each_shape_once_and_are_not_pretraining_scenes():
@@ -22,7 +23,7 @@ def test_held_out_scenes_name_each_shape_once_and_are_not_pretraining_scenes():
     assert all(len({o.shape for o in s.objects}) == len(s.objects) for s in scenes)
     assert sum(len(s.objects) > 1 for s in scenes) >= 6  # mostly several objects
     assert scenes[0].caption == sw.caption_for(scenes[0].objects, scenes[0].background)
-    from concept_attention.smallworld.pretrain import PretrainConfig, pretrain_scene
+    from smallworld_lab.pretrain import PretrainConfig, pretrain_scene
 
     cfg = PretrainConfig(work_dir=None)
     first = {tuple(o.cx for o in pretrain_scene(cfg, i).objects) for i in range(200)}
@@ -107,7 +108,7 @@ def test_supervision_targets_and_loss():
 
 
 def test_widened_unet_predicts_what_the_narrow_one_did(random_toy):
-    narrow = toy.build_model(seed=7, model_channels=32)
+    narrow = fresh.random_model(7, model_channels=32)
     shapes = {k: v.shape for k, v in random_toy.model.model.diffusion_model.state_dict().items()}
     wide = toy.build_model(widen.widen_state_dict(narrow.model.diffusion_model.state_dict(), shapes))
     assert toy.width_of(wide.model.diffusion_model.state_dict()) == 2 * 32

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from concept_attention.smallworld import model as toy
-from concept_attention.smallworld import pretrain
+from smallworld_lab import fresh
+from smallworld_lab import pretrain
 
 
 def tiny_config(work_dir: Path) -> pretrain.PretrainConfig:
@@ -60,7 +61,7 @@ def test_pretraining_is_seeded(full_run, tmp_path):
 
 
 def test_pretraining_changes_the_weights(full_run):
-    fresh_vae = toy.new_taesd(0).state_dict()
+    fresh_vae = fresh.new_taesd(0).state_dict()
     changed = [k for k, v in fresh_vae.items() if not torch.equal(v, full_run[f"vae.{k}"])]
     assert len(changed) > len(fresh_vae) // 2
     assert float(full_run["vae.vae_scale"]) != 1.0  # latent scale was fitted
@@ -143,8 +144,8 @@ def test_supervised_pretraining_is_seeded_resumable_and_moves_the_weights(full_r
 
 
 def test_a_work_dir_seeded_from_narrow_weights_starts_from_the_same_predictions(tmp_path):
-    narrow = toy.build_model(seed=4, model_channels=32)
-    clip, taesd = toy.build_clip(seed=4), toy.new_taesd(4)
+    narrow = fresh.random_model(4, model_channels=32)
+    clip, taesd = fresh.random_clip(4), fresh.new_taesd(4)
     pretrain.export_weights(narrow, clip, taesd, tmp_path / "v1", {"note": "test"})
     cfg = dataclasses.replace(tiny_config(tmp_path / "work"), steps=0)
     assert pretrain.seed_from_weights(cfg, tmp_path / "v1")

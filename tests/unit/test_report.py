@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from concept_attention.smallworld.report import add_values, paired_difference, pooled_means
+from smallworld_lab.report import add_values, paired_difference, pooled_means
 
 
 def rows(per_scene: list[list[list[float]]]) -> list[dict]:

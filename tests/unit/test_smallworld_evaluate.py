@@ -1,4 +1,4 @@
-"""Unit tests for smallworld/evaluate.py and readout.py: read-out accuracy and metrics."""
+"""Unit tests for dev/smallworld_lab/evaluate.py and readout.py: read-out accuracy and metrics."""
 from __future__ import annotations
 
 import itertools
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from concept_attention.smallworld import evaluate as ev
-from concept_attention.smallworld import readout
+from smallworld_lab import evaluate as ev
+from smallworld_lab import readout
 from concept_attention.smallworld import scenes as sw
 
 

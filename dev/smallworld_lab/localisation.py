@@ -24,10 +24,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..attention.patching import install_hook, model_layers
-from ..attention.recorder import AttentionRecorder, MapStore
-from ..attention.tokens import phrase_ids, token_stream
-from . import scenes as sw
+from concept_attention.attention.patching import install_hook, model_layers
+from concept_attention.attention.recorder import AttentionRecorder, MapStore
+from concept_attention.attention.tokens import phrase_ids, token_stream
+from concept_attention.smallworld import scenes as sw
 from .evaluate import mask_iou
 from .readout import resize
 from .supervision import WordPositions

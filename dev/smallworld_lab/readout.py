@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import scenes as sw
+from concept_attention.smallworld import scenes as sw
 
 _PALETTE = np.array(list(sw.COLOURS.values()), dtype=np.float64)
 _INK = np.array(sw.INK, dtype=np.float64)

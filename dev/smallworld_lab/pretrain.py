@@ -32,10 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attention.tokens import phrase_ids
-from ..training.text_encoder import clip_layers_out_of_place
-from . import model as toy
-from . import scenes as sw
+from concept_attention.attention.tokens import phrase_ids
+from concept_attention.training.text_encoder import clip_layers_out_of_place
+from concept_attention.smallworld import model as toy
+from concept_attention.smallworld import scenes as sw
+from . import fresh
 from . import supervision as sup
 from . import widen
 
@@ -113,7 +114,7 @@ def _vae_batch(rng: np.random.Generator, batch: int, crop: int = 64) -> torch.Te
 def train_vae(cfg: PretrainConfig, should_stop: Callable[[], bool]) -> torch.nn.Module:
     """Stage 1: TAESD autoencoder; returns the trained module with its latent scale set."""
     path = cfg.work_dir / "vae.pt"
-    taesd = toy.new_taesd(cfg.seed)
+    taesd = fresh.new_taesd(cfg.seed)
     opt = torch.optim.AdamW([p for n, p in taesd.named_parameters() if not n.startswith("vae_")], cfg.vae_lr)
     state = _load(path) or {"step": 0}
     if "model" in state:
@@ -346,7 +347,7 @@ def train_unet(cfg: PretrainConfig, data: dict, should_stop: Callable[[], bool],
     path = cfg.work_dir / "unet.pt"
     state = _load(path) or {"step": 0}
     width = toy.width_of({k[len("unet."):]: v for k, v in state["model"].items()}) if "model" in state else None
-    patcher, clip = toy.build_model(seed=cfg.seed, model_channels=width), toy.build_clip(seed=cfg.seed)
+    patcher, clip = fresh.random_model(cfg.seed, width), fresh.random_clip(cfg.seed)
     base, text = patcher.model, clip.cond_stage_model.clip_l
     text.requires_grad_(True)  # ComfyUI freezes text models on load
     modules = torch.nn.ModuleDict({"unet": base.diffusion_model, "text": text})
@@ -486,7 +487,7 @@ def seed_from_weights(cfg: PretrainConfig, weights_dir: Path) -> bool:
     unet = {k: v.float() for k, v in load_file(str(weights_dir / toy.UNET_FILE)).items()}
     step = 0
     if toy.width_of(unet) != toy.MODEL_CHANNELS:
-        shapes = {k: v.shape for k, v in toy.build_model(seed=cfg.seed).model.diffusion_model.state_dict().items()}
+        shapes = {k: v.shape for k, v in fresh.random_model(cfg.seed).model.diffusion_model.state_dict().items()}
         unet = widen.widen_state_dict(unet, shapes)
     else:  # weights of this very pretraining (a slim copy): go on from their step with a re-warmed optimizer
         step = int(weights_card(weights_dir / toy.UNET_FILE).get("unet_steps_done", 0))
@@ -528,7 +529,7 @@ def slim_checkpoint(work_dir: Path, out_dir: Path) -> None:
 
 def export_weights(patcher: Any, clip: Any, taesd: torch.nn.Module, out_dir: Path, info: dict) -> None:
     """Write fp16 safetensors of UNet, CLIP text model and TAESD (atomically) plus a JSON card."""
-    from ..concepts.safe_files import atomic_write_safetensors
+    from concept_attention.concepts.safe_files import atomic_write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"toy_world": json.dumps(info)}

@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..attention.maps import minmax_normalize
-from ..attention.patching import install_hook
-from ..attention.recorder import AttentionRecorder, MapStore
-from ..attention.tokens import find_subsequence
-from . import scenes as sw
+from concept_attention.attention.maps import minmax_normalize
+from concept_attention.attention.patching import install_hook
+from concept_attention.attention.recorder import AttentionRecorder, MapStore
+from concept_attention.attention.tokens import find_subsequence
+from concept_attention.smallworld import scenes as sw
 
 EPS = 1e-6
 

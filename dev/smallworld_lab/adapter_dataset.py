@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..training.adapter_data import CAPTIONS_FILE, subject_crop
-from .scenes import random_scene
+from concept_attention.training.adapter_data import CAPTIONS_FILE, subject_crop
+from concept_attention.smallworld.scenes import random_scene
 
 log = logging.getLogger(__name__)
 

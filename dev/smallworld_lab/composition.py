@@ -31,19 +31,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..concepts.apply import apply_concepts
-from ..concepts.concept_file import load_concepts, save_concepts
-from ..sampling.composition import Composition, sample_composed
-from ..sampling.ksampler import empty_latent
-from ..concepts.concept_set import ConceptSet
-from ..concepts.specs import ConceptSpec
-from ..training.loop import train_concepts
-from ..training.settings import TrainSettings
+from concept_attention.concepts.apply import apply_concepts
+from concept_attention.concepts.concept_file import load_concepts, save_concepts
+from concept_attention.sampling.composition import Composition, sample_composed
+from concept_attention.sampling.ksampler import empty_latent
+from concept_attention.concepts.concept_set import ConceptSet
+from concept_attention.concepts.specs import ConceptSpec
+from concept_attention.training.loop import train_concepts
+from concept_attention.training.settings import TrainSettings
 from . import evaluate as ev
-from . import model as toy
+from concept_attention.smallworld import model as toy
 from . import quality
 from . import report
-from . import scenes as sw
+from concept_attention.smallworld import scenes as sw
 from .experiment import ExperimentSettings, caption_for
 
 _AUTO = Composition(mode="regional_auto", auto_steps=0.3, region_threshold=0.4)  # the node's defaults

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from . import scenes as sw
+from concept_attention.smallworld import scenes as sw
 from .readout import (ObjectReadout, classify_colour, classify_pattern, classify_shape,  # noqa
                       label_components, read_background, read_scene, resize, segment,
                       simulate_vae, to_rgb255)

@@ -21,10 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..concepts.apply import apply_concepts
+from concept_attention.concepts.apply import apply_concepts
 from . import evaluate as ev
 from . import quality
-from . import scenes as sw
+from concept_attention.smallworld import scenes as sw
 from .experiment import ExperimentSettings, train_variant
 
 DEV_SEED = 1  # the benchmark's reference scenes use seed 0

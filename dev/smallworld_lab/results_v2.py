@@ -1,7 +1,7 @@
 """Evaluation v2 report (issue 18): tables with chance levels and paired intervals from format-2 raw rows.
 
-The metrics are defined in ``smallworld/evaluate.py`` (matching, per-picture values) and
-``smallworld/experiment.py`` (IoU against the ceiling at the maps' resolution); DEFINITIONS below
+The metrics are defined in ``dev/smallworld_lab/evaluate.py`` (matching, per-picture values) and
+``dev/smallworld_lab/experiment.py`` (IoU against the ceiling at the maps' resolution); DEFINITIONS below
 says the same for readers of the report.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ CHART = [("iou_trigger_own_share", "trigger IoU own / ceiling ↑"), ("iou_trigg
          ("colour_leak_combined", "colour leakage combined ↓"), ("colour_leak_single", "colour swap single ↓"),
          ("not_drawn_combined", "not drawn combined ↓"), ("extra_rate_single", "extra objects single ↓")]
 DEFINITIONS = (
-    "**Evaluation v2** (issue 18; `smallworld/evaluate.py`). Drawn objects are matched one-to-one to the "
+    "**Evaluation v2** (issue 18; `dev/smallworld_lab/evaluate.py`). Drawn objects are matched one-to-one to the "
     "concepts (Hungarian assignment on the attribute distance, shape first: the class word names it; an "
     "object never matches a concept it shares no attribute with, nor one whose shape is another prompted "
     "concept's). A concept without an object is *not drawn*, never leakage; objects left over are *extra "
@@ -162,7 +162,7 @@ def composition_section(per_mode: Mapping[str, Sequence[Mapping]], paired_differ
                          "against combined (95 % paired bootstrap)", reference_first=False)
     return ("\n## Composition of separately learned concepts\n\nEach object learned on its own (one concept "
             "set per object, trained with its mask); the combined caption sampled with the sets composed by "
-            "each mode of `smallworld/composition.py` (its docstring describes them); `single` samples each "
+            "each mode of `dev/smallworld_lab/composition.py` (its docstring describes them); `single` samples each "
             "concept alone with its own set (its leakage is the appearance swap: the floor no composition "
             "goes below).\n\n" + main + ("\n\n" + versus if versus else "") + "\n")
 

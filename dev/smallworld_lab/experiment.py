@@ -25,23 +25,23 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..attention.calibration import CalibrationSettings
-from ..attention.patching import install_hook
-from ..attention.recorder import AttentionRecorder, MapStore
-from ..concepts.apply import apply_concepts
-from ..concepts.concept_set import ConceptSet
-from ..training.data import AugmentSettings
-from ..concepts.specs import ConceptSpec
-from ..training.loop import train_concepts
-from ..training.settings import TrainResult, TrainSettings
-from ..sampling.ksampler import run_ksampler
-from ..sampling.nested_subjects import with_concept_banks
-from ..concepts.triggers import concept_token_groups
+from concept_attention.attention.calibration import CalibrationSettings
+from concept_attention.attention.patching import install_hook
+from concept_attention.attention.recorder import AttentionRecorder, MapStore
+from concept_attention.concepts.apply import apply_concepts
+from concept_attention.concepts.concept_set import ConceptSet
+from concept_attention.training.data import AugmentSettings
+from concept_attention.concepts.specs import ConceptSpec
+from concept_attention.training.loop import train_concepts
+from concept_attention.training.settings import TrainResult, TrainSettings
+from concept_attention.sampling.ksampler import run_ksampler
+from concept_attention.sampling.nested_subjects import with_concept_banks
+from concept_attention.concepts.triggers import concept_token_groups
 from . import evaluate as ev
-from . import model as toy
+from concept_attention.smallworld import model as toy
 from . import quality
 from . import report
-from . import scenes as sw
+from concept_attention.smallworld import scenes as sw
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "DisenDiff": {},

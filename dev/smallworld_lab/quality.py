@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..sampling.ksampler import empty_latent, run_ksampler
-from . import model as toy
+from concept_attention.sampling.ksampler import empty_latent, run_ksampler
+from concept_attention.smallworld import model as toy
 from . import readout
-from . import scenes as sw
+from concept_attention.smallworld import scenes as sw
 
 GATE = 0.80
 TWO_OBJECT_GATE = 0.70
