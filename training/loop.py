@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 # A token bank starts at the trigger's text features plus this much seeded noise (relative to
 # the features' standard deviation), so its tokens differ but nested attention starts near stock.
 BANK_INIT_NOISE = 0.01
+# How the per-sample reconstruction error is weighted over noise levels. "eps": the plain noise error
+# (official). "eps+x0": plus the error of the predicted clean latent (the noise error times sigma^2)
+# divided by sigma^2's mean over the schedule. At high noise, where a colour is decided, the noise
+# error is the clean-latent error / sigma: too small to teach a small model's new token the colour
+# a single picture shows; at low noise, where fine patterns are learned, it stays as it was.
+LOSS_WEIGHTINGS = ("eps", "eps+x0")
 # Rare CLIP vocabulary rows DisenDiff (after Custom Diffusion) copies new tokens from: ktn, pll, ucd.
 RARE_TOKEN_ROWS = (42170, 47629, 43514)
 
@@ -63,6 +69,7 @@ class TrainSettings:
     augmentation: AugmentSettings = field(default_factory=AugmentSettings)  # views' texts, canvas, scale
     flip: bool = True
     mask_reconstruction: bool = True  # with masks: reconstruct only the concepts' regions
+    loss_weighting: str = "eps"  # "eps" (official) or "eps+x0": see LOSS_WEIGHTINGS
     mask_map_weight: float = 0.01  # with masks: weight of 1 - IoU(map, mask) per concept map
     init: str = "rare"  # "rare" vocabulary rows, or "class" word embedding
     caption: str = ""  # empty: "photo of a V1 cat and V2 dog"
@@ -97,6 +104,8 @@ class TrainSettings:
         if not isinstance(self.augmentation, AugmentSettings):
             raise ValueError(f"augmentation must be AugmentSettings, got {type(self.augmentation).__name__}")
         self.augmentation.validate()
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.autocast not in ("none", "fp16", "bf16"):
             raise ValueError(f"precision/autocast must be 'none' (fp32), 'fp16' or 'bf16', got {self.autocast!r}")
 
@@ -414,6 +423,8 @@ class ConceptTrainer:
         eps = (xt - denoised.float()) / sigma.view(-1, 1, 1, 1)
         mask = torch.stack([sample.loss_mask for sample, _ in batch])[:, None].to(device)
         err = ((eps - noise) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * x0.shape[1]).clamp(min=1)
+        if self.settings.loss_weighting == "eps+x0":
+            err = err * (1 + sigma.float() ** 2 / (sigmas_table.float() ** 2).mean().to(device))
         losses = {"reconstruction": err.mean()}
         if with_maps:
             losses.update(self._map_losses(batch, groups[0]))
