@@ -63,6 +63,8 @@ class TrainingObjective:
         eps = (xt - denoised.float()) / sigma.view(-1, 1, 1, 1)
         mask = torch.stack([sample.loss_mask for sample, _ in batch])[:, None].to(device)
         err = ((eps - noise) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * x0.shape[1]).clamp(min=1)
+        if self.settings.loss_weighting == "eps+x0":
+            err = err * (1 + sigma.float() ** 2 / (sigmas_table.float() ** 2).mean().to(device))
         losses = {"reconstruction": err.mean()}
         if with_maps:
             losses.update(self._map_losses(batch))

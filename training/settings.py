@@ -11,6 +11,13 @@ from ..attention.calibration import CalibrationSettings
 from ..concepts.concept_set import ConceptSet
 from .data import AugmentSettings
 
+# How the per-sample reconstruction error is weighted over noise levels. "eps": the plain noise error
+# (official). "eps+x0": plus the error of the predicted clean latent (the noise error times sigma^2)
+# divided by sigma^2's mean over the schedule. At high noise, where a colour is decided, the noise
+# error is the clean-latent error / sigma: too small to teach a small model's new token the colour
+# a single picture shows; at low noise, where fine patterns are learned, it stays as it was.
+LOSS_WEIGHTINGS = ("eps", "eps+x0")
+
 
 @dataclass
 class TrainSettings:
@@ -31,6 +38,7 @@ class TrainSettings:
     augmentation: AugmentSettings = field(default_factory=AugmentSettings)  # views' texts, canvas, scale
     flip: bool = True
     mask_reconstruction: bool = True  # with masks: reconstruct only the concepts' regions
+    loss_weighting: str = "eps"  # "eps" (official) or "eps+x0": see LOSS_WEIGHTINGS
     mask_map_weight: float = 0.01  # with masks: weight of 1 - IoU(map, mask) per concept map
     init: str = "rare"  # "rare" vocabulary rows, or "class" word embedding
     caption: str = ""  # empty: "photo of a V1 cat and V2 dog"
@@ -65,6 +73,8 @@ class TrainSettings:
         if not isinstance(self.augmentation, AugmentSettings):
             raise ValueError(f"augmentation must be AugmentSettings, got {type(self.augmentation).__name__}")
         self.augmentation.validate()
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.autocast not in ("none", "fp16", "bf16"):
             raise ValueError(f"precision/autocast must be 'none' (fp32), 'fp16' or 'bf16', got {self.autocast!r}")
 

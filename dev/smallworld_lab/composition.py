@@ -76,6 +76,7 @@ def train_separately(bundle: Any, scene: sw.Scene, settings: ExperimentSettings,
                               micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                               resolution=scene.size, seed=settings.seed + i, map_layers=settings.map_layers,
                               augmentation=settings.augmentation, init=settings.init,
+                              loss_weighting=settings.loss_weighting,
                               caption=f"a V{i + 1} {obj.shape} on a {scene.background} background")
         train = replace(train, calibration=replace(train.calibration, weight=settings.attention_weight))
         masks = torch.from_numpy(scene.masks[i:i + 1].astype(np.float32))

@@ -75,6 +75,7 @@ class ExperimentSettings:
     iou_denoise: float = 0.6
     augmentation: AugmentSettings = field(default_factory=toy.toy_augmentation)
     init: str = "rare"  # where triggers start: "rare" vocabulary rows or the "class" word
+    loss_weighting: str = "eps+x0"  # new tokens learn a colour only so (TrainSettings.loss_weighting)
 
 
 def specs_for(scene: sw.Scene) -> list[ConceptSpec]:
@@ -97,6 +98,7 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
                           resolution=scene.size, seed=settings.seed, calibration=calibration,
                           map_layers=settings.map_layers, caption=caption_for(scene),
                           augmentation=settings.augmentation, init=settings.init,
+                          loss_weighting=settings.loss_weighting,
                           **TRAIN_OVERRIDES.get(variant, {}))
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     with torch.inference_mode():  # as inside a node: the loop must cope with inference tensors

@@ -677,3 +677,24 @@ def test_bf16_autocast_trains_with_finite_losses(bundles):
     plain = _train(_bundle(bundles, "sd15"), _settings(steps=2))
     key = next(iter(plain.concepts.kv_deltas))
     assert not torch.equal(result.concepts.kv_deltas[key], plain.concepts.kv_deltas[key])
+
+
+def test_eps_x0_loss_weighting_adds_the_clean_latent_error(bundles):
+    """loss_weighting="eps+x0": the same draw's error times 1 + sigma^2 / mean(sigma^2) of the schedule."""
+    bundle = _bundle(bundles, "sd15")
+    losses, sigmas = {}, {}
+    for weighting in ("eps", "eps+x0"):
+        settings = _settings(augment=False, flip=False, micro_batch=1, pool_size=1, loss_weighting=weighting)
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer, pool = _set_up(bundle, settings)
+            table = trainer.model.model.model_sampling.sigmas.float()
+            state = trainer.generator.get_state()
+            sigmas[weighting] = table[torch.randint(0, len(table), (1,), generator=trainer.generator)]
+            trainer.generator.set_state(state)
+            with clip_layers_out_of_place(trainer.clip.cond_stage_model):
+                losses[weighting] = float(trainer.objective.losses([pool[0]], with_maps=False)["reconstruction"])
+    assert sigmas["eps"] == sigmas["eps+x0"]
+    expected = losses["eps"] * (1 + float(sigmas["eps"] ** 2 / (table ** 2).mean()))
+    assert losses["eps+x0"] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        TrainSettings(loss_weighting="v").validate()
