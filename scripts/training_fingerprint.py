@@ -1,7 +1,10 @@
 """Train the tiny models a few steps in several configurations and keep every result tensor.
 
-A change that must not alter CPU training (a speed-up, a refactor) is checked by running this
-before and after it and comparing the two files bit for bit:
+Also samples the tiny SD1.5 model with every hook kind (map recorder, regional with and without
+region texts and a sigma window, nested attention with two subjects and a region, automatic
+regions with restart) and keeps the latents and recorded maps. A change that must not alter CPU
+results (a speed-up, a refactor) is checked by running this before and after it and comparing
+the two files bit for bit:
 
   git stash; .venv/bin/python scripts/training_fingerprint.py /tmp/before.safetensors; git stash pop
   .venv/bin/python scripts/training_fingerprint.py /tmp/after.safetensors
@@ -51,6 +54,9 @@ def run_all() -> dict[str, torch.Tensor]:
 
     start("cpu")
     torch.set_num_threads(1)
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_enabled(False)
     from concept_attention.attention.calibration import CalibrationSettings
     from concept_attention.concepts.specs import ConceptSpec
     from concept_attention.training.loop import train_concepts
@@ -86,7 +92,76 @@ def run_all() -> dict[str, torch.Tensor]:
                                                for row in result.history], dtype=torch.float64)
         print(f"{name}: {result.stopped}, {len(result.history)} steps, last loss "
               f"{result.history[-1]['loss']:.6f}")
+    out.update(sample_all(bundles["sd15"]))
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def sample_all(bundle: Any) -> dict[str, torch.Tensor]:
+    """Latents (and maps) of sampling with each hook kind installed, under ``sampling/...`` keys."""
+    from concept_attention.attention.nested_hook import NestedSource
+    from concept_attention.attention.patching import install_hook, install_nested, install_regional
+    from concept_attention.attention.recorder import AttentionRecorder, MapStore
+    from concept_attention.concepts.concept_set import (Concept, ConceptSet, architecture_fingerprint,
+                                                        kv_weight_shapes)
+    from concept_attention.sampling.auto_regions import sample_auto_regional
+    from concept_attention.sampling.ksampler import run_ksampler
+    from concept_attention.sampling.nested_subjects import encode_prompt
+
+    prompt, latent_size, steps = "a photo of a cat and a dog", SIZE // 8, 3
+    positive, features = encode_prompt(bundle.clip, prompt)
+    negative, _ = encode_prompt(bundle.clip, "")
+    texts = [encode_prompt(bundle.clip, t)[1][None] for t in ("a photo of a cat", "a photo of a dog")]
+
+    def sample(model: Any) -> torch.Tensor:
+        latent = {"samples": torch.zeros(1, 4, latent_size, latent_size)}
+        return run_ksampler(model, 0, steps, 5.0, "euler", "normal", positive, negative, latent)["samples"]
+
+    generator = torch.Generator().manual_seed(11)
+    sets = [{k: 0.05 * torch.randn(shape, generator=generator)
+             for k, shape in kv_weight_shapes(bundle.model).items()} for _ in range(2)]
+    masks = torch.zeros(2, latent_size, latent_size)
+    masks[0, :, : latent_size // 2], masks[1, :, latent_size // 2:] = 1, 1
+    out: dict[str, torch.Tensor] = {"sampling/stock": sample(bundle.model.clone())}
+
+    recorded = bundle.model.clone()
+    store = MapStore()
+    store.set_words([[5], [8]])
+    install_hook(recorded, AttentionRecorder(store=store, rows="all"), "all")
+    out["sampling/recorder"] = sample(recorded)
+    out["sampling/recorder_maps"] = store.word_maps()
+    out["sampling/recorder_sigmas"] = torch.tensor(store.sigmas, dtype=torch.float64)
+
+    for name, region_texts in (("regional", None), ("regional_texts", texts)):
+        regional = bundle.model.clone()
+        install_regional(regional, sets, masks, region_texts)
+        out[f"sampling/{name}"] = sample(regional)
+    soft = masks.clone()
+    soft[:, :, latent_size // 2 - 1: latent_size // 2 + 1] = 0.5
+    regional = bundle.model.clone()
+    install_regional(regional, sets, soft, texts)
+    out["sampling/regional_soft"] = sample(regional)
+
+    region = torch.zeros(latent_size, latent_size)
+    region[:, : latent_size // 2] = 1
+    subjects = [NestedSource(name=word, position=pos, signature=features[pos].clone(),
+                             bank=torch.randn(4, features.shape[-1], generator=generator),
+                             region=region if word == "dog" else None,
+                             sigma_max=1e9 if word == "cat" else 5.0)
+                for word, pos in (("cat", 5), ("dog", 8))]
+    nested = bundle.model.clone()
+    install_nested(nested, subjects, "all", exclusive=True)
+    out["sampling/nested"] = sample(nested)
+
+    concept_sets = [ConceptSet([Concept(f"V{i}", "thing", {})], deltas, architecture_fingerprint(bundle.model))
+                    for i, deltas in enumerate(sets, 1)]
+    latent = {"samples": torch.zeros(1, 4, latent_size, latent_size)}
+    auto, auto_masks = sample_auto_regional(
+        run_ksampler, bundle.model, concept_sets, 1.0, [[5], [8]], 4, 0.3, 0.4, latent,
+        texts=texts, restart=True, seed=0, cfg=5.0, sampler_name="euler",
+        scheduler="normal", positive=positive, negative=negative, denoise=1.0)
+    out["sampling/auto_restart"] = auto["samples"]
+    out["sampling/auto_masks"] = auto_masks
+    return out
 
 
 def compare(first: Path, second: Path) -> int:
