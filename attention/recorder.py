@@ -23,6 +23,14 @@ def _same_evaluation(a: Any, b: Any) -> bool:
     return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
 
 
+def _fresh_index(positions: tuple, device: torch.device) -> torch.Tensor:
+    """A new long tensor of token positions (a tuple, or a tuple of per-row tuples) on ``device``,
+    made on the device from cached rows: one row per distinct prompt is ever copied from the host."""
+    if positions and isinstance(positions[0], tuple):
+        return torch.stack([index_tensor(row, device) for row in positions])
+    return index_tensor(positions, device).clone()
+
+
 def _read_sigma(sigma: Any) -> float | None:
     if sigma is None:
         return None
@@ -40,6 +48,7 @@ class MapStore:
     sigma_sources: list[Any] = field(default_factory=list)
     _positions: tuple = field(default=(), init=False, repr=False)  # token_index as Python ints
     _positions_of: Any = field(default=None, init=False, repr=False)  # the token_index they are of
+    _on_device: Any = field(default=None, init=False, repr=False)  # (token_index, device, its copy there)
 
     @property
     def sigmas(self) -> list[float | None]:
@@ -62,10 +71,14 @@ class MapStore:
         return self._positions
 
     def device_index(self, device: torch.device) -> torch.Tensor:
-        """``token_index`` on ``device``, without a copy per call."""
+        """``token_index`` on ``device``, made from cached rows once per change (never a copy
+        from the host)."""
         if self.token_index.device == device:
             return self.token_index
-        return index_tensor(self.positions(), device)
+        known = self._on_device
+        if known is None or known[0] is not self.token_index or known[1] != device:
+            known = self._on_device = (self.token_index, device, _fresh_index(self.positions(), device))
+        return known[2]
 
     def check_positions(self, n_keys: int) -> None:
         """Refuse token positions outside ``n_keys`` text tokens (checked on the host)."""
@@ -85,7 +98,7 @@ class MapStore:
                              f"{[[len(w) for w in row] for row in rows]}")
         flat = [[p for word in row for p in word] for row in rows]
         positions = tuple(map(tuple, flat)) if per_row else tuple(flat[0])
-        self.token_index = index_tensor(positions)  # shared (see index_tensor): nothing writes to it
+        self.token_index = _fresh_index(positions, torch.device("cpu"))
         self._positions, self._positions_of = positions, self.token_index
         self.word_sizes = sizes
 
