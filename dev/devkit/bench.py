@@ -145,11 +145,12 @@ def _generator(seed: int, device: str | None) -> torch.Generator:
     return torch.Generator(device=device or "cpu").manual_seed(seed)
 
 
-def build_full_clip(arch: str = "sd15", seed: int = 1, dtype: torch.dtype = torch.float32) -> Any:
+def build_full_clip(arch: str = "sd15", seed: int = 1, dtype: torch.dtype | None = torch.float32) -> Any:
     """The real text encoder of ``arch`` with seeded random weights: CLIP-L (123M parameters) for
     ``"sd15"``, CLIP-L + OpenCLIP bigG (820M) for ``"sdxl"``, with ComfyUI's tokenizers.
 
-    Made where ComfyUI puts a new text encoder and filled there (on a GPU, with a CUDA generator).
+    Made where ComfyUI puts a new text encoder and filled there (on a GPU, with a CUDA generator);
+    ``dtype`` None takes ComfyUI's choice for the device, as a checkpoint loader does.
     """
     import comfy.sd
     import comfy.supported_models
@@ -157,7 +158,8 @@ def build_full_clip(arch: str = "sd15", seed: int = 1, dtype: torch.dtype = torc
 
     config_class, unet = ((comfy.supported_models.SD15, SD15_FULL_UNET) if arch == "sd15"
                           else (comfy.supported_models.SDXL, SDXL_FULL_UNET))
-    clip = comfy.sd.CLIP(config_class(dict(unet)).clip_target(), model_options={"dtype": dtype})
+    options = {} if dtype is None else {"dtype": dtype}
+    clip = comfy.sd.CLIP(config_class(dict(unet)).clip_target(), model_options=options)
     device = next(clip.cond_stage_model.parameters()).device
     seeded_init_(clip.cond_stage_model, _generator(seed, str(device)))
     return clip
