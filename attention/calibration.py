@@ -6,6 +6,7 @@ independent of the Gaussian switch: turning the Gaussian off keeps the suppressi
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -59,7 +60,9 @@ def gaussian_smooth(maps: Tensor, kernel: Tensor) -> Tensor:
     kh, kw = kernel.shape
     flat = maps.reshape(-1, 1, height, width)
     padded = F.pad(flat, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
-    weight = kernel.to(dtype=maps.dtype, device=maps.device)[None, None]
+    if kernel.dtype != maps.dtype or kernel.device != maps.device:
+        kernel = kernel.to(dtype=maps.dtype, device=maps.device)
+    weight = kernel[None, None]
     return F.conv2d(padded, weight).reshape(maps.shape)
 
 
@@ -103,6 +106,12 @@ class CalibrationSettings:
             raise ValueError("weight must be a finite non-negative number")
 
 
+@functools.lru_cache(maxsize=64)
+def _kernel_on(size: int, sigma: float, formula: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`gaussian_kernel` on ``device``, made once (a training step calls it every micro-batch)."""
+    return gaussian_kernel(size, sigma, formula, dtype).to(device)
+
+
 def prepare_maps(raw: Tensor, settings: CalibrationSettings, is_class: bool) -> Tensor:
     """Apply min-max, then the Gaussian, then (class maps only) the suppression to ``[B, T, H, W]`` maps."""
     maps = raw
@@ -110,7 +119,7 @@ def prepare_maps(raw: Tensor, settings: CalibrationSettings, is_class: bool) -> 
         maps = minmax_normalize(maps)
     if settings.gaussian:
         dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32
-        kernel = gaussian_kernel(settings.kernel_size, settings.sigma, settings.sigma_formula, dtype)
+        kernel = _kernel_on(settings.kernel_size, settings.sigma, settings.sigma_formula, dtype, maps.device)
         maps = gaussian_smooth(maps, kernel)
     if is_class:
         maps = suppress(maps, settings.suppression_power)

@@ -8,10 +8,13 @@ descriptions; state that must be collected (maps) lives in objects the hook poin
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import torch
+
+from .on_device import CPU, index_tensor, keep_device
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -22,17 +25,27 @@ LIVE_REPLACES_KEY = "concept_attention_attn2"
 # The sigma callbacks are tested against when the caller gave none (as in training): ComfyUI's
 # percent_to_sigma(0.0), the largest sigma a start_percent can name, so a window opened at 0 % holds.
 SIGMA_WHEN_ABSENT = 999999999.9
+# transformer_options key of a dict that lives for one model evaluation (attention/coexistence.py
+# puts a new one in every UNet call): what every layer of that evaluation can share, e.g. sigma.
+CALL_MEMO_KEY = "concept_attention_call"
 _UNREAD = object()
 
 
 class AttentionContext:
-    """What a hook may know about the current call, derived from ComfyUI's ``extra_options``."""
+    """What a hook may know about the current call, derived from ComfyUI's ``extra_options``.
 
-    __slots__ = ("options", "batch", "_sigma")
+    Nothing here reads a device tensor unless asked: ``sigma`` is read at most once per model
+    evaluation (kept in the evaluation's ``CALL_MEMO_KEY`` dict), row indices come from
+    :func:`~.on_device.index_tensor`, and ``memo`` keeps what a hook derives from its own tensors
+    (device copies, resized masks) for the chain that runs it.
+    """
 
-    def __init__(self, options: dict[str, Any], batch: int):
+    __slots__ = ("options", "batch", "memo", "_sigma")
+
+    def __init__(self, options: dict[str, Any], batch: int, memo: dict[Hashable, Any] | None = None):
         self.options = options
         self.batch = batch
+        self.memo: dict[Hashable, Any] = {} if memo is None else memo
         self._sigma: Any = _UNREAD  # read on first use: reading a device tensor syncs
 
     @property
@@ -51,14 +64,27 @@ class AttentionContext:
         return (int(shape[-2]), int(shape[-1])) if shape is not None else None
 
     @property
+    def sigma_source(self) -> Any:
+        """The sigma ComfyUI passed (a tensor, a number or None), unread; one object per model
+        evaluation, so its identity tells evaluations apart."""
+        return self.options.get("sigmas")
+
+    @property
     def sigma(self) -> float | None:
-        """This call's sigma (None when the caller gave none), read once per layer call."""
+        """This call's sigma (None when the caller gave none), read once per model evaluation."""
         if self._sigma is _UNREAD:
-            sigmas = self.options.get("sigmas")
-            if sigmas is None:
-                self._sigma = None
+            sigmas = self.sigma_source
+            if sigmas is None or not torch.is_tensor(sigmas):
+                self._sigma = None if sigmas is None else float(sigmas)
             else:
-                self._sigma = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas)
+                call = self.options.get(CALL_MEMO_KEY)
+                known = call.get("sigma") if call is not None else None
+                if known is not None and known[0] is sigmas:
+                    self._sigma = known[1]
+                else:
+                    self._sigma = float(sigmas.reshape(-1)[0])
+                    if call is not None:
+                        call["sigma"] = (sigmas, self._sigma)
         return self._sigma
 
     def row_kinds(self) -> list[int]:
@@ -69,15 +95,17 @@ class AttentionContext:
         per_chunk = self.batch // len(chunks)
         return [kind for kind in chunks for _ in range(per_chunk)]
 
-    def rows(self, which: str) -> torch.Tensor:
-        """Indices of the rows a hook gated to ``which`` ("cond", "uncond" or "all") acts on."""
+    def row_list(self, which: str) -> tuple[int, ...]:
+        """Positions of the rows a hook gated to ``which`` ("cond", "uncond" or "all") acts on."""
         kinds = self.row_kinds()
         if which == "all":
-            wanted = range(len(kinds))
-        else:
-            code = COND if which == "cond" else UNCOND
-            wanted = [i for i, kind in enumerate(kinds) if kind == code]
-        return torch.tensor(list(wanted), dtype=torch.long)
+            return tuple(range(len(kinds)))
+        code = COND if which == "cond" else UNCOND
+        return tuple(i for i, kind in enumerate(kinds) if kind == code)
+
+    def rows(self, which: str, device: torch.device | None = None) -> torch.Tensor:
+        """:meth:`row_list` as a long tensor on ``device`` (default CPU), shared: never write to it."""
+        return index_tensor(self.row_list(which), device or CPU)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,11 +121,13 @@ class AttentionHook:
     query_subsets: ClassVar[bool] = False
 
     def is_active(self, ctx: AttentionContext) -> bool:
-        """Whether this hook does anything in this call."""
-        sigma = ctx.sigma
-        if sigma is not None and not (self.sigma_min <= sigma <= self.sigma_max):
-            return False
-        return self.rows == "all" or len(ctx.rows(self.rows)) > 0
+        """Whether this hook does anything in this call (sigma is read only for a narrower window
+        than the default, which every sigma lies in)."""
+        if self.sigma_min > 0.0 or self.sigma_max != math.inf:
+            sigma = ctx.sigma
+            if sigma is not None and not (self.sigma_min <= sigma <= self.sigma_max):
+                return False
+        return self.rows == "all" or len(ctx.row_list(self.rows)) > 0
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
               proceed: AttentionFn) -> torch.Tensor:
@@ -129,10 +159,13 @@ class AttentionChain:
     callbacks: list[tuple[Callable[..., torch.Tensor], dict[str, Any]]] = field(default_factory=list)
     # The block-level replace seen at install; the base only where the live table is not exposed.
     fallback: Callable[..., torch.Tensor] | None = None
+    # What the hooks derive from their own tensors on the device they run on (AttentionContext.memo):
+    # this chain's own, dropped when ComfyUI moves the model elsewhere (``to``), never copied to a clone.
+    memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  extra_options: dict[str, Any]) -> torch.Tensor:
-        ctx = AttentionContext(extra_options, q.shape[0])
+        ctx = AttentionContext(extra_options, q.shape[0], self.memo)
         foreign = self.foreign_base(extra_options)
         callbacks = self.active_callbacks(ctx) if self.callbacks else ()
         below = self.stock if foreign is None else foreign
@@ -193,7 +226,9 @@ class AttentionChain:
         return AttentionChain(self.hooks, inner=replacement, stock=self.stock)
 
     def to(self, *args: Any, **kwargs: Any) -> "AttentionChain":
-        """ComfyUI moves replace objects with ``.to``; pass it on to the replace we hide."""
+        """ComfyUI moves replace objects with ``.to`` when it loads or offloads the model: forget
+        the hooks' copies on other devices, and pass it on to the replace we hide."""
+        keep_device(self.memo, *args, **kwargs)
         if hasattr(self.inner, "to"):
             self.inner = self.inner.to(*args, **kwargs)
         return self
@@ -214,6 +249,7 @@ class AttentionChain:
         copied.inner = copy.deepcopy(self.inner, memo)
         copied.callbacks = copy.deepcopy(self.callbacks, memo)
         copied.fallback = copy.deepcopy(self.fallback, memo)
+        copied.memo = {}
         return copied
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .chain import LIVE_REPLACES_KEY, AttentionChain
+from .chain import CALL_MEMO_KEY, LIVE_REPLACES_KEY, AttentionChain
 from .nested_hook import NestedContextPatch
 from .regional import stash_context
 
@@ -54,6 +54,7 @@ def per_call_options(transformer_options: dict[str, Any]) -> dict[str, Any]:
         attn2 = {**attn2, **rebased}
         options["patches_replace"] = {**replaces, "attn2": attn2}
     options[LIVE_REPLACES_KEY] = attn2
+    options[CALL_MEMO_KEY] = {}
     patches = options.get("patches", {})
     attn2_patch = patches.get("attn2_patch")
     if attn2_patch:

@@ -58,10 +58,13 @@ def token_probs(
     heads: int,
     token_index: Tensor,
     scale: Optional[float] = None,
+    check: bool = True,
 ) -> Tensor:
     """Return the probability columns of chosen keys, ``[B, heads, Nq, T]``; softmax is over all keys.
 
-    ``token_index`` is ``[T]`` (same positions for every row) or ``[B, T]`` (per row).
+    ``token_index`` is ``[T]`` (same positions for every row) or ``[B, T]`` (per row). ``check``
+    off skips the range check, which reads the positions back (a host sync on a GPU), for callers
+    that checked them already.
     """
     logits = _logits(q, k, heads, scale)
     batch, n_heads, n_query, n_keys = logits.shape
@@ -70,7 +73,7 @@ def token_probs(
         index = index.unsqueeze(0).expand(batch, -1)
     if index.dim() != 2 or index.shape[0] != batch:
         raise ValueError(f"token_index must be [T] or [{batch}, T], got {tuple(index.shape)}")
-    if index.numel() and (bool((index < 0).any()) or bool((index >= n_keys).any())):
+    if check and index.numel() and (bool((index < 0).any()) or bool((index >= n_keys).any())):
         raise IndexError(f"token_index out of range for {n_keys} keys")
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     gather_index = index[:, None, None, :].expand(batch, n_heads, n_query, index.shape[1])

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .chain import rows_of
 from .maps import merge_heads, split_heads
+from .on_device import index_tensor
 
 IndexLike = Union[Tensor, int, Sequence[int]]
 
@@ -38,6 +39,8 @@ class NestedKV:
     ``nested_k``/``nested_v`` are projected ``[B or 1, M, heads*d]``; ``nested_mask`` is bool
     ``[B or 1, M]`` (True = usable); ``query_mask`` is bool or float ``[B or 1, Nq]`` and scales
     this subject's update per query (its token weight still applies to every query of the row).
+    ``host_index`` is ``subject_index`` as Python ints when the caller knows them: then nothing is
+    read back from the device (on a GPU every such read waits for all queued work).
     """
 
     subject_index: IndexLike
@@ -47,6 +50,7 @@ class NestedKV:
     strength: float = 1.0
     token_weight: float = 1.0
     query_mask: Optional[Tensor] = None
+    host_index: Optional[Sequence[int]] = None
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _Prepared:
     strength: float
     log_weight: float  # 0.0 when token_weight == 1
     query_mask: Optional[Tensor]  # [B or 1, Nq]
+    row_list: Optional[tuple[int, ...]] = None  # ``rows`` as Python ints, when known without a read
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,7 +82,11 @@ def _prepare(subject: NestedKV, q: Tensor, v: Tensor, heads: int, n_text: int) -
         index = index.expand(batch)
     if index.shape != (batch,):
         raise ValueError(f"subject_index must have shape [{batch}], got {tuple(index.shape)}")
-    if bool((index >= n_text).any()) or bool((index < -1).any()):
+    known = None if subject.host_index is None else tuple(int(i) for i in subject.host_index)
+    if known is not None:
+        if len(known) != batch or any(not -1 <= i < n_text for i in known):
+            raise IndexError(f"subject_index must lie in [-1, {n_text}) for {batch} rows, got {list(known)}")
+    elif bool((index >= n_text).any()) or bool((index < -1).any()):
         raise IndexError(f"subject_index must lie in [-1, {n_text}), got {index.tolist()}")
 
     nested_k, nested_v = subject.nested_k, subject.nested_v
@@ -90,6 +99,7 @@ def _prepare(subject: NestedKV, q: Tensor, v: Tensor, heads: int, n_text: int) -
     active = index >= 0
     mask = subject.nested_mask
     if mask is not None:
+        known = None  # rows without a usable nested token drop out: only the device knows which
         mask = mask.to(device=q.device, dtype=torch.bool)
         if mask.dim() != 2 or mask.shape[1] != nested_k.shape[1]:
             raise ValueError(f"nested_mask must be [B or 1, {nested_k.shape[1]}]")
@@ -103,23 +113,29 @@ def _prepare(subject: NestedKV, q: Tensor, v: Tensor, heads: int, n_text: int) -
         if query_mask.dim() != 2 or query_mask.shape[1] != n_query:
             raise ValueError(f"query_mask must be [B or 1, {n_query}]")
         _check_batch("query_mask", query_mask, batch)
-        query_mask = query_mask.to(device=q.device)
+        if query_mask.device != q.device:
+            query_mask = query_mask.to(device=q.device)
 
     weight = float(subject.token_weight)
     if not (weight >= 0 and math.isfinite(weight)):
         raise ValueError(f"token_weight must be finite and >= 0, got {weight}")
     log_weight = math.log(weight) if weight > 0 else -math.inf
 
-    device_dtype = dict(device=q.device, dtype=q.dtype)
+    if nested_k.device != q.device or nested_k.dtype != q.dtype:
+        nested_k = nested_k.to(device=q.device, dtype=q.dtype)
+    if nested_v.device != q.device or nested_v.dtype != q.dtype:
+        nested_v = nested_v.to(device=q.device, dtype=q.dtype)
+    row_list = None if known is None else tuple(i for i, position in enumerate(known) if position >= 0)
     return _Prepared(
         index=index,
-        rows=active.nonzero().squeeze(1),
-        nested_k=split_heads(nested_k.to(**device_dtype), heads),
-        nested_v=split_heads(nested_v.to(**device_dtype), heads),
+        rows=active.nonzero().squeeze(1) if row_list is None else index_tensor(row_list, q.device),
+        nested_k=split_heads(nested_k, heads),
+        nested_v=split_heads(nested_v, heads),
         nested_mask=mask,
         strength=float(subject.strength),
         log_weight=log_weight,
         query_mask=query_mask,
+        row_list=row_list,
     )
 
 
@@ -178,7 +194,12 @@ def nested_update(
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     if scale is None:
         scale = qh.shape[-1] ** -0.5
-    rows = torch.unique(torch.cat([s.rows for s in prepared]))
+    known = all(s.row_list is not None for s in prepared)
+    if known:  # the rows are known on the host: no unique/searchsorted to read back
+        union = tuple(sorted(set().union(*(s.row_list for s in prepared))))
+        rows = index_tensor(union, q.device)
+    else:
+        rows = torch.unique(torch.cat([s.rows for s in prepared]))
     cdtype = _compute_dtype(q.dtype)
     gates = _gates(qh, kh, prepared, rows, scale)
     v_rows = vh.index_select(0, rows).to(cdtype)
@@ -201,7 +222,8 @@ def nested_update(
     for j, (s, gate, v_subject) in enumerate(zip(prepared, gates, subject_values)):
         if winner is not None:
             gate = gate * (winner == j).to(cdtype)[:, None, :, None]
-        local = torch.searchsorted(rows, s.rows)
+        local = (index_tensor(tuple(union.index(r) for r in s.row_list), q.device) if known
+                 else torch.searchsorted(rows, s.rows))
         nested_mask = None
         if s.nested_mask is not None:
             nested_mask = rows_of(s.nested_mask, s.rows)[:, None, None, :]

@@ -7,13 +7,34 @@ Maps keep their autograd graph when recording for training and are detached when
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .chain import AttentionContext, AttentionFn, AttentionHook
 from .layers import LayerKey
 from .maps import aggregate_maps, maps_to_grid, token_probs
+from .on_device import index_tensor
+
+
+def _same_evaluation(a: Any, b: Any) -> bool:
+    """Whether two sigmas as ComfyUI passed them belong to one model evaluation: the same tensor
+    object (never read: that would sync), or equal numbers."""
+    return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+
+
+def _fresh_index(positions: tuple, device: torch.device) -> torch.Tensor:
+    """A new long tensor of token positions (a tuple, or a tuple of per-row tuples) on ``device``,
+    made on the device from cached rows: one row per distinct prompt is ever copied from the host."""
+    if positions and isinstance(positions[0], tuple):
+        return torch.stack([index_tensor(row, device) for row in positions])
+    return index_tensor(positions, device).clone()
+
+
+def _read_sigma(sigma: Any) -> float | None:
+    if sigma is None:
+        return None
+    return float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
 
 
 @dataclass
@@ -23,12 +44,47 @@ class MapStore:
     token_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     word_sizes: tuple[int, ...] = ()  # tokens per word, in recording order (set_words)
     steps: list[dict[LayerKey, torch.Tensor]] = field(default_factory=list)
-    sigmas: list[float | None] = field(default_factory=list)
+    # Per step, its sigma as ComfyUI passed it (read only when ``sigmas`` is asked for).
+    sigma_sources: list[Any] = field(default_factory=list)
+    _positions: tuple = field(default=(), init=False, repr=False)  # token_index as Python ints
+    _positions_of: Any = field(default=None, init=False, repr=False)  # the token_index they are of
+    _on_device: Any = field(default=None, init=False, repr=False)  # (token_index, device, its copy there)
+
+    @property
+    def sigmas(self) -> list[float | None]:
+        """Each recorded step's sigma (None where the caller gave none)."""
+        return [_read_sigma(sigma) for sigma in self.sigma_sources]
 
     def set_tokens(self, token_index: torch.Tensor | Sequence[int]) -> None:
         """Token positions to record: ``[T]`` for every row, or ``[rows, T]`` per row."""
         self.token_index = torch.as_tensor(token_index, dtype=torch.long)
         self.word_sizes = (1,) * int(self.token_index.shape[-1]) if self.token_index.ndim else ()
+        self.positions()
+
+    def positions(self) -> tuple:
+        """``token_index`` as (nested) tuples of Python ints, read from it once per change."""
+        if self._positions_of is not self.token_index:
+            listed = self.token_index.tolist()
+            listed = listed if isinstance(listed, list) else [listed]
+            self._positions = tuple(tuple(row) for row in listed) if self.token_index.ndim == 2 else tuple(listed)
+            self._positions_of = self.token_index
+        return self._positions
+
+    def device_index(self, device: torch.device) -> torch.Tensor:
+        """``token_index`` on ``device``, made from cached rows once per change (never a copy
+        from the host)."""
+        if self.token_index.device == device:
+            return self.token_index
+        known = self._on_device
+        if known is None or known[0] is not self.token_index or known[1] != device:
+            known = self._on_device = (self.token_index, device, _fresh_index(self.positions(), device))
+        return known[2]
+
+    def check_positions(self, n_keys: int) -> None:
+        """Refuse token positions outside ``n_keys`` text tokens (checked on the host)."""
+        flat = [p for row in self.positions() for p in row] if self.token_index.ndim == 2 else self.positions()
+        if flat and (min(flat) < 0 or max(flat) >= n_keys):
+            raise IndexError(f"token_index out of range for {n_keys} keys")
 
     def set_words(self, words: Sequence[Sequence[int]] | Sequence[Sequence[Sequence[int]]]) -> None:
         """Words to record, each a list of token positions (a word may have several tokens, or
@@ -41,19 +97,22 @@ class MapStore:
             raise ValueError("set_words: every row must have words of the same token counts, got "
                              f"{[[len(w) for w in row] for row in rows]}")
         flat = [[p for word in row for p in word] for row in rows]
-        self.token_index = torch.tensor(flat if per_row else flat[0], dtype=torch.long)
+        positions = tuple(map(tuple, flat)) if per_row else tuple(flat[0])
+        self.token_index = _fresh_index(positions, torch.device("cpu"))
+        self._positions, self._positions_of = positions, self.token_index
         self.word_sizes = sizes
 
     def clear(self) -> None:
         """Forget every recorded map (the token selection stays)."""
         self.steps.clear()
-        self.sigmas.clear()
+        self.sigma_sources.clear()
 
-    def add(self, sigma: float | None, key: LayerKey, maps: torch.Tensor) -> None:
-        """Store one layer's maps; a new sigma (or a layer seen twice) starts a new step."""
-        if not self.steps or self.sigmas[-1] != sigma or key in self.steps[-1]:
+    def add(self, sigma: Any, key: LayerKey, maps: torch.Tensor) -> None:
+        """Store one layer's maps; a new sigma (another model evaluation, as ``sigma_source``
+        tells) or a layer seen twice starts a new step."""
+        if not self.steps or not _same_evaluation(self.sigma_sources[-1], sigma) or key in self.steps[-1]:
             self.steps.append({})
-            self.sigmas.append(sigma)
+            self.sigma_sources.append(sigma)
         self.steps[-1][key] = maps
 
     def layer_maps(self, steps: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -102,15 +161,20 @@ class AttentionRecorder(AttentionHook):
         if spatial is None or spatial[0] * spatial[1] != q.shape[1]:
             raise RuntimeError(f"attention layer {ctx.key}: cannot tell the map size of "
                                f"{q.shape[1]} queries (activations shape {spatial})")
-        rows = ctx.rows(self.rows).to(q.device)
-        token_index = self.store.token_index.to(q.device)
+        rows = ctx.row_list(self.rows)
+        token_index = self.store.device_index(q.device)
         if token_index.ndim == 2 and token_index.shape[0] != len(rows):
             raise ValueError(f"token positions were given for {token_index.shape[0]} rows but "
                              f"{len(rows)} rows are recorded")
+        self.store.check_positions(k.shape[1])
         with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
-            picked = token_probs(q.index_select(0, rows), k.index_select(0, rows), ctx.heads,
-                                 token_index)
+            if len(rows) == q.shape[0]:  # every row (training, rows="all"): nothing to select
+                q_rows, k_rows = q, k
+            else:
+                index = ctx.rows(self.rows, q.device)
+                q_rows, k_rows = q.index_select(0, index), k.index_select(0, index)
+            picked = token_probs(q_rows, k_rows, ctx.heads, token_index, check=False)
             maps = maps_to_grid(picked, *spatial)  # [b, h, T, H, W]
             maps = maps if self.keep_heads else maps.mean(1)
-        self.store.add(ctx.sigma, ctx.key, maps if self.keep_grad else maps.detach())
+        self.store.add(ctx.sigma_source, ctx.key, maps if self.keep_grad else maps.detach())
         return proceed(q, k, v)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .calibration import CalibrationSettings, prepare_maps
 from .chain import AttentionContext, AttentionFn, AttentionHook, accepts_query_subsets, rows_of
+from .on_device import memoized
 
 CONTEXT_KEY = "concept_attention_context"
 VALUE_KEY = "concept_attention_value"
@@ -70,13 +71,47 @@ def regions_from_maps(maps: torch.Tensor, threshold: float = 0.4,
 
 
 def _plus_delta(projected: torch.Tensor, features: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """``projected + features @ delta^T``: a K or V projection with a weight delta added."""
-    return projected if delta is None else projected + features.to(projected.dtype) @ delta.to(projected).T
+    """``projected + features @ delta^T``: a K or V projection with a weight delta added (``delta``
+    already on the projection's device and dtype)."""
+    return projected if delta is None else projected + features.to(projected.dtype) @ delta.T
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each region's weight is, for one feature-map size, batch and device (made once)."""
+
+    weights: torch.Tensor  # [R, N] or [B, R, N]
+    background: torch.Tensor  # [N] or [B, N]
+    present: tuple[bool, ...]  # per region: any weight anywhere
+    # query-subset path (shared weights only): per part, background first, then each region:
+    # (query indices with weight, how many, their weights [n]) or None where it has none
+    parts: tuple[tuple[torch.Tensor, int, torch.Tensor] | None, ...] = ()
+
+
+def _layout(masks: torch.Tensor, size: tuple[int, int], batch: int, device: torch.device) -> _Layout:
+    weights, background = region_weights(masks.to(device), size)
+    if weights.dim() == 3 and weights.shape[0] != batch:  # per image: repeat for cond/uncond
+        repeat = batch // weights.shape[0]
+        weights, background = weights.repeat(repeat, 1, 1), background.repeat(repeat, 1)
+    per_row = weights.dim() == 3
+    regions = weights.shape[1] if per_row else weights.shape[0]
+    present = tuple(bool((weights[:, r] if per_row else weights[r]).gt(0).any()) for r in range(regions))
+    parts = []
+    if not per_row:
+        for w in [background, *weights]:
+            index = (w > 0).nonzero().squeeze(1)
+            parts.append((index, index.numel(), w.index_select(0, index)) if index.numel() else None)
+    return _Layout(weights, background, present, tuple(parts))
 
 
 @dataclass(frozen=True, eq=False)
 class RegionalKV(AttentionHook):
-    """Per-region key/value deltas ``deltas[r] = (dK [inner, ctx], dV [inner, ctx])`` of one layer."""
+    """Per-region key/value deltas ``deltas[r] = (dK [inner, ctx], dV [inner, ctx])`` of one layer.
+
+    What it derives from its masks, deltas and texts on the device (resized weights, the queries
+    of each region, the deltas in the projections' dtype) is made once per chain and device
+    (``AttentionContext.memo``), so a call reads nothing back from the device.
+    """
 
     deltas: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...] = ()
     masks: torch.Tensor | None = None  # [R,H,W] or [B,R,H,W], any resolution, values in [0,1]
@@ -91,23 +126,36 @@ class RegionalKV(AttentionHook):
                                "activation shape; install it with attention.patching.install_regional")
         # Hooks outside this one (nested attention) may have taken appended rows off k and v.
         context, value = context[:, :k.shape[1]], value[:, :v.shape[1]]
-        weights, background = region_weights(self.masks.to(q.device), ctx.spatial)
-        if weights.dim() == 3 and weights.shape[0] != q.shape[0]:  # per image: repeat for cond/uncond
-            repeat = q.shape[0] // weights.shape[0]
-            weights, background = weights.repeat(repeat, 1, 1), background.repeat(repeat, 1)
+        layout = memoized(ctx.memo, (id(self), "layout", ctx.spatial, q.shape[0], q.device),
+                          lambda: _layout(self.masks, ctx.spatial, q.shape[0], q.device))
+        weights, background = layout.weights, layout.background
         per_row = weights.dim() == 3
         if not per_row and accepts_query_subsets(proceed):
-            return self._on_query_subsets(q, k, v, context, value, weights, background, ctx, proceed)
+            return self._on_query_subsets(q, k, v, context, value, layout, ctx, proceed)
         out = proceed(q, k, v) * (background[..., None] if per_row else background[None, :, None])
-        for r, (d_k, d_v) in enumerate(self.deltas):
-            w = weights[:, r, :, None] if per_row else weights[r][None, :, None]
-            if not bool((w > 0).any()):
+        for r in range(len(self.deltas)):
+            if not layout.present[r]:
                 continue
-            k_r, v_r = _plus_delta(k, context, d_k), _plus_delta(v, value, d_v)
-            out = out + self._attend(q, k_r, v_r, self._text_kv(r, context, k), ctx, proceed) * w
+            w = weights[:, r, :, None] if per_row else weights[r][None, :, None]
+            k_r, v_r = self._region_kv(r, k, v, context, value, ctx)
+            out = out + self._attend(q, k_r, v_r, self._text_kv(r, context, k, ctx), ctx, proceed) * w
         return out
 
-    def _text_kv(self, region: int, context: torch.Tensor, k: torch.Tensor
+    def _delta(self, delta: torch.Tensor | None, like: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        """``delta`` on ``like``'s device and dtype (made once per chain)."""
+        if delta is None:
+            return None
+        if delta.device == like.device and delta.dtype == like.dtype:
+            return delta
+        return memoized(ctx.memo, (id(delta), like.device, like.dtype), lambda: delta.to(like))
+
+    def _region_kv(self, region: int, k: torch.Tensor, v: torch.Tensor, context: torch.Tensor,
+                   value: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        d_k, d_v = self.deltas[region]
+        return (_plus_delta(k, context, self._delta(d_k, k, ctx)),
+                _plus_delta(v, value, self._delta(d_v, v, ctx)))
+
+    def _text_kv(self, region: int, context: torch.Tensor, k: torch.Tensor, ctx: AttentionContext
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keys and values ``[1, T, inner]`` of the region's own text, with its deltas; None if none."""
         text = self.texts[region] if region < len(self.texts) else None
@@ -115,23 +163,29 @@ class RegionalKV(AttentionHook):
             return None
         if self.attention is None:
             raise RuntimeError("RegionalKV with region texts needs the layer's attention module")
-        text = text.to(device=context.device, dtype=context.dtype)
+        if text.device != context.device or text.dtype != context.dtype:
+            text = memoized(ctx.memo, (id(text), context.device, context.dtype),
+                            lambda: text.to(device=context.device, dtype=context.dtype))
         d_k, d_v = self.deltas[region]
-        return (_plus_delta(self.attention.to_k(text).to(k), text, d_k),
-                _plus_delta(self.attention.to_v(text).to(k), text, d_v))
+        k_text, v_text = self.attention.to_k(text), self.attention.to_v(text)
+        if k_text.dtype != k.dtype:  # a patched projection may compute in another precision
+            k_text, v_text = k_text.to(k.dtype), v_text.to(k.dtype)
+        return (_plus_delta(k_text, text, self._delta(d_k, k_text, ctx)),
+                _plus_delta(v_text, text, self._delta(d_v, v_text, ctx)))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 text_kv: tuple[torch.Tensor, torch.Tensor] | None, ctx: AttentionContext,
                 proceed: AttentionFn) -> torch.Tensor:
         """Attention of one region's queries: COND rows read the region's own text if it has one."""
-        cond = ctx.rows("cond").to(q.device)
-        if text_kv is None or cond.numel() == 0:
+        n_cond = len(ctx.row_list("cond"))
+        if text_kv is None or n_cond == 0:
             return proceed(q, k, v)
         k_text, v_text = text_kv
-        if cond.numel() == q.shape[0]:
+        if n_cond == q.shape[0]:
             return proceed(q, k_text.expand(q.shape[0], -1, -1), v_text.expand(q.shape[0], -1, -1))
+        cond = ctx.rows("cond", q.device)
         if accepts_query_subsets(proceed):  # stock attention: batch rows are independent too
-            other = ctx.rows("uncond").to(q.device)
+            other = ctx.rows("uncond", q.device)
             out_cond = proceed(q.index_select(0, cond), rows_of(k_text, cond), rows_of(v_text, cond))
             out_other = proceed(q.index_select(0, other), rows_of(k, other), rows_of(v, other))
             out = out_cond.new_empty(q.shape[0], *out_cond.shape[1:])
@@ -142,8 +196,8 @@ class RegionalKV(AttentionHook):
         return proceed(q, k, v).index_copy(0, cond, read_text.index_select(0, cond))
 
     def _on_query_subsets(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: torch.Tensor,
-                          value: torch.Tensor, weights: torch.Tensor, background: torch.Tensor,
-                          ctx: AttentionContext, proceed: AttentionFn) -> torch.Tensor:
+                          value: torch.Tensor, layout: _Layout, ctx: AttentionContext,
+                          proceed: AttentionFn) -> torch.Tensor:
         """Same result, but each attention call sees only the queries with weight there.
 
         With hard (0/1) regions every query is attended once instead of once per region plus
@@ -151,26 +205,23 @@ class RegionalKV(AttentionHook):
         """
         n_query = q.shape[1]
         out = None
-        parts = [(background, k, v, -1)]
-        for r, (d_k, d_v) in enumerate(self.deltas):
-            k_r, v_r = _plus_delta(k, context, d_k), _plus_delta(v, value, d_v)
-            parts.append((weights[r], k_r, v_r, r))
-        for w, k_part, v_part, region in parts:
-            index = (w > 0).nonzero().squeeze(1)
-            if index.numel() == 0:
+        whole = [layout.background, *layout.weights]
+        for region, part in enumerate(layout.parts, -1):  # -1: the background
+            if part is None:
                 continue
-            text_kv = None if region < 0 else self._text_kv(region, context, k)
+            index, count, w_part = part
+            k_part, v_part = (k, v) if region < 0 else self._region_kv(region, k, v, context, value, ctx)
+            text_kv = None if region < 0 else self._text_kv(region, context, k, ctx)
             attend = proceed if text_kv is None else (
                 lambda q_, k_, v_, kv=text_kv: self._attend(q_, k_, v_, kv, ctx, proceed))
-            if index.numel() == n_query:
-                term = attend(q, k_part, v_part) * w[None, :, None]
+            if count == n_query:
+                term = attend(q, k_part, v_part) * whole[region + 1][None, :, None]
                 out = term if out is None else out + term
                 continue
-            term = attend(q.index_select(1, index), k_part, v_part) * w.index_select(0, index)[None, :, None]
+            term = attend(q.index_select(1, index), k_part, v_part) * w_part[None, :, None]
             if out is None:
                 out = term.new_zeros(q.shape[0], n_query, term.shape[-1])
             out = out.index_add(1, index, term)
         if out is None:  # no weight anywhere cannot happen (background fills the rest); stay safe
             out = proceed(q, k, v)
         return out
-

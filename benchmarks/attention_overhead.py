@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
 
@@ -51,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed rounds, each running every variant once (default 5 tiny, "
                              "3 full size)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed rounds first; the first also measures peak memory "
-                             "(default 1 tiny, 0 full size, where a one-step capture run warms up)")
+                        help="untimed rounds first; the first also measures peak memory (default "
+                             "1; 0 at full size on the CPU, where a one-step capture run warms up)")
     parser.add_argument("--call-reps", type=int, default=None,
                         help="repetitions of the per-call measurement on captured layer inputs "
                              "(default 30 tiny, 10 full size; 0 skips it)")
@@ -69,21 +70,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = 2 if args.full_size else 3
     if args.rounds is None:
         args.rounds = 3 if args.full_size else 5
-    if args.warmup is None:
-        args.warmup = 0 if args.full_size else 1
     if args.call_reps is None:
         args.call_reps = 10 if args.full_size else 30
     return args
+
+
+def recorder_models(model: Any) -> tuple[dict[str, tuple[Any, Callable[[], None]]], dict[str, Any]]:
+    """The patched clones (chain-idle, recorder-l/4, recorder-all), each with what resets it
+    before a run, and the recorders' map stores."""
+    from concept_attention.attention.chain import AttentionHook
+    from concept_attention.attention.patching import install_hook
+    from concept_attention.attention.recorder import AttentionRecorder, MapStore
+
+    idle = model.clone()
+    install_hook(idle, AttentionHook(sigma_max=-1.0), "all")
+    models: dict[str, tuple[Any, Callable[[], None]]] = {"chain-idle": (idle, lambda: None)}
+    stores = {}
+    for name, selector in (("recorder-l/4", "latent/4"), ("recorder-all", "all")):
+        patched = model.clone()
+        store = MapStore()
+        store.set_tokens(TOKENS)
+        install_hook(patched, AttentionRecorder(store=store), selector)
+        models[name] = (patched, store.clear)
+        stores[name] = store
+    return models, stores
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bench.start_benchmark(args)
     torch.manual_seed(args.seed)
+    if args.warmup is None:
+        args.warmup = 0 if args.full_size and device == "cpu" else 1
 
     from concept_attention.attention.chain import AttentionHook
     from concept_attention.attention.patching import install_hook
-    from concept_attention.attention.recorder import AttentionRecorder, MapStore
 
     dtype = bench.DTYPES[args.dtype]
     latent = args.size // 8
@@ -109,17 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every variant, stock included, samples a clone, so model loading work is the same for all.
     stock = model.clone()
-    idle = model.clone()
-    install_hook(idle, AttentionHook(sigma_max=-1.0), "all")
-    models = {"chain-idle": (idle, lambda: None)}
-    stores = {}
-    for name, selector in (("recorder-l/4", "latent/4"), ("recorder-all", "all")):
-        patched = model.clone()
-        store = MapStore()
-        store.set_tokens(TOKENS)
-        install_hook(patched, AttentionRecorder(store=store), selector)
-        models[name] = (patched, store.clear)
-        stores[name] = store
+    models, stores = recorder_models(model)
 
     variants = [bench.Variant("stock", sampler(stock))]
     variants += [bench.Variant(name, sampler(patched), before=before)

@@ -173,13 +173,24 @@ def call_overheads(model: Any, patched: Any, calls: dict[Any, tuple], reps: int,
     return results
 
 
+def nested_models(model: Any, sources: list) -> dict[str, Any]:
+    """Clones of ``model`` with Apply Nested Attention's install: ``nested-1`` (the first subject)
+    and ``nested-2`` (both, exclusive), on every cross-attention layer."""
+    from concept_attention.attention.patching import install_nested
+
+    nested = {}
+    for name, chosen in (("nested-1", sources[:1]), ("nested-2", sources)):
+        patched = model.clone()
+        install_nested(patched, chosen, "all", exclusive=True)
+        nested[name] = patched
+    return nested
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time stock, one-subject and two-subject nested sampling, interleaved; print the report."""
     args = parse_args(argv)
     device = bench.start_benchmark(args)
     torch.manual_seed(args.seed)
-    from concept_attention.attention.patching import install_nested
-
     started = time.perf_counter()
     if args.full_size:
         label = "full-size SD1.5 (random weights)"
@@ -198,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
           f"euler/normal, cfg {args.cfg}, batch 1, fp32, device {device}, "
           f"ComfyUI attention {bench.attention_name()}")
 
-    nested = {}
-    for name, chosen in (("nested-1", sources[:1]), ("nested-2", sources)):
-        patched = model.clone()
-        install_nested(patched, chosen, "all", exclusive=True)
-        nested[name] = patched
+    nested = nested_models(model, sources)
     hooked = len(nested["nested-1"].model_options["transformer_options"]["patches_replace"]["attn2"])
     print(f"nested: {hooked} cross-attention layers hooked, {args.bank_tokens} bank tokens per "
           f"subject at rows {[s.position for s in sources]}, exclusive mode")
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.warmup):  # untimed, one step: takes the one-time allocations
         for run in warm:
             run()
+    if device == "cuda":  # one untimed whole run each, for its peak GPU memory
+        for v in variants:
+            v.last_output, v.peak_mib = bench.run_measuring_peak(v, device)
     calls = {}
     if args.call_reps > 0:  # after the warm-up; one step, first evaluation's inputs
         calls = capture_layer_inputs(model, lambda m: sampler(m, 1)())
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
           f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
-    print(bench.format_table(variants, "stock", targets, estimates or None, show_peak=False))
+    print(bench.format_table(variants, "stock", targets, estimates or None, show_peak=device == "cuda"))
     for v in variants[1:]:
         print(f"ratio {v.name}/stock: {v.median / base.median:.3f}x")
     bench.print_footer(variants, loads, device, started, targets)

@@ -85,12 +85,35 @@ def auto_sampler(model: Any, sets: list, texts: list[torch.Tensor], positive: An
                                         **sampling)[0]["samples"]
 
 
+def regional_variants(model: Any, texts: list[torch.Tensor], positive: Any, negative: Any,
+                      args: argparse.Namespace, sampler: Callable[[Any], Callable[[], Any]]) -> list[Any]:
+    """combined, regional, regional+texts, auto and auto+restart on clones of ``model``, with two
+    random concept sets in the two halves of the image (``args``: size, steps, cfg, seed)."""
+    from concept_attention.attention.patching import install_regional
+
+    latent = args.size // 8
+    sets = [random_deltas(model, args.seed + i) for i in (1, 2)]
+    combined = model.clone()
+    for deltas in sets:
+        combined.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
+    regional = model.clone()
+    masks = torch.zeros(2, latent, latent)
+    masks[0, :, : latent // 2], masks[1, :, latent // 2:] = 1, 1
+    install_regional(regional, sets, masks)
+    with_texts = model.clone()
+    install_regional(with_texts, sets, masks, texts)
+    concept_sets = [concept_set(model, deltas, f"V{i + 1}") for i, deltas in enumerate(sets)]
+    return [bench.Variant("combined", sampler(combined)),
+            bench.Variant("regional", sampler(regional)),
+            bench.Variant("regional+texts", sampler(with_texts)),
+            bench.Variant("auto", auto_sampler(model, concept_sets, texts, positive, negative, args, False)),
+            bench.Variant("auto+restart", auto_sampler(model, concept_sets, texts, positive, negative, args, True))]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bench.start_benchmark(args)
     import comfy.utils
-
-    from concept_attention.attention.patching import install_regional
 
     comfy.utils.set_progress_bar_enabled(False)  # the auto variants sample through KSampler's own path
 
@@ -106,39 +129,25 @@ def main(argv: list[str] | None = None) -> int:
         positive, negative = bench.encode(clip, PROMPT), bench.encode(clip, NEGATIVE)
         texts = [bench.encode(clip, text)[0][0] for text in ("a photo of a cat", "a photo of a dog")]
     latent = args.size // 8
-    sets = [random_deltas(model, args.seed + i) for i in (1, 2)]
     print(f"model: {label}, built in {time.perf_counter() - started:.1f}s")
     print(f"machine: {bench.machine_info(device)}; {bench.load_average()}")
-
-    combined = model.clone()
-    for deltas in sets:
-        combined.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0)
-    regional = model.clone()
-    masks = torch.zeros(2, latent, latent)
-    masks[0, :, : latent // 2], masks[1, :, latent // 2:] = 1, 1
-    hooks = install_regional(regional, sets, masks)
-    print(f"regional: {len(hooks)} cross-attention layers hooked, 2 regions")
-    with_texts = model.clone()
-    install_regional(with_texts, sets, masks, texts)
 
     def sampler(patched):
         return lambda: bench.sample(patched, positive, negative, latent, args.steps, args.cfg, args.seed)
 
-    concept_sets = [concept_set(model, deltas, f"V{i + 1}") for i, deltas in enumerate(sets)]
-    variants = [bench.Variant("stock", sampler(model.clone())),
-                bench.Variant("combined", sampler(combined)),
-                bench.Variant("regional", sampler(regional)),
-                bench.Variant("regional+texts", sampler(with_texts)),
-                bench.Variant("auto", auto_sampler(model, concept_sets, texts, positive, negative, args, False)),
-                bench.Variant("auto+restart",
-                                auto_sampler(model, concept_sets, texts, positive, negative, args, True))]
-    for v in variants:  # warm-up, untimed
-        v.last_output = v.run()
+    variants = [bench.Variant("stock", sampler(model.clone()))]
+    variants += regional_variants(model, texts, positive, negative, args, sampler)
+    for v in variants:  # warm-up, untimed (on a GPU it also measures each variant's peak memory)
+        if device == "cuda":
+            v.last_output, v.peak_mib = bench.run_measuring_peak(v, device)
+        else:
+            v.last_output = v.run()
     loads = bench.run_interleaved(variants, args.rounds, device)
     print()
     print(f"{label}, {args.size} px, {args.steps} steps, cfg {args.cfg}, {device}, "
           f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
-    print(bench.format_table(variants, "stock", TARGETS if args.full_size else None, show_peak=False))
+    print(bench.format_table(variants, "stock", TARGETS if args.full_size else None,
+                             show_peak=device == "cuda"))
     bench.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
     return 0
 

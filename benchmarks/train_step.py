@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(full_size: bool, arch: str) -> tuple[Any, Any, Any]:
     """MODEL, CLIP and a TAESD VAE (the VAE only encodes the pool, outside the timed steps)."""
-    from support import tiny_models
+    from devkit import tiny_models
 
     if full_size:
         import comfy.sd

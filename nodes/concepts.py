@@ -85,8 +85,11 @@ class TrainConcepts(io.ComfyNode):
                              tooltip="Images per forward pass."),
                 io.Int.Input("grad_accumulation", default=4, min=1, max=64, optional=True,
                              tooltip="Forward passes per step (effective batch = both multiplied)."),
-                io.Combo.Input("precision", options=["fp32", "bf16", "fp16"], optional=True,
-                               tooltip="Autocast precision of the UNet during training."),
+                io.Combo.Input("precision", options=["fp32", "bf16", "fp16", "auto"], default="auto",
+                               optional=True,
+                               tooltip="Autocast precision of the UNet during training. auto: bf16 "
+                                       "on GPUs that have it (compute capability 8.0 and up), "
+                                       "else fp32 (the CPU trains in fp32)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Save memory by recomputing activations (slower)."),
                 io.Mask.Input("masks", optional=True,
@@ -130,7 +133,7 @@ class TrainConcepts(io.ComfyNode):
     def execute(cls, model, clip, vae, image, concepts: str, steps: int, learning_rate: float,
                 resolution: int, seed: int, calibration: bool, attention_weight: float,
                 save_name: str, micro_batch: int = 2, grad_accumulation: int = 4,
-                precision: str = "fp32", gradient_checkpointing: bool = False,
+                precision: str = "auto", gradient_checkpointing: bool = False,
                 masks=None, prior_images=None, prior_captions: str = "",
                 generated_priors: int = 0, caption: str = "",
                 map_layers: str = "latent/4", token_bank: int = 0,

@@ -26,7 +26,7 @@ def learn_two_concepts(arch: str = "sd15") -> Graph:
     image = g.add("LoadImage", 0, image=TRAINING_IMAGE)
     size = 1024 if xl else 512
     memory = (dict(micro_batch=1, grad_accumulation=8, precision="bf16", gradient_checkpointing=True)
-              if xl else dict(micro_batch=2, grad_accumulation=4, precision="fp32"))
+              if xl else dict(micro_batch=2, grad_accumulation=4, precision="auto"))
     train = g.add("ConceptAttention_TrainConcepts", 1, model=ckpt[0], clip=ckpt[1], vae=ckpt[2],
                   image=image[0], concepts="V1: cat\nV2: dog", steps=250, learning_rate=8e-5,
                   resolution=size, seed=0, calibration=True, attention_weight=0.01,

@@ -29,7 +29,7 @@ from ..concepts.triggers import known_words
 from .data import check_caption, default_caption, prepare_image, prepare_masks
 from .objective import TrainingObjective
 from .parameters import ConceptParameters
-from .pools import Pool, draw_micro_batch, prior_pool, view_pool
+from .pools import Pool, draw_micro_batch, on_device, prior_pool, view_pool
 from .settings import TrainResult, TrainSettings
 from .text_encoder import clip_layers_out_of_place
 
@@ -86,13 +86,19 @@ class ConceptTrainer:
         """Load the patched UNet (weight wrappers and all) and the CLIP where they will run."""
         import comfy.model_management as mm
 
+        if self.settings.compile_unet:
+            unet = self.model.get_model_object("diffusion_model")
+            self.model.add_object_patch("diffusion_model", torch.compile(unet))
         mm.load_models_gpu([self.model], force_full_load=True)
         self.clip.load_model()
 
     def pools(self) -> tuple[Pool, Pool]:
-        """The augmented views of the picture and the prior images, each encoded once."""
+        """The augmented views of the picture and the prior images, each encoded once and kept
+        on the UNet's device."""
         views = view_pool(self.picture, self.masks, self.caption, self.settings, self.rng, self.vae, self.model)
-        return views, prior_pool(self.prior, self.settings, self.rng, self.vae, self.model)
+        prior = prior_pool(self.prior, self.settings, self.rng, self.vae, self.model)
+        device = self.model.load_device
+        return on_device(views, device), on_device(prior, device)
 
     def prepare(self) -> tuple[Pool, Pool, list[torch.Tensor], torch.optim.Optimizer]:
         """Everything before the first step: parameters, hooks, loaded models, banks, data, optimizer."""
@@ -140,21 +146,33 @@ class ConceptTrainer:
 
     def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], target_pool: Pool,
              prior_pool: Pool) -> dict[str, float] | None:
-        """One optimizer step over ``grad_accumulation`` micro-batches; None if not finite."""
+        """One optimizer step over ``grad_accumulation`` micro-batches; None (and no update) if a
+        loss or a gradient is not finite.
+
+        The losses and the finiteness of every loss and gradient stay on the device until one
+        read after the last micro-batch: on a GPU the host never waits inside the step.
+        """
         accumulation = self.settings.grad_accumulation
-        totals: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
+        names: list[str] = []
+        values: list[torch.Tensor] = []
+        finite: list[torch.Tensor] = []
         for _ in range(accumulation):
             batch, from_prior = draw_micro_batch(target_pool, prior_pool, self.settings.micro_batch, self.rng)
             losses = self.objective.losses(batch, with_maps=self.objective.uses_maps and not from_prior)
             loss = losses["reconstruction"] + losses.get("calibration", 0) + losses.get("mask", 0)
-            if not torch.isfinite(loss):
-                return None
+            finite.append(torch.isfinite(loss))
             (loss / accumulation).backward()
             for name, value in {**losses, "loss": loss}.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
-        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+                names.append(name)
+                values.append(value.detach().double())
+        finite += [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        read = torch.cat([torch.stack(values), torch.stack(finite).double()]).tolist()  # the one sync
+        if not all(read[len(values):]):
             return None
+        totals: dict[str, float] = {}
+        for name, value in zip(names, read):
+            totals[name] = totals.get(name, 0.0) + value / accumulation
         optimizer.step()
         return totals
 
@@ -177,7 +195,8 @@ class ConceptTrainer:
             "final_loss": self.history[-1]["loss"] if self.history else math.nan,
         }
         concepts = self.parameters.concept_set(self.model, self.clip, metadata)
-        return TrainResult(concepts, list(self.history), self.last_maps, stopped)
+        maps = None if self.last_maps is None else self.last_maps.cpu()
+        return TrainResult(concepts, list(self.history), maps, stopped)
 
 
 @contextlib.contextmanager

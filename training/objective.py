@@ -18,7 +18,15 @@ from ..attention.recorder import AttentionRecorder, MapStore
 from .parameters import ConceptParameters
 from .pools import Pool
 from .settings import TrainSettings
-from .text_encoder import encode_prompts
+from .text_encoder import PromptEncoder
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor made on the CPU (the run's generator lives there) on ``device``, without waiting
+    for the work queued there: on CUDA through pinned memory, elsewhere as it is."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class TrainingObjective:
@@ -34,6 +42,8 @@ class TrainingObjective:
         self.uses_maps = calibrated or (masked and settings.mask_map_weight > 0)
         self.store = MapStore()
         self.maps: torch.Tensor | None = None  # calibrated maps [2C, h, w] of the last batch with maps
+        self.encoder: PromptEncoder | None = None  # made with the first batch, on the UNet's device
+        self.sigma_table: torch.Tensor | None = None  # the model's sigmas, on the CPU (timesteps are drawn there)
 
     def install(self) -> None:
         """Record the attention maps the map losses read, on the run's MODEL clone (if any loss does)."""
@@ -45,12 +55,14 @@ class TrainingObjective:
         """Reconstruction, calibration (bind, separation) and mask losses of one micro-batch."""
         base = self.model.model
         device = next(base.diffusion_model.parameters()).device
-        x0 = torch.cat([latent for _, latent in batch]).to(device)
-        cond, pooled, token_lists = encode_prompts(self.clip, [sample.prompt for sample, _ in batch])
-        sigmas_table = base.model_sampling.sigmas
-        t = torch.randint(0, len(sigmas_table), (x0.shape[0],), generator=self.generator)
-        sigma = sigmas_table[t].to(device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(device)
+        if self.encoder is None:
+            self.encoder = PromptEncoder(self.clip, device, trains_text=self.settings.train_embeddings)
+            self.sigma_table = base.model_sampling.sigmas.detach().to("cpu", copy=True)
+        x0 = torch.cat([latent for _, latent in batch])  # the pool is on the device already
+        cond, pooled, token_lists = self.encoder([sample.prompt for sample, _ in batch])
+        t = torch.randint(0, len(self.sigma_table), (x0.shape[0],), generator=self.generator)
+        sigma = upload(self.sigma_table[t], device)
+        noise = upload(torch.randn(x0.shape, generator=self.generator), device)
         xt = base.model_sampling.noise_scaling(sigma, noise, x0)
         self.parameters.point_banks_at(token_lists)
         if with_maps:
@@ -58,13 +70,13 @@ class TrainingObjective:
         self.store.clear()
         options = dict(self.model.model_options["transformer_options"])
         with self._autocast(device):
-            denoised = base.apply_model(xt, sigma, c_crossattn=cond.to(device), transformer_options=options,
+            denoised = base.apply_model(xt, sigma, c_crossattn=cond, transformer_options=options,
                                         **self._extra_conds(pooled, x0.shape[0]))
         eps = (xt - denoised.float()) / sigma.view(-1, 1, 1, 1)
-        mask = torch.stack([sample.loss_mask for sample, _ in batch])[:, None].to(device)
+        mask = torch.stack([sample.loss_mask for sample, _ in batch])[:, None]
         err = ((eps - noise) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * x0.shape[1]).clamp(min=1)
         if self.settings.loss_weighting == "eps+x0":
-            err = err * (1 + sigma.float() ** 2 / (sigmas_table.float() ** 2).mean().to(device))
+            err = err * (1 + sigma.float() ** 2 / (self.sigma_table.float() ** 2).mean().to(device))
         losses = {"reconstruction": err.mean()}
         if with_maps:
             losses.update(self._map_losses(batch))
@@ -84,7 +96,6 @@ class TrainingObjective:
         masks = [sample.concept_masks for sample, _ in batch]
         if all(m is not None for m in masks) and self.settings.mask_map_weight > 0:
             target = torch.nn.functional.adaptive_avg_pool2d(torch.stack(masks), maps.shape[-2:])
-            target = target.to(maps.device)
             supervised = (2 - soft_iou(target, modifiers, settings.iou_smooth)
                           - soft_iou(target, classes, settings.iou_smooth)).sum(1).mean()
             losses["mask"] = self.settings.mask_map_weight * supervised
@@ -102,8 +113,18 @@ class TrainingObjective:
         return {"y": torch.cat(ys)}
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        kind = self.settings.autocast
+        kind = autocast_kind(self.settings.autocast, device)
         if kind == "none":
             return contextlib.nullcontext()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[kind]
         return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast_kind(setting: str, device: torch.device) -> str:
+    """The autocast a run on ``device`` uses: ``"auto"`` is bf16 on CUDA GPUs with bf16 matrix
+    units (compute capability 8.0 and up), no autocast elsewhere (the CPU trains in fp32)."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bf16"
+    return "none"

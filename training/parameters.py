@@ -16,6 +16,7 @@ import torch
 
 from ..attention.chain import AttentionHook
 from ..attention.nested_hook import NestedSource
+from ..attention.on_device import index_tensor
 from ..attention.patching import install_hook, install_nested
 from ..attention.tokens import phrase_ids
 from ..concepts.concept_set import Concept, ConceptSet, architecture_fingerprint, kv_weight_shapes, token_tables
@@ -52,7 +53,8 @@ class _KVDelta:
         self.delta = delta
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta.to(weight)
+        delta = self.delta if self.delta.device == weight.device else self.delta.to(weight.device)
+        return weight + delta.to(weight.dtype)
 
 
 def _identity(weight: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,10 @@ class ConceptParameters:
     @classmethod
     def initial(cls, model: Any, clip: Any, specs: list[ConceptSpec],
                 settings: TrainSettings) -> ConceptParameters:
-        """Token vectors from rare vocabulary rows (or the class word), zero K/V deltas, no banks yet."""
+        """Token vectors from rare vocabulary rows (or the class word), zero K/V deltas, no banks
+        yet; each where its model computes (the K/V deltas and bank rows with the UNet, the token
+        vectors with the text encoder), so no step copies them between host and device."""
+        unet_device, text_device = model.load_device, clip.patcher.load_device
         tables = token_tables(clip)
         embeddings = []
         for i, spec in enumerate(specs):
@@ -91,12 +96,12 @@ class ConceptParameters:
                     rows = [RARE_TOKEN_ROWS[from_last]]
                 else:
                     rows = phrase_ids(clip, spec.class_phrase)[:1]
-                vector = table[rows].clone().float()
+                vector = table[rows].clone().float().to(text_device)
                 vectors[key] = torch.nn.Parameter(vector, requires_grad=settings.train_embeddings)
             embeddings.append(vectors)
-        kv_deltas = {key: torch.nn.Parameter(torch.zeros(shape), requires_grad=settings.train_kv)
+        kv_deltas = {key: torch.nn.Parameter(torch.zeros(shape, device=unet_device), requires_grad=settings.train_kv)
                      for key, shape in kv_weight_shapes(model).items()}
-        bank_index = torch.full((len(specs), settings.micro_batch), -1, dtype=torch.long)
+        bank_index = torch.full((len(specs), settings.micro_batch), -1, dtype=torch.long, device=unet_device)
         return cls(specs, embeddings, kv_deltas, bank_index)
 
     def install(self, model: Any, clip: Any, settings: TrainSettings) -> None:
@@ -124,7 +129,7 @@ class ConceptParameters:
             start = features[row]
             noise = torch.randn(settings.token_bank, start.shape[-1], generator=generator)
             bank = start[None] + BANK_INIT_NOISE * float(features.std()) * noise
-            self.banks.append(torch.nn.Parameter(bank))
+            self.banks.append(torch.nn.Parameter(bank.to(self.bank_index.device)))
         log.info("token banks of %d tokens x %d for %s", settings.token_bank, features.shape[-1],
                  ", ".join(s.trigger for s in self.specs))
         sources = [NestedSource(name=spec.trigger, bank=bank, index=index)
@@ -149,11 +154,12 @@ class ConceptParameters:
         """Have each bank read at its trigger's row in each prompt of the batch (none without it)."""
         if not self.banks:
             return
-        rows = torch.tensor([self.trigger_rows(tokens) for tokens in token_lists]).T  # [C, B]
-        if rows.shape != self.bank_index.shape:
+        rows = tuple(zip(*(self.trigger_rows(tokens) for tokens in token_lists)))  # [C][B]
+        if (len(rows), len(rows[0]) if rows else 0) != tuple(self.bank_index.shape):
             raise RuntimeError(f"token banks expect batches of {self.bank_index.shape[1]}, "
-                               f"got {rows.shape[1]}")
-        self.bank_index.copy_(rows)  # the nested sources hold views of it
+                               f"got {len(token_lists)}")
+        # The nested sources hold views of bank_index; the rows come from a per-device cache.
+        self.bank_index.copy_(index_tensor(rows, self.bank_index.device))
 
     def trainable(self) -> list[torch.Tensor]:
         """The tensors the optimizer moves: K/V deltas, token vectors, banks (those switched on)."""
@@ -168,17 +174,21 @@ class ConceptParameters:
         """AdamW; the token banks (if any) in a group of their own with their learning rate."""
         banks = {id(b) for b in self.banks}
         rest = [p for p in self.trainable() if id(p) not in banks]
+        # One fused kernel per step on CUDA; elsewhere the multi-tensor (foreach) implementation,
+        # which on the CPU gives bit for bit the per-tensor loop's values.
+        fused = {"fused": True} if all(p.device.type == "cuda" for p in self.trainable()) else {"foreach": True}
         if not banks:
-            return torch.optim.AdamW(rest, lr=settings.learning_rate)
+            return torch.optim.AdamW(rest, lr=settings.learning_rate, **fused)
         return torch.optim.AdamW([{"params": rest},
                                   {"params": list(self.banks), "lr": settings.bank_learning_rate}],
-                                 lr=settings.learning_rate)
+                                 lr=settings.learning_rate, **fused)
 
     def concept_set(self, model: Any, clip: Any, metadata: dict[str, Any]) -> ConceptSet:
-        """The current values as a ConceptSet (detached copies) for these clones' architecture."""
-        banks = [b.detach().clone() for b in self.banks] or [None] * len(self.specs)
-        concepts = [Concept(spec.trigger, spec.class_phrase,
-                            {k: v.detach().clone() for k, v in vectors.items()}, bank)
+        """The current values as a ConceptSet (detached copies on the CPU) for these clones' architecture."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True)
+        banks = [copy(b) for b in self.banks] or [None] * len(self.specs)
+        concepts = [Concept(spec.trigger, spec.class_phrase, {k: copy(v) for k, v in vectors.items()}, bank)
                     for spec, vectors, bank in zip(self.specs, self.embeddings, banks)]
-        return ConceptSet(concepts, {k: d.detach().clone() for k, d in self.kv_deltas.items()},
+        return ConceptSet(concepts, {k: copy(d) for k, d in self.kv_deltas.items()},
                           architecture_fingerprint(model, clip), metadata)

@@ -3,6 +3,7 @@ picture and the prior images; and the draw of one micro-batch from them."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,6 +50,18 @@ def prior_pool(prior: list[tuple[torch.Tensor, str]], settings: TrainSettings, r
         sample = augment(pixels, None, caption, settings.resolution, rng, enabled=False, flip=settings.flip)
         pool.append((sample, encode_picture(vae, model, sample.pixels)))
     return pool
+
+
+def on_device(pool: Pool, device: torch.device) -> Pool:
+    """The pool with what each step reads (latents, loss and concept masks) on ``device``, copied
+    once here instead of in every micro-batch (the pixels stay where they are)."""
+    placed = []
+    for sample, latent in pool:
+        masks = sample.concept_masks
+        sample = replace(sample, loss_mask=sample.loss_mask.to(device),
+                         concept_masks=None if masks is None else masks.to(device))
+        placed.append((sample, latent.to(device)))
+    return placed
 
 
 def draw_micro_batch(target: Pool, prior: Pool, size: int, rng: random.Random) -> tuple[Pool, bool]:

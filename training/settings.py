@@ -42,8 +42,9 @@ class TrainSettings:
     mask_map_weight: float = 0.01  # with masks: weight of 1 - IoU(map, mask) per concept map
     init: str = "rare"  # "rare" vocabulary rows, or "class" word embedding
     caption: str = ""  # empty: "photo of a V1 cat and V2 dog"
-    autocast: str = "none"  # "none", "fp16", "bf16"
+    autocast: str = "auto"  # "auto" (bf16 on CUDA GPUs that have it, else none), "none", "fp16", "bf16"
     gradient_checkpointing: bool = False
+    compile_unet: bool = False  # torch.compile the UNet for the run (slow to start; pays on long GPU runs?)
     pool_size: int = 32  # augmented views encoded up front
     token_bank: int = 0  # nested-attention tokens per concept (0: none, nothing changes)
     bank_learning_rate: float = 5e-3  # AdamW learning rate of the token banks (docs/method.md §15)
@@ -75,8 +76,8 @@ class TrainSettings:
         self.augmentation.validate()
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        if self.autocast not in ("none", "fp16", "bf16"):
-            raise ValueError(f"precision/autocast must be 'none' (fp32), 'fp16' or 'bf16', got {self.autocast!r}")
+        if self.autocast not in ("auto", "none", "fp16", "bf16"):
+            raise ValueError(f"precision/autocast must be 'auto', 'none' (fp32), 'fp16' or 'bf16', got {self.autocast!r}")
 
 
 @dataclass

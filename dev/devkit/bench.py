@@ -40,6 +40,19 @@ SD15_FULL_UNET: dict[str, Any] = dict(
     use_temporal_resblock=False, num_heads=8, num_head_channels=-1, use_checkpoint=False,
 )
 SD15_CONTEXT = (77, 768)  # one CLIP-L chunk
+# ComfyUI's SDXL base UNet config (comfy/model_detection.py, "SDXL"): 2.6B parameters.
+SDXL_FULL_UNET: dict[str, Any] = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
+    num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
+    transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+# The SD VAE's encoder/decoder config (comfy/sd.py's default for "AutoencoderKL" checkpoints).
+SD_VAE_CONFIG: dict[str, Any] = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
+                                     ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
+                                     dropout=0.0)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -96,22 +109,72 @@ def machine_info(device: str) -> str:
 
 # --------------------------------------------------------------------------- models
 
-def build_full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+def build_full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | None = None) -> Any:
     """A ModelPatcher around a FULL-size SD1.5 UNet (860M parameters) with seeded random weights.
 
-    Built on the CPU from ``comfy.supported_models.SD15`` and the real SD1.5 UNet config, so every
-    layer, shape and patch point is the real one; only the weights are random (~3.4 GB in fp32).
+    Built from ``comfy.supported_models.SD15`` and the real SD1.5 UNet config, so every layer,
+    shape and patch point is the real one; only the weights are random (~3.4 GB in fp32). Built
+    on the CPU by default, or directly on ``device`` (much faster for a GPU; other numbers).
     """
+    import comfy.supported_models
+
+    return _full_unet(comfy.supported_models.SD15, SD15_FULL_UNET, seed, dtype, device)
+
+
+def build_full_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | None = None) -> Any:
+    """A ModelPatcher around a FULL-size SDXL base UNet (2.6B parameters), seeded random weights."""
+    import comfy.supported_models
+
+    return _full_unet(comfy.supported_models.SDXL, SDXL_FULL_UNET, seed, dtype, device)
+
+
+def _full_unet(config_class: type, unet: dict[str, Any], seed: int, dtype: torch.dtype,
+               device: str | None) -> Any:
     import comfy.model_management as mm
     import comfy.model_patcher
+    from .tiny_models import seeded_init_
+
+    config = config_class(dict(unet))
+    config.set_inference_dtype(dtype, None)
+    base = config.get_model({}, device=device)
+    seeded_init_(base.diffusion_model, _generator(seed, device))
+    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def _generator(seed: int, device: str | None) -> torch.Generator:
+    return torch.Generator(device=device or "cpu").manual_seed(seed)
+
+
+def build_full_clip(arch: str = "sd15", seed: int = 1, dtype: torch.dtype | None = torch.float32) -> Any:
+    """The real text encoder of ``arch`` with seeded random weights: CLIP-L (123M parameters) for
+    ``"sd15"``, CLIP-L + OpenCLIP bigG (820M) for ``"sdxl"``, with ComfyUI's tokenizers.
+
+    Made where ComfyUI puts a new text encoder and filled there (on a GPU, with a CUDA generator);
+    ``dtype`` None takes ComfyUI's choice for the device, as a checkpoint loader does.
+    """
+    import comfy.sd
     import comfy.supported_models
     from .tiny_models import seeded_init_
 
-    config = comfy.supported_models.SD15(dict(SD15_FULL_UNET))
-    config.set_inference_dtype(dtype, None)
-    base = config.get_model({})
-    seeded_init_(base.diffusion_model, torch.Generator().manual_seed(seed))
-    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+    config_class, unet = ((comfy.supported_models.SD15, SD15_FULL_UNET) if arch == "sd15"
+                          else (comfy.supported_models.SDXL, SDXL_FULL_UNET))
+    options = {} if dtype is None else {"dtype": dtype}
+    clip = comfy.sd.CLIP(config_class(dict(unet)).clip_target(), model_options=options)
+    device = next(clip.cond_stage_model.parameters()).device
+    seeded_init_(clip.cond_stage_model, _generator(seed, str(device)))
+    return clip
+
+
+def build_full_vae(seed: int = 2) -> Any:
+    """The SD VAE (AutoencoderKL, 84M parameters, 8x down, 4 latent channels), seeded random
+    weights, through ComfyUI's ``VAE`` as a checkpoint loader makes it."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+    from .tiny_models import seeded_init_
+
+    module = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_CONFIG), embed_dim=4)
+    seeded_init_(module, _generator(seed, None))
+    return comfy.sd.VAE(sd=module.state_dict())
 
 
 def build_tiny(arch: str = "sd15", seed: int = 0) -> tuple[Any, Any]:
@@ -421,4 +484,7 @@ def print_footer(variants: Sequence[Variant], loads: Sequence[float], device: st
     warning = contention_warning(loads, device, variants)
     if warning:
         print(warning)
+    if device == "cuda":
+        print(f"peak GPU memory (CUDA allocator, whole benchmark): "
+              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"whole benchmark: {time.perf_counter() - started:.0f}s")

@@ -61,6 +61,8 @@ def seeded_init_(module: torch.nn.Module, generator: torch.Generator, gain: floa
 
     Norm layers get weight 1 and bias 0, other biases 0, weights N(0, gain^2 / fan_in) so that
     activations keep unit scale through the network and the text really steers the output.
+    The numbers come from ``generator``'s device (a CUDA generator fills a large model on the GPU
+    in a moment; its numbers differ from the CPU's).
     """
     with torch.no_grad():
         for sub in module.modules():
@@ -70,7 +72,8 @@ def seeded_init_(module: torch.nn.Module, generator: torch.Generator, gain: floa
                     param.fill_(1.0 if name == "weight" else 0.0)
                 elif param.ndim >= 2:
                     fan_in = param[0].numel()
-                    param.copy_(torch.randn(param.shape, generator=generator) * gain / fan_in ** 0.5)
+                    noise = torch.randn(param.shape, generator=generator, device=generator.device)
+                    param.copy_(noise * gain / fan_in ** 0.5)
                 else:
                     param.zero_()
 

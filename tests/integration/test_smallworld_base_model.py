@@ -27,8 +27,10 @@ def _shipped_width() -> int:
 
 # The gates of issue 17 hold for base model v2 (64 channels); the first base model (32) misses them.
 # strict: should v1 pass one after all, the marker is wrong and the test says so.
-v2_gate = pytest.mark.xfail(_shipped_width() < toy.MODEL_CHANNELS, strict=True,
-                            reason="base model v1 (32 channels) misses the v2 gates of issue 17")
+V1_SHIPPED = _shipped_width() < toy.MODEL_CHANNELS
+v2_gate = pytest.mark.xfail(V1_SHIPPED, strict=True, reason="base model v1 (32 channels) misses the v2 gates of issue 17")
+# Five CI minutes to confirm a known miss are not spent: run once v2 is shipped (measured in docs/toy_world.md).
+v2_gate_not_run_on_v1 = pytest.mark.xfail(V1_SHIPPED, run=False, reason="base model v1 misses the learnability gate")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_class_words_localise_at_the_calibration_layers(bundle):
     assert all(ok for _, _, ok in gates.values()), gates
 
 
-@v2_gate
+@v2_gate_not_run_on_v1
 def test_the_baseline_learns_hidden_objects_with_the_toy_world_recipe(bundle):
     """Custom Diffusion (calibration off), the default toy-world recipe, dev scenes: the learned
     object's colour (colour and pattern) is drawn where the VAE round trip keeps it readable."""

@@ -698,3 +698,56 @@ def test_eps_x0_loss_weighting_adds_the_clean_latent_error(bundles):
     assert losses["eps+x0"] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="loss_weighting"):
         TrainSettings(loss_weighting="v").validate()
+
+
+# ----- 10. speed knobs: the same results on the CPU -----------------------------------------------
+def test_auto_precision_is_fp32_on_the_cpu_and_bf16_on_gpus_with_bf16_units(monkeypatch):
+    from concept_attention.training.objective import autocast_kind
+
+    assert TrainSettings().autocast == "auto"
+    assert autocast_kind("auto", torch.device("cpu")) == "none"
+    assert autocast_kind("fp16", torch.device("cpu")) == "fp16"
+    for capability, expected in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "none")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert autocast_kind("auto", torch.device("cuda", 0)) == expected
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_text_encoder_runs_once_per_prompt_when_token_vectors_are_frozen(bundles, monkeypatch, train_embeddings):
+    from concept_attention.training import text_encoder
+
+    bundle = _bundle(bundles, "sd15")
+    prompts: list[str] = []
+    original = text_encoder.encode_prompts
+
+    def counted(clip, batch):
+        prompts.extend(batch)
+        return original(clip, batch)
+
+    monkeypatch.setattr(text_encoder, "encode_prompts", counted)
+    settings = _settings(steps=3, grad_accumulation=2, pool_size=4, train_embeddings=train_embeddings)
+    result = _train(bundle, settings)
+    assert result.stopped == "complete"
+    drawn = settings.steps * settings.grad_accumulation * settings.micro_batch
+    if train_embeddings:
+        assert len(prompts) == drawn
+    else:
+        assert len(prompts) == len(set(prompts)) < drawn  # each distinct prompt once
+        # and the reused features train exactly as features encoded afresh for every batch
+        encoder_init = text_encoder.PromptEncoder.__init__
+        monkeypatch.setattr(text_encoder.PromptEncoder, "__init__",
+                            lambda self, clip, device, trains_text: encoder_init(self, clip, device, True))
+        fresh = _train(bundle, settings)
+        assert len(prompts) == len(set(prompts)) + drawn
+        _assert_states_equal(_state(fresh), _state(result))
+
+
+def test_optimizer_is_multi_tensor_and_results_come_back_on_the_cpu(bundles):
+    bundle = _bundle(bundles, "sd15")
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer = ConceptTrainer(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, _settings(steps=1))
+        _, _, params, optimizer = trainer.prepare()
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults.get("fused")
+    assert all(p.device == bundle.model.load_device for p in params)
+    result = trainer.result("complete")
+    assert all(t.device.type == "cpu" for t in _state(result).values())
