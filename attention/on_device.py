@@ -22,17 +22,21 @@ CPU = torch.device("cpu")
 def index_tensor(values: tuple, device: torch.device = CPU) -> torch.Tensor:
     """A long tensor of ``values`` (a tuple of ints, or of equal-length tuples) on ``device``.
 
-    Made once per value and device and shared by every caller: never write to it.
+    Made once per value and device and shared by every caller: never write to it. Made outside
+    inference mode, so a tensor first asked for while sampling can index a training step later.
     """
-    return torch.tensor(values, dtype=torch.long, device=device)
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def memoized(memo: dict[Hashable, Any], key: Hashable, make: Callable[[], Any]) -> Any:
-    """``memo[key]``, made by ``make()`` on first use."""
+    """``memo[key]``, made by ``make()`` on first use (outside inference mode: a copy first made
+    while sampling may take part in a training step of the same chain later)."""
     try:
         return memo[key]
     except KeyError:
-        value = memo[key] = make()
+        with torch.inference_mode(False):
+            value = memo[key] = make()
         return value
 
 

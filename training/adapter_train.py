@@ -72,7 +72,8 @@ class _LiveSource(NestedSource):
 
     live: dict = field(default_factory=dict)
 
-    def rows_index(self, context: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    def rows_index(self, context: torch.Tensor, sigma: float | None = None,
+                   memo: dict | None = None) -> torch.Tensor:
         return self.live["index"].to(context.device)
 
 
