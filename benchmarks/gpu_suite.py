@@ -205,7 +205,7 @@ def training_rows(arch: str, scale: Scale, device: str, seed: int, max_seconds: 
                 targets["wall"], f"{how}; set-up and first step {timed['first_step']:.1f} s; "
                 f"models built beforehand in {built:.1f} s (not counted)"),
             Row(f"{name} training: steps per second", 1 / timed["steady"], "it/s", None,
-                f"mean over the steps after the first {scale.warmup}")]
+                f"mean over the steps after step {scale.warmup}")]
     if timed["peak_gb"] is not None:
         rows.append(Row(f"{name} training: peak memory", timed["peak_gb"], "GB", targets["peak"],
                         "CUDA allocator peak over the run, weights included (GB = 1e9 bytes)"))
@@ -214,7 +214,8 @@ def training_rows(arch: str, scale: Scale, device: str, seed: int, max_seconds: 
                         "no GPU: increase of the process's resident memory"))
     step, parts = timed["split_step"], timed["split"]
     rest = max(step - sum(device_s for device_s, _ in parts.values()), 0.0)
-    where = f"of a {step * 1e3:.0f} ms step ({scale.split_steps} timed after {scale.warmup})"
+    timed_steps = f"{scale.warmup + 1}-{scale.warmup + scale.split_steps}" if scale.split_steps > 1 else scale.warmup + 1
+    where = f"of a {step * 1e3:.0f} ms step (mean of step {timed_steps})"
     for part, (device_s, host_s) in parts.items():
         rows.append(Row(f"{name} step split: {part}", device_s * 1e3, "ms/step", None,
                         f"{100 * device_s / step:.0f} % {where}"
