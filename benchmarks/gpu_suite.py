@@ -124,8 +124,9 @@ def _training_models(arch: str, scale: Scale, device: str, seed: int) -> tuple[A
 
 
 def _train(models: tuple[Any, Any, Any], arch: str, scale: Scale, steps: int,
-           progress: Callable[[int, int, dict, Any], None]) -> None:
-    """One train_concepts call with the recipe's settings (bounded runs end in ``_Enough``)."""
+           progress: Callable[[int, int, dict, Any], None]) -> str:
+    """One train_concepts call with the recipe's settings; how it stopped ("complete", "bounded"
+    when the progress callback ended it, or the run's own reason, e.g. "non-finite loss")."""
     from concept_attention.concepts.specs import ConceptSpec
     from concept_attention.training.loop import train_concepts
     from concept_attention.training.settings import TrainSettings
@@ -136,10 +137,10 @@ def _train(models: tuple[Any, Any, Any], arch: str, scale: Scale, steps: int,
                              resolution=size)
     picture = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
     try:
-        train_concepts(*models, picture, [ConceptSpec(*spec) for spec in SPECS], settings,
-                       progress=progress)
+        return train_concepts(*models, picture, [ConceptSpec(*spec) for spec in SPECS], settings,
+                              progress=progress).stopped
     except _Enough:
-        pass
+        return "bounded"
 
 
 def timed_run(models: tuple[Any, Any, Any], arch: str, scale: Scale, device: str,
@@ -152,7 +153,7 @@ def timed_run(models: tuple[Any, Any, Any], arch: str, scale: Scale, device: str
     parts = step_split.PartTimes(device == "cuda")
     timing = step_split.timing_parts(models[0].model.diffusion_model, parts)
     times: list[float] = []
-    started = 0.0
+    started, stopped = 0.0, ""
 
     def progress(step: int, total: int, losses: dict, maps: Any) -> None:
         times.append(time.perf_counter())  # each step ends in one read of its losses: synced
@@ -165,10 +166,10 @@ def timed_run(models: tuple[Any, Any, Any], arch: str, scale: Scale, device: str
             raise _Enough
 
     def run() -> None:
-        nonlocal started
+        nonlocal started, stopped
         started = time.perf_counter()
         try:
-            _train(models, arch, scale, scale.steps, progress)
+            stopped = _train(models, arch, scale, scale.steps, progress)
         finally:
             if scale.warmup <= len(times) < scale.warmup + scale.split_steps:  # broke inside
                 timing.__exit__(None, None, None)
@@ -176,6 +177,8 @@ def timed_run(models: tuple[Any, Any, Any], arch: str, scale: Scale, device: str
     _, peak_mib = bench.run_measuring_peak(bench.Variant("train", run), device)
     wall = time.perf_counter() - started
     done = len(times)
+    if done < least:  # too few steps for a steady rate and the split
+        raise RuntimeError(f"the run stopped after {done} steps: {stopped}")
     warm = min(scale.warmup, done - 1)
     steady = (times[-1] - (times[warm - 1] if warm else started)) / (done - warm)
     window = times[scale.warmup + scale.split_steps - 1] - times[scale.warmup - 1]
@@ -184,7 +187,7 @@ def timed_run(models: tuple[Any, Any, Any], arch: str, scale: Scale, device: str
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
     return dict(wall=wall, done=done, steady=steady, first_step=times[0] - started,
                 estimated=wall + (scale.steps - done) * steady, peak_gb=peak, peak_rss_mib=peak_mib,
-                split=split, split_step=window / scale.split_steps)
+                split=split, split_step=window / scale.split_steps, stopped=stopped)
 
 
 def training_rows(arch: str, scale: Scale, device: str, seed: int, max_seconds: float) -> list[Row]:
@@ -201,6 +204,8 @@ def training_rows(arch: str, scale: Scale, device: str, seed: int, max_seconds: 
 
     how = (f"{timed['done']} of {scale.steps} steps measured in {timed['wall']:.1f} s, the rest "
            f"extrapolated at the steady rate" if timed["done"] < scale.steps else "measured")
+    if timed["stopped"] not in ("complete", "bounded"):
+        how = f"THE RUN STOPPED ITSELF ({timed['stopped']}): {how}"
     rows = [Row(f"{name} training: wall time of the run ({recipe})", timed["estimated"], "s",
                 targets["wall"], f"{how}; set-up and first step {timed['first_step']:.1f} s; "
                 f"models built beforehand in {built:.1f} s (not counted)"),
