@@ -127,3 +127,13 @@ def test_full_size_rows_are_judged_against_their_targets():
     met = [line.split(" | ")[3] for line in table.splitlines() if line.startswith("| S") or line.startswith("| s")]
     assert met == ["NO", "yes", "yes", ""]
     assert "| SDXL training | n/a |" in table and "failed: boom" in table
+
+
+def test_the_shell_entry_parses_and_names_its_verbs():
+    import subprocess
+
+    scripts = SCRIPT.parents[1] / "scripts"
+    for name in ("gpu_suite.sh", "gpu_carry.sh", "gpu_pretrain_smallworld.sh"):
+        assert subprocess.run(["bash", "-n", str(scripts / name)]).returncode == 0, name
+    usage = subprocess.run(["bash", str(scripts / "gpu_suite.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "prepare | run" in usage.stderr
