@@ -40,6 +40,7 @@ SD15_FULL_UNET: dict[str, Any] = dict(
     use_temporal_resblock=False, num_heads=8, num_head_channels=-1, use_checkpoint=False,
 )
 SD15_CONTEXT = (77, 768)  # one CLIP-L chunk
+SD15_PARAMETERS = 859_520_964  # UNet parameters; ComfyUI's dtype choice reads the model's size
 # ComfyUI's SDXL base UNet config (comfy/model_detection.py, "SDXL"): 2.6B parameters.
 SDXL_FULL_UNET: dict[str, Any] = dict(
     use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
@@ -49,6 +50,7 @@ SDXL_FULL_UNET: dict[str, Any] = dict(
     transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
     use_temporal_resblock=False,
 )
+SDXL_PARAMETERS = 2_567_463_684
 # The SD VAE's encoder/decoder config (comfy/sd.py's default for "AutoencoderKL" checkpoints).
 SD_VAE_CONFIG: dict[str, Any] = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
                                      ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
@@ -109,33 +111,42 @@ def machine_info(device: str) -> str:
 
 # --------------------------------------------------------------------------- models
 
-def build_full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | None = None) -> Any:
+def build_full_sd15(seed: int = 0, dtype: torch.dtype | None = torch.float32,
+                    device: str | None = None) -> Any:
     """A ModelPatcher around a FULL-size SD1.5 UNet (860M parameters) with seeded random weights.
 
     Built from ``comfy.supported_models.SD15`` and the real SD1.5 UNet config, so every layer,
     shape and patch point is the real one; only the weights are random (~3.4 GB in fp32). Built
     on the CPU by default, or directly on ``device`` (much faster for a GPU; other numbers).
+    ``dtype`` None takes ComfyUI's choice for the device, as a checkpoint loader does.
     """
     import comfy.supported_models
 
-    return _full_unet(comfy.supported_models.SD15, SD15_FULL_UNET, seed, dtype, device)
+    return _full_unet(comfy.supported_models.SD15, SD15_FULL_UNET, SD15_PARAMETERS, seed, dtype, device)
 
 
-def build_full_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | None = None) -> Any:
-    """A ModelPatcher around a FULL-size SDXL base UNet (2.6B parameters), seeded random weights."""
+def build_full_sdxl(seed: int = 0, dtype: torch.dtype | None = torch.float32,
+                    device: str | None = None) -> Any:
+    """A ModelPatcher around a FULL-size SDXL base UNet (2.6B parameters), seeded random weights;
+    ``dtype`` None takes ComfyUI's choice for the device."""
     import comfy.supported_models
 
-    return _full_unet(comfy.supported_models.SDXL, SDXL_FULL_UNET, seed, dtype, device)
+    return _full_unet(comfy.supported_models.SDXL, SDXL_FULL_UNET, SDXL_PARAMETERS, seed, dtype, device)
 
 
-def _full_unet(config_class: type, unet: dict[str, Any], seed: int, dtype: torch.dtype,
-               device: str | None) -> Any:
+def _full_unet(config_class: type, unet: dict[str, Any], parameters: int, seed: int,
+               dtype: torch.dtype | None, device: str | None) -> Any:
     import comfy.model_management as mm
     import comfy.model_patcher
     from .tiny_models import seeded_init_
 
     config = config_class(dict(unet))
-    config.set_inference_dtype(dtype, None)
+    manual_cast = None
+    if dtype is None:  # what comfy.sd.load_checkpoint_guess_config picks
+        supported = list(config.supported_inference_dtypes)
+        dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=supported)
+        manual_cast = mm.unet_manual_cast(dtype, mm.get_torch_device(), supported)
+    config.set_inference_dtype(dtype, manual_cast)
     base = config.get_model({}, device=device)
     seeded_init_(base.diffusion_model, _generator(seed, device))
     return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
