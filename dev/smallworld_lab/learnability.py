@@ -4,8 +4,8 @@ The benchmark can only judge leakage where concepts are learned at all. For each
 benchmark's reference-scene generator with another seed), the Custom Diffusion baseline
 (calibration off) learns every object with the default toy-world recipe (``ExperimentSettings``),
 as the benchmark does; then "a Vi shape on a grey background" is sampled for each hidden object
-with fixed seeds and read back. The drawn object matched to the target (``evaluate.best_match``:
-shape first) counts for colour (colour and pattern) when it has the target's. Only objects that the
+with fixed seeds and read back. The drawn object matched to the target (``evaluate.match_targets``,
+one-to-one, shape first) counts for colour (colour and pattern) when it has the target's. Only objects that the
 read-out itself gets right after a VAE round trip of the training scene count: a colour the VAE or
 the read-out loses cannot be learned visibly.
 
@@ -75,7 +75,7 @@ def learn_scene(bundle: Any, scene_id: int, scene: sw.Scene, settings: Experimen
         for seed, image in zip(settings.sample_seeds, quality.generate(learned, prompt, settings.sample_seeds,
                                                                       steps=settings.sample_steps, cfg=settings.cfg)):
             found = ev.read_scene(image)
-            match = ev.best_match(found, target)
+            match = matched_object(found, target)
             rows.append(LearnedSample(
                 scene_id, i, seed, seen is not None and seen.colour == obj.colour,
                 seen is not None and seen.colour == obj.colour and seen.pattern == obj.pattern,
@@ -83,6 +83,12 @@ def learn_scene(bundle: Any, scene_id: int, scene: sw.Scene, settings: Experimen
                 match is not None and match.colour == obj.colour and match.pattern == obj.pattern,
                 match is not None and match.shape == obj.shape, len(found)))
     return rows
+
+
+def matched_object(found: Sequence[ev.ObjectReadout], target: dict) -> ev.ObjectReadout | None:
+    """The drawn object the evaluation matches to ``target`` (None: not drawn)."""
+    index = ev.match_targets(found, [target])[0]
+    return None if index is None else found[index]
 
 
 def rates(rows: Sequence[LearnedSample], first_only: bool = True) -> dict[str, float]:

@@ -257,3 +257,16 @@ def test_iou_ceiling_is_the_pooled_mask_scored_like_a_map() -> None:
     assert ev.mask_iou(torch.from_numpy(pooled), mask) == pytest.approx(coarse)  # the maps' code path
     ceilings = [ev.iou_ceiling(m, (8, 8)) for s in sw.reference_scenes(8) for m in s.masks]
     assert 0.3 < min(ceilings) and max(ceilings) < 0.65  # why "IoU >= 0.5" at 8x8 asked the impossible
+
+
+def test_learnability_reads_the_object_the_evaluation_matches() -> None:
+    """The learnability gate scores the one-to-one match: shape first, then the attributes."""
+    from smallworld_lab.learnability import matched_object
+
+    target = {"shape": "circle", "colour": "red", "pattern": "striped"}
+    right = _obj("circle", "red", "striped")
+    wrong_look = _obj("circle", "blue", "solid", area=900)
+    other_shape = _obj("square", "red", "striped", area=2000)
+    assert matched_object([other_shape, wrong_look, right], target) is right
+    assert matched_object([other_shape, wrong_look], target) is wrong_look  # the shape wins
+    assert matched_object([], target) is None
