@@ -47,13 +47,6 @@ def _browser_requirements() -> None:
         pytest.skip(reason)
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    """Keep each phase's report on the item (``item.rep_call``) for the log-on-failure fixture."""
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
-
 
 @pytest.fixture(scope="session")
 def browser_server(tmp_path_factory: pytest.TempPathFactory, _browser_requirements: None) -> Iterator[ComfyServer]:

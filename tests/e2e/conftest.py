@@ -16,13 +16,6 @@ from devkit.server import ComfyServer
 LOG_TAIL_CHARS = 8000
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    """Keep each phase's report on the item (``item.rep_setup``, ``rep_call``, ``rep_teardown``)."""
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
-
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
