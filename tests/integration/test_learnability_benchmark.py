@@ -28,3 +28,31 @@ def test_rates_from_raw_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "'colour': 0.666" in gate and "'colour_pattern': 0.5" in gate and gate.endswith(
         "FAIL (colour >= 0.8, colour+pattern >= 0.7)")
     assert "'colour': 0.5," in every and "'colour_samples': 4" in every
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+# docs/toy_world.md "The main run to step 9 000": row label -> (localisation raw rows, learnability raw rows)
+MAIN_RUN_ROWS = {"first model (shipped)": ("base_v1.json", "learn_v1.json"),
+                 "step 6 000": ("base_v2_cpu6000.json", "learn_v2_cpu6000.json"),
+                 "step 9 000": ("base_v2_cpu9000.json", "learn_v2_cpu9000.json")}
+
+
+def test_main_run_table_is_what_its_raw_rows_give() -> None:
+    """The v2 status table in docs/toy_world.md: gates and learnability rebuilt from committed rows."""
+    from smallworld_lab import learnability
+    from smallworld_lab import localisation as loc
+
+    text = (DOCS / "toy_world.md").read_text()
+    table = text[text.index("### The main run to step 9 000"):]
+    for label, (loc_file, learn_file) in MAIN_RUN_ROWS.items():
+        cells = [c.strip() for c in next(line for line in table.splitlines()
+                                         if line.startswith(f"| {label} |")).strip("|").split("|")]
+        gates = loc.LocalisationReport.from_json((DOCS / "localisation_raw" / loc_file).read_text()).gates("latent/1")
+        assert cells[1:5] == [f"{gates['soft_low'][0]:.2f}", f"{gates['soft_uniform'][0]:.2f}",
+                              f"{gates['thresholded_objects'][0]:.0%}".replace("%", " %"),
+                              f"{gates['argmax'][0]:.0%}".replace("%", " %")], label
+        rows = [learnability.LearnedSample(**r)
+                for r in json.loads((DOCS / "learnability_raw" / learn_file).read_text())["rows"]]
+        rates = learnability.rates(rows)
+        assert cells[7] == (f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
+                            + f" ({rates['colour_samples']} / {rates['colour_pattern_samples']})"), label
