@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
     print(bench.format_table(variants, "stock", TARGETS if args.full_size else None,
                                estimates, show_peak=args.warmup > 0 and not args.no_memory))
-    bench.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
+    print(bench.footer(variants, loads, device, started, TARGETS if args.full_size else None))
     return 0
 
 

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     print(bench.format_table(variants, "stock", targets, estimates or None, show_peak=device == "cuda"))
     for v in variants[1:]:
         print(f"ratio {v.name}/stock: {v.median / base.median:.3f}x")
-    bench.print_footer(variants, loads, device, started, targets)
+    print(bench.footer(variants, loads, device, started, targets))
     return 0
 
 

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{bench.attention_name()}, median of {args.rounds} rounds; {bench.load_average()}:")
     print(bench.format_table(variants, "stock", TARGETS if args.full_size else None,
                              show_peak=device == "cuda"))
-    bench.print_footer(variants, loads, device, started, TARGETS if args.full_size else None)
+    print(bench.footer(variants, loads, device, started, TARGETS if args.full_size else None))
     return 0
 
 

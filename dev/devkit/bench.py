@@ -484,18 +484,21 @@ def format_table(variants: Sequence[Variant], baseline: str, targets: dict[str, 
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def print_footer(variants: Sequence[Variant], loads: Sequence[float], device: str, started: float,
-                 targets: dict[str, float] | None = None) -> None:
-    """Whether the median-ratio targets are met, the contention warning and the total time."""
+def footer(variants: Sequence[Variant], loads: Sequence[float], device: str, started: float,
+           targets: dict[str, float] | None = None) -> str:
+    """The report's last lines: whether the median-ratio targets are met, the contention warning,
+    the peak GPU memory and the total time."""
+    lines = []
     if targets:
         base = variants[0]
         missed = [n for n, t in targets.items()
                   if next(v for v in variants if v.name == n).median / base.median > t]
-        print("targets (median ratio): " + ("all met" if not missed else "MISSED: " + ", ".join(missed)))
+        lines.append("targets (median ratio): " + ("all met" if not missed else "MISSED: " + ", ".join(missed)))
     warning = contention_warning(loads, device, variants)
     if warning:
-        print(warning)
+        lines.append(warning)
     if device == "cuda":
-        print(f"peak GPU memory (CUDA allocator, whole benchmark): "
-              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    print(f"whole benchmark: {time.perf_counter() - started:.0f}s")
+        lines.append(f"peak GPU memory (CUDA allocator, whole benchmark): "
+                     f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    lines.append(f"whole benchmark: {time.perf_counter() - started:.0f}s")
+    return "\n".join(lines)
