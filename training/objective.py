@@ -44,6 +44,7 @@ class TrainingObjective:
         self.maps: torch.Tensor | None = None  # calibrated maps [2C, h, w] of the last batch with maps
         self.encoder: PromptEncoder | None = None  # made with the first batch, on the UNet's device
         self.sigma_table: torch.Tensor | None = None  # the model's sigmas, on the CPU (timesteps are drawn there)
+        self.mean_sigma_sq: torch.Tensor | None = None  # their mean square, for loss_weighting "eps+x0"
 
     def install(self) -> None:
         """Record the attention maps the map losses read, on the run's MODEL clone (if any loss does)."""
@@ -58,6 +59,7 @@ class TrainingObjective:
         if self.encoder is None:
             self.encoder = PromptEncoder(self.clip, device, trains_text=self.settings.train_embeddings)
             self.sigma_table = base.model_sampling.sigmas.detach().to("cpu", copy=True)
+            self.mean_sigma_sq = (self.sigma_table.float() ** 2).mean()
         x0 = torch.cat([latent for _, latent in batch])  # the pool is on the device already
         cond, pooled, token_lists = self.encoder([sample.prompt for sample, _ in batch])
         t = torch.randint(0, len(self.sigma_table), (x0.shape[0],), generator=self.generator)
@@ -76,7 +78,7 @@ class TrainingObjective:
         mask = torch.stack([sample.loss_mask for sample, _ in batch])[:, None]
         err = ((eps - noise) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * x0.shape[1]).clamp(min=1)
         if self.settings.loss_weighting == "eps+x0":
-            err = err * (1 + sigma.float() ** 2 / (self.sigma_table.float() ** 2).mean().to(device))
+            err = err * upload(1 + self.sigma_table[t].float() ** 2 / self.mean_sigma_sq, device)
         losses = {"reconstruction": err.mean()}
         if with_maps:
             losses.update(self._map_losses(batch))
