@@ -3,6 +3,10 @@
     .venv/bin/python benchmarks/smallworld_disendiff.py [--scenes 8] [--quick] [--device cuda]
     .venv/bin/python benchmarks/smallworld_disendiff.py --shard 0/8 --raw part0.json   # one of 8 parallel parts
     .venv/bin/python benchmarks/smallworld_disendiff.py --from-raw docs/results_raw/*.json   # report only
+    .venv/bin/python benchmarks/smallworld_disendiff.py --split dev --train-seeds 0,1 --sample-seeds 16 \
+        --set attention_weight=0.2 --raw dev.json                       # the verdict's dev tuning
+    .venv/bin/python benchmarks/smallworld_disendiff.py --split heldout --train-seeds 0,1,2 \
+        --sample-seeds 16 --raw heldout.json     # once, with docs/verdict_settings.json (issue 18)
 
 Needs the shipped toy-world weights (``smallworld/weights``). Each variant learns the concepts of
 each reference scene from that one image, then is measured (``dev/smallworld_lab/experiment.py``): attention
@@ -13,6 +17,8 @@ v1's tables (``results_v1.py``); the two are never merged. ``--quick`` (CI) trai
 Custom Diffusion on one scene, measures attention only, and exits 1 unless calibration moves the
 IoU the right way. A second table (``dev/smallworld_lab/composition.py``) learns each object of a scene
 separately and samples the combined caption with the sets combined and with automatic regions.
+The study protocol (dev and held-out splits, frozen settings, training seeds) is
+``dev/smallworld_lab/study.py``; a report from raw files of both splits shows each in its section.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only these modes of dev/smallworld_lab/composition.py (default: all)")
     parser.add_argument("--sets-dir", type=Path, default=None,
                         help="keep the composition table's separately learned sets here and reuse them")
+    parser.add_argument("--split", choices=("dev", "heldout"), default="dev",
+                        help="dev scenes (tuning; the reference scenes) or held-out scenes (run once, "
+                             "with the frozen settings only)")
+    parser.add_argument("--train-seeds", default="0", metavar="I,J",
+                        help="training seeds: each variant learns each scene once per seed")
+    parser.add_argument("--sample-seeds", type=int, default=None, metavar="N",
+                        help="sample seeds 11 .. 10+N (default: the settings' 4; the verdict uses 16)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one ExperimentSettings field (dev runs only), e.g. attention_weight=0.2")
+    parser.add_argument("--frozen", type=Path, default=None,
+                        help="the frozen settings of held-out runs (default docs/verdict_settings.json)")
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
                         help="write the report from --raw files of earlier (sharded) runs, training nothing")
     return parser.parse_args(argv)
@@ -77,8 +95,8 @@ def write_raw(path: Path, raw: dict) -> None:
 def merge_raw(paths: list[Path]) -> dict:
     """One raw record from several shards' files: rows and composition rows concatenated by scene.
 
-    Refuses shards run with different settings or evaluation formats, or two rows for the same
-    variant and scene.
+    Refuses shards run with different settings, splits or evaluation formats, or two rows for the
+    same variant, scene and training seed.
     """
     merged: dict = {"rows": {}, "composition": {}, "minutes": 0.0, "machine": "", "settings": "",
                     "sources": []}
@@ -92,13 +110,18 @@ def merge_raw(paths: list[Path]) -> dict:
         if merged["settings"] and part["settings"] != merged["settings"]:
             raise SystemExit(f"{path} was run with other settings ({part['settings']}); "
                              f"the others used {merged['settings']}")
-        merged["settings"] = part["settings"]
+        merged["settings"], merged["overrides"] = part["settings"], part.get("overrides", {})
+        split = part.get("split", "dev")
+        if merged.setdefault("split", split) != split:
+            raise SystemExit(f"{path} holds {split} rows, the others {merged['split']}; "
+                             "a report shows each split from its own files")
         for key in ("rows", "composition"):
             for name, rows in part[key].items():
-                have = {r["scene"] for r in merged[key].get(name, [])}
-                twice = sorted(have & {r["scene"] for r in rows})
+                have = {run_key(r) for r in merged[key].get(name, [])}
+                twice = sorted(have & {run_key(r) for r in rows})
                 if twice:
-                    raise SystemExit(f"{path} repeats {name!r} on scene(s) {twice}")
+                    raise SystemExit(f"{path} repeats {name!r} on scene(s) {[s for s, _ in twice]} "
+                                     f"(training seeds {[t for _, t in twice]})")
                 merged[key].setdefault(name, []).extend(rows)
         merged["minutes"] = max(merged["minutes"], part["minutes"])  # shards run side by side
         machines.add(part["machine"])
@@ -108,8 +131,21 @@ def merge_raw(paths: list[Path]) -> dict:
     merged["machine"] = " and ".join(sorted(machines))
     for key in ("rows", "composition"):
         for rows in merged[key].values():
-            rows.sort(key=lambda r: r["scene"])
+            rows.sort(key=run_key)
     return merged
+
+
+def run_key(row: dict) -> tuple[int, int]:
+    """(scene, training seed) of a row; rows from before training seeds count as seed 0."""
+    return row["scene"], row.get("train_seed", 0)
+
+
+def split_files(paths: list[Path]) -> dict[str, list[Path]]:
+    """Raw files by split, dev first (files from before splits are dev: the seed-0 reference scenes)."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(json.loads(path.read_text()).get("split", "dev"), []).append(path)
+    return dict(sorted(groups.items(), key=lambda item: item[0] != "dev"))
 
 
 def sources_section(raw: dict) -> str:
@@ -134,31 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = parse_args(argv)
     device = bench.start_benchmark(args)
-    from smallworld_lab import composition
     from smallworld_lab import experiment as exp
-    from smallworld_lab.report import bar_chart
+    from smallworld_lab import study
 
-    settings = exp.ExperimentSettings()
-    if args.steps:
-        settings.steps = args.steps
     variants = (list(exp.VARIANTS) if args.variants == "all" else [] if args.variants == "none"
                 else [v.strip() for v in args.variants.split(",")])
     if args.quick:
         variants, args.scenes = ["DisenDiff", "Custom Diffusion"], 1
     if args.from_raw:
-        raw = merge_raw(args.from_raw)
-        order = list(exp.VARIANTS)  # the table's usual order, whatever order the files came in
-        raw["rows"] = dict(sorted(raw["rows"].items(),
-                                  key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
-        modes = list(v1.MODES if raw.get("format", 1) == 1 else composition.MODES)
-        raw["composition"] = dict(sorted(raw["composition"].items(),
-                                         key=lambda item: modes.index(item[0]) if item[0] in modes else len(modes)))
+        raws = {split: in_table_order(merge_raw(paths)) for split, paths in split_files(args.from_raw).items()}
     else:
-        raw = run_experiment(args, settings, variants, device)
+        overrides = args.set + ([f"steps={args.steps}"] if args.steps else [])
+        settings, chosen = study.run_settings(args.split, overrides, args.sample_seeds,
+                                              args.frozen or study.FROZEN_SETTINGS)
+        raws = {args.split: run_experiment(args, settings, chosen, variants, device)}
         if args.shard or args.scene_ids:
             return 0
-    rows, minutes = raw["rows"], raw["minutes"]
     if args.quick:
+        rows = raws[args.split]["rows"]
         summary = {v: v2.scene_means(r) for v, r in rows.items()}
         print(v2.table(summary, QUICK_METRICS))
         d, c = summary["DisenDiff"], summary["Custom Diffusion"]
@@ -167,23 +196,58 @@ def main(argv: list[str] | None = None) -> int:
               f"(own - other IoU): DisenDiff {d['iou_trigger_own'] - d['iou_trigger_other']:.3f} vs "
               f"Custom Diffusion {c['iou_trigger_own'] - c['iou_trigger_other']:.3f}")
         return 0 if ok else 1
-    title, body, summary, chart_metrics = report_body(raw, args.chart.name)
-    print(body)
     command = "python benchmarks/smallworld_disendiff.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    scenes = len({r["scene"] for table_rows in rows.values() for r in table_rows})
-    composed = len({r["scene"] for table_rows in raw["composition"].values() for r in table_rows})
-    scenes_text = f"{scenes or composed} reference scenes" + (
-        f", {composed} in the composition table" if scenes and composed not in (0, scenes) else "")
-    args.chart.parent.mkdir(parents=True, exist_ok=True)
-    bar_chart(summary, chart_metrics, args.chart)
-    args.out.write_text(
-        f"# {title}\n\n"
-        f"Command: `{command.strip()}` ({scenes_text}"
-        + (")." if raw.get("sources") else f", {minutes:.0f} min on {raw['machine']}).")
-        + f"\n{sources_section(raw)}\nSettings: `{raw['settings']}`\n\n{body}"
-        "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
+    write_report(raws, command.strip(), args.out, args.chart)
     print(f"wrote {args.out} and {args.chart}")
     return 0
+
+
+def in_table_order(raw: dict) -> dict:
+    """The raw record with variants and composition modes in the tables' usual order."""
+    from smallworld_lab import composition
+    from smallworld_lab import experiment as exp
+
+    def ordered(table: dict, order: list[str]) -> dict:
+        return dict(sorted(table.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+    modes = list(v1.MODES if raw.get("format", 1) == 1 else composition.MODES)
+    return {**raw, "rows": ordered(raw["rows"], list(exp.VARIANTS)), "composition": ordered(raw["composition"], modes)}
+
+
+SPLIT_TITLES = {"dev": "Dev scenes (tuning: the seed-0 reference scenes)",
+                "heldout": "Held-out scenes (run once, with the settings frozen after the dev tuning)"}
+
+
+def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) -> None:
+    """results.md and its chart: one split as before, or a section per split (chart: held-out)."""
+    from smallworld_lab.report import bar_chart
+
+    parts, titles, charted = [], [], None
+    for split, raw in raws.items():
+        title, body, summary, chart_metrics = report_body(raw, chart.name)
+        print(body)
+        rows = raw["rows"]
+        scenes = len({r["scene"] for table_rows in rows.values() for r in table_rows})
+        composed = len({r["scene"] for table_rows in raw["composition"].values() for r in table_rows})
+        seeds = sorted({r.get("train_seed", 0) for table_rows in rows.values() for r in table_rows})
+        scenes_text = f"{scenes or composed} reference scenes" + (
+            f", {composed} in the composition table" if scenes and composed not in (0, scenes) else "") + (
+            f", training seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+        when = ")." if raw.get("sources") else f", {raw['minutes']:.0f} min on {raw['machine']})."
+        overrides = f"\nChanged from the defaults: `{raw['overrides']}`" if raw.get("overrides") else ""
+        head = (f"Command: `{command}` ({scenes_text}{when}" if len(raws) == 1
+                else f"## {SPLIT_TITLES[split]}\n\n{scenes_text[0].upper()}{scenes_text[1:]}{when[1:]}")
+        if len(raws) > 1:
+            body = body.replace("\n## ", "\n### ")
+        parts.append(f"{head}\n{sources_section(raw)}\nSettings: `{raw['settings']}`{overrides}\n\n{body}")
+        titles.append(title)
+        if charted is None or split == "heldout":
+            charted = (summary, chart_metrics)
+    intro = "" if len(raws) == 1 else f"Command: `{command}`.\n\n"
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    bar_chart(*charted, chart)
+    out.write_text(f"# {titles[0]}\n\n{intro}" + "\n".join(parts)
+                   + "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
 
 
 def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[str, float]], list]:
@@ -202,12 +266,13 @@ def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[st
     return TITLE + " (evaluation v2)", (f"{chart}\n\n" if summary else "") + body, summary, chart_metrics
 
 
-def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str], device: str) -> dict:
-    """Train and measure every variant on every (shard's) scene; the raw record of all rows."""
+def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, variants: list[str],
+                   device: str) -> dict:
+    """Train and measure every variant on every (shard's) scene and training seed; the raw record."""
     from smallworld_lab import composition
     from smallworld_lab import experiment as exp
+    from smallworld_lab import study
     from concept_attention.smallworld import model as toy
-    from concept_attention.smallworld import scenes as sw
 
     bundle = toy.load_bundle(args.weights) if args.weights else toy.load_bundle()
     indices = list(range(args.scenes))
@@ -216,9 +281,12 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
         indices = indices[shard::count]
     if args.scene_ids:
         indices = [int(i) for i in args.scene_ids.split(",")]
-    scenes = sw.reference_scenes(args.scenes)
+    scenes = study.split_scenes(args.split, args.scenes)
+    train_seeds = [int(seed) for seed in args.train_seeds.split(",")]
     raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
+    if args.split != "dev" or overrides:  # files of the default protocol stay as they were
+        raw.update(split=args.split, overrides=overrides)
     started = time.monotonic()
 
     def record() -> None:
@@ -227,12 +295,15 @@ def run_experiment(args: argparse.Namespace, settings: Any, variants: list[str],
             write_raw(args.raw, raw)
 
     for index in indices:
-        for variant in variants:
+        for variant, train_seed in [(v, seed) for v in variants for seed in train_seeds]:
             t0 = time.monotonic()
-            row = exp.run_scene(bundle, scenes[index], variant, settings, generate=not args.quick)
+            row = exp.run_scene(bundle, scenes[index], variant, replace(settings, seed=train_seed),
+                                generate=not args.quick)
             row.update(scene=index, variant=variant, seconds=round(time.monotonic() - t0, 1))
+            if len(train_seeds) > 1 or train_seed != 0:
+                row["train_seed"] = train_seed
             raw["rows"][variant].append(row)
-            print(f"scene {index} {variant:<17} " + " ".join(
+            print(f"scene {index} seed {train_seed} {variant:<17} " + " ".join(
                 f"{k}={row[k]:.2f}" for k, _ in v2.CHART if k in row) + f" ({row['seconds']} s)", flush=True)
             record()
     if not (args.quick or args.no_composition):

@@ -7,7 +7,7 @@ that means pool every value of a scene and the bootstrap can resample scenes, th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -67,28 +67,44 @@ def paired_difference(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], key:
                       draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``key`` under A minus under B with a 95 % bootstrap interval: (difference, low, high).
 
-    Rows are one per scene with ``per_seed[key]``: per seed, the values of that image (the same
-    seeds in A and B). A mode's mean is the mean over scenes of each scene's pooled values, as in
-    the tables. Scenes are resampled, then seeds within each scene, and the same draw is used for
-    A and B, so the interval is of the paired difference.
+    Rows are one per scene and training seed (``train_seed``, 0 when absent) with ``per_seed[key]``:
+    per sample seed, the values of that image (the same seeds in A and B). A mode's mean is the
+    mean over scenes of each scene's values pooled over its runs and seeds, as in the tables.
+    Scenes are resampled, then training seeds within a scene (when it has several), then sample
+    seeds within each run; the same draw is used for A and B, so the interval is of the paired
+    difference.
     """
-    by_scene_b = {r["scene"]: r["per_seed"][key] for r in rows_b}
-    pairs = [(r["per_seed"][key], by_scene_b[r["scene"]]) for r in rows_a if r["scene"] in by_scene_b]
+    runs_b = {(r["scene"], r.get("train_seed", 0)): r["per_seed"][key] for r in rows_b}
+    scenes: dict[Any, list[tuple[Sequence, Sequence]]] = {}
+    for r in rows_a:
+        run = (r["scene"], r.get("train_seed", 0))
+        if run in runs_b:
+            scenes.setdefault(r["scene"], []).append((r["per_seed"][key], runs_b[run]))
+    pairs = list(scenes.values())  # per scene: its runs, each (A's per-seed values, B's)
     if not pairs:
         raise ValueError(f"no scene has per-seed {key!r} values in both modes")
 
-    def mean(index: Sequence[tuple[int, Sequence[int]]], side: int) -> float:
-        per_scene = [[v for k in seeds for v in pairs[s][side][k]] for s, seeds in index]
+    def mean(index: Sequence[tuple[int, Sequence[tuple[int, Sequence[int]]]]], side: int) -> float:
+        per_scene = [[v for run, seeds in runs for k in seeds for v in pairs[s][run][side][k]]
+                     for s, runs in index]
         means = [float(np.mean(values)) for values in per_scene if values]
         return float(np.mean(means)) if means else 0.0
 
-    whole = [(s, range(len(pairs[s][0]))) for s in range(len(pairs))]
+    def every(s: int, run: int) -> range:
+        return range(len(pairs[s][run][0]))
+
+    whole = [(s, [(run, every(s, run)) for run in range(len(pairs[s]))]) for s in range(len(pairs))]
     difference = mean(whole, 0) - mean(whole, 1)
     rng = np.random.default_rng(seed)
+
+    def resample(s: int) -> tuple[int, list[tuple[int, Sequence[int]]]]:
+        count = len(pairs[s])
+        runs = [0] if count == 1 else [int(r) for r in rng.integers(0, count, count)]
+        return s, [(run, rng.integers(0, len(every(s, run)), len(every(s, run)))) for run in runs]
+
     samples = []
     for _ in range(draws):
-        index = [(int(s), rng.integers(0, len(pairs[s][0]), len(pairs[s][0])))
-                 for s in rng.integers(0, len(pairs), len(pairs))]
+        index = [resample(int(s)) for s in rng.integers(0, len(pairs), len(pairs))]
         samples.append(mean(index, 0) - mean(index, 1))
     low, high = np.percentile(samples, [2.5, 97.5])
     return difference, float(low), float(high)

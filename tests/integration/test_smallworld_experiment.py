@@ -275,6 +275,40 @@ def test_v2_report_shows_chance_levels_paired_differences_and_targets(tmp_path):
     assert f"interval excluding zero | 0.00, {cell.split('| ', 2)[2].rstrip(' |')} | yes |" in text
 
 
+def test_training_seeds_merge_as_runs_and_splits_report_in_their_own_sections(tmp_path):
+    """Rows of several training seeds merge (a repeated scene and seed is refused); dev and held-out
+    files never merge into one table: each split gets its section and the chart shows held-out."""
+    module = _benchmark_module()
+
+    def record(split: str, seeds: list[int], leak: float) -> dict:
+        rows = {name: [{**_v2_row(s, [[value]] * 2, 0.9), "train_seed": seed} for s in range(2) for seed in seeds]
+                for name, value in (("DisenDiff", 0.0), ("Custom Diffusion", leak))}
+        return {"format": 2, "rows": rows, "composition": {}, "minutes": 1.0, "machine": "CPU",
+                "settings": "steps=2", "split": split, "overrides": {"attention_weight": 0.2}}
+
+    paths = {name: tmp_path / f"{name}.json" for name in ("dev0", "dev1", "held")}
+    module.write_raw(paths["dev0"], record("dev", [0], 1.0))
+    module.write_raw(paths["dev1"], record("dev", [1], 1.0))
+    merged = module.merge_raw([paths["dev0"], paths["dev1"]])
+    assert [module.run_key(r) for r in merged["rows"]["DisenDiff"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with pytest.raises(SystemExit, match=r"repeats 'DisenDiff' on scene\(s\) \[0, 1\] \(training seeds \[1, 1\]\)"):
+        module.merge_raw([paths["dev1"], paths["dev1"]])
+    module.write_raw(paths["held"], record("heldout", [0, 1, 2], 0.5))
+    with pytest.raises(SystemExit, match="holds heldout rows, the others dev"):
+        module.merge_raw([paths["dev0"], paths["held"]])
+
+    out, chart = tmp_path / "results.md", tmp_path / "c.png"
+    assert module.main(["--from-raw", *map(str, paths.values()), "--out", str(out), "--chart", str(chart)]) == 0
+    text = out.read_text()
+    dev_at, held_at = text.index("## Dev scenes"), text.index("## Held-out scenes")
+    assert dev_at < held_at and text.count("Changed from the defaults: `{'attention_weight': 0.2}`") == 2
+    assert "2 reference scenes, training seeds 0, 1, 2." in text[held_at:]
+    assert "### Leakage" in text and "\n## Leakage" not in text  # tables nest under their split
+    leak = [line for line in text.splitlines() if line.startswith("| Custom Diffusion | ")
+            and "(0.10)" in line]
+    assert [line.split("|")[2].strip() for line in leak] == ["1.00 (0.10)", "0.50 (0.10)"]  # dev, held-out
+
+
 def test_merging_refuses_to_mix_evaluation_formats(tmp_path):
     module = _benchmark_module()
     base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},

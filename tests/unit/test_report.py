@@ -41,3 +41,31 @@ def test_per_seed_values_stay_aligned_with_seeds_and_pool_into_means():
     assert pooled_means({"leak": [[], []]}) == {}  # no value: left out, never a made-up 0
     a, b = rows([[[1.0, 0.0], [1.0]]]), [{"scene": 0, "per_seed": {"leak": [[0.0], []]}}]
     assert paired_difference(a, b, "leak", draws=50)[0] == pytest.approx(2 / 3)
+
+
+def test_training_seeds_pool_into_their_scene_and_pair_by_seed():
+    """Rows of one scene with several training seeds: one scene mean, pairs matched by training seed."""
+    def run(scene: int, train_seed: int, value: float, seeds: int = 8) -> dict:
+        return {"scene": scene, "train_seed": train_seed, "per_seed": {"leak": [[value]] * seeds}}
+
+    a = [run(0, 0, 1.0), run(0, 1, 0.0), run(1, 0, 1.0)]
+    b = [run(0, 1, 0.0), run(0, 0, 0.0), run(1, 0, 0.0)]
+    difference, low, high = paired_difference(a, b, "leak", draws=400)
+    assert difference == pytest.approx((0.5 + 1.0) / 2)  # scene 0 pools its two runs: 0.5
+    assert high == pytest.approx(1.0)
+    # the training seeds are resampled (scene 0 gives 0, 0.5 or 1): a wider interval than the same
+    # values as one run of 16 seeds, where resampling seeds rarely moves scene 0 far from 0.5
+    as_one_run = [{"scene": 0, "per_seed": {"leak": [[1.0]] * 8 + [[0.0]] * 8}}, run(1, 0, 1.0)]
+    zeros = [{"scene": 0, "per_seed": {"leak": [[0.0]] * 16}}, run(1, 0, 0.0)]
+    one_run_low = paired_difference(as_one_run, zeros, "leak", draws=400)[1]
+    assert low == pytest.approx(0.25) and one_run_low > 0.35
+    with pytest.raises(ValueError, match="no scene"):
+        paired_difference(a, [dict(r, train_seed=5) for r in b], "leak")
+
+
+def test_a_single_training_seed_gives_the_interval_of_rows_without_one():
+    """Rows written before training seeds existed keep their intervals exactly (same random draws)."""
+    a = rows([[[1.0, 0.0], [1.0]], [[0.0], [1.0]], [[1.0], [0.0]]])
+    b = rows([[[0.0, 0.0], [0.0]], [[0.0], [0.0]], [[0.0], [1.0]]])
+    tagged = [[dict(r, train_seed=3) for r in side] for side in (a, b)]
+    assert paired_difference(*tagged, "leak", draws=300) == paired_difference(a, b, "leak", draws=300)
