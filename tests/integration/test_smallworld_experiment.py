@@ -273,6 +273,8 @@ def test_v2_report_shows_chance_levels_paired_differences_and_targets(tmp_path):
     assert difference == -0.667 and low < difference < high < 0  # seeds resampled within scenes
     assert "| trigger IoU own ≥ 0.8 × ceiling | 0.90 | yes |" in text
     assert f"interval excluding zero | 0.00, {cell.split('| ', 2)[2].rstrip(' |')} | yes |" in text
+    half = float(re.search(r"narrower than ±0\.05 \| ±(\d\.\d+) \| no \|", text).group(1))
+    assert half == pytest.approx((high - low) / 2, abs=1e-3) and half > 0.05  # 3 scenes x 2 seeds: too few
 
 
 def test_training_seeds_merge_as_runs_and_splits_report_in_their_own_sections(tmp_path):
