@@ -30,6 +30,17 @@ def test_rates_from_raw_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "'colour': 0.5," in every and "'colour_samples': 4" in every
 
 
+def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptureFixture) -> None:
+    """--set takes ExperimentSettings fields only, typed; a bad one stops before any training."""
+    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--set", "steps=many", "--device", "cpu"]) == 2
+    assert "steps takes a int" in caplog.text
+    assert module.main(["--set", "seed=3", "--device", "cpu"]) == 2
+    assert "name one of steps, learning_rate" in caplog.text
+
+
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 # docs/toy_world.md "The main run to step 9 000": row label -> (localisation raw rows, learnability raw rows)
 MAIN_RUN_ROWS = {"first model (shipped)": ("base_v1.json", "learn_v1.json"),
