@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("dev", "heldout"), default="dev",
                         help="dev scenes (tuning; the reference scenes) or held-out scenes (run once, "
                              "with the frozen settings only)")
-    parser.add_argument("--train-seeds", default="0", metavar="I,J",
+    parser.add_argument("--train-seeds", type=seed_list, default=[0], metavar="I,J",
                         help="training seeds: each variant learns each scene once per seed")
     parser.add_argument("--sample-seeds", type=int, default=None, metavar="N",
                         help="sample seeds 11 .. 10+N (default: the settings' 4; the verdict uses 16)")
@@ -83,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
                         help="write the report from --raw files of earlier (sharded) runs, training nothing")
     return parser.parse_args(argv)
+
+
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (argparse type of --train-seeds)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write whole numbers separated by commas, e.g. 0,1,2 (got {text!r})") from None
 
 
 def write_raw(path: Path, raw: dict) -> None:
@@ -181,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         raws = {split: in_table_order(merge_raw(paths)) for split, paths in split_files(args.from_raw).items()}
     else:
         overrides = args.set + ([f"steps={args.steps}"] if args.steps else [])
-        settings, chosen = study.run_settings(args.split, overrides, args.sample_seeds,
-                                              args.frozen or study.FROZEN_SETTINGS)
+        try:
+            settings, chosen = study.run_settings(args.split, overrides, args.sample_seeds,
+                                                  args.frozen or study.FROZEN_SETTINGS)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         raws = {args.split: run_experiment(args, settings, chosen, variants, device)}
         if args.shard or args.scene_ids:
             return 0
@@ -282,7 +293,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, var
     if args.scene_ids:
         indices = [int(i) for i in args.scene_ids.split(",")]
     scenes = study.split_scenes(args.split, args.scenes)
-    train_seeds = [int(seed) for seed in args.train_seeds.split(",")]
+    train_seeds = args.train_seeds
     raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
     if args.split != "dev" or overrides:  # files of the default protocol stay as they were

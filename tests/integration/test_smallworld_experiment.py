@@ -311,6 +311,20 @@ def test_training_seeds_merge_as_runs_and_splits_report_in_their_own_sections(tm
     assert [line.split("|")[2].strip() for line in leak] == ["1.00 (0.10)", "0.50 (0.10)"]  # dev, held-out
 
 
+def test_bad_study_options_stop_before_any_training(tmp_path):
+    """A typo in --set or --train-seeds, or a held-out run without frozen settings, names the problem."""
+    module = _benchmark_module()
+    with pytest.raises(SystemExit, match="steps takes a int"):
+        module.main(["--set", "steps=many", "--scenes", "1"])
+    with pytest.raises(SystemExit, match="frozen file only"):
+        module.main(["--split", "heldout", "--steps", "10", "--frozen", str(tmp_path / "f.json")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        module.main(["--split", "heldout", "--frozen", str(tmp_path / "f.json")])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--train-seeds", "0,one"])
+    assert module.parse_args(["--train-seeds", "0,1,2"]).train_seeds == [0, 1, 2]
+
+
 def test_merging_refuses_to_mix_evaluation_formats(tmp_path):
     module = _benchmark_module()
     base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},
