@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="UNet batch size (default: config)")
     parser.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps")
     parser.add_argument("--decoder-batch", type=int, default=None)
+    parser.add_argument("--gates", type=Path, default=None, metavar="DIR",
+                        help="print the gates of the weights in DIR (with --gate-samples and "
+                             "--two-object-samples) and exit, training nothing")
     parser.add_argument("--slim-copy", type=Path, default=None, metavar="DIR",
                         help="copy --work-dir to DIR without optimizer states or latents, and exit")
     parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.slim_copy:
         pretrain.slim_checkpoint(args.work_dir, args.slim_copy)
+        return 0
+    if args.gates:
+        print_gates(args.gates, args)
         return 0
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
     for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch",
@@ -110,12 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     info["unet_steps_done"] = step
     pretrain.export_weights(patcher, clip, taesd, args.out_dir, info)
     logging.info("wrote weights to %s", args.out_dir)
-    if args.gate_samples:
-        print(quality.roundtrip_report(args.out_dir).table())
-        print(quality.quality_gate(args.out_dir, seeds=args.gate_samples).table())
-    if args.two_object_samples:
-        print(quality.two_object_gate(args.out_dir, seeds=args.two_object_samples).table())
+    print_gates(args.out_dir, args)
     return 0
+
+
+def print_gates(weights_dir: Path, args: argparse.Namespace) -> None:
+    """The base-model gates of ``weights_dir`` (and the pattern-adherence diagnostic) as tables."""
+    if args.gate_samples:
+        print(quality.roundtrip_report(weights_dir).table())
+        print(quality.quality_gate(weights_dir, seeds=args.gate_samples).table())
+        print(quality.pattern_adherence(weights_dir, seeds=args.gate_samples).table())
+    if args.two_object_samples:
+        print(quality.two_object_gate(weights_dir, seeds=args.two_object_samples).table())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ shape (colour) is the named one. The gate passes when both rates reach ``GATE``.
 The two-object gate (``two_object_gate``) prompts two solid objects of different shapes and
 colours ("a red circle and a blue star on a grey background"); a sample counts when exactly two
 objects are read and each named (shape, colour) is one of them. It passes at ``TWO_OBJECT_GATE``.
+
+Pattern adherence (``pattern_adherence``, a diagnostic without a gate) prompts one patterned object
+with its colour and pattern words ("a red striped circle on a grey background"): a concept's
+pattern can hardly be learned more reliably than the base model draws a named one.
 """
 from __future__ import annotations
 
@@ -168,4 +172,54 @@ def two_object_gate(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps: 
     for k, (prompt, wanted) in enumerate(prompts or two_object_prompts()):
         for image in generate(bundle, prompt, [5000 + k * seeds + j for j in range(seeds)], steps=steps):
             report.add(prompt, readout.read_scene(image), wanted)
+    return report
+
+
+def adherence_prompts(count: int = 40, seed: int = 9) -> list[tuple[str, str, str, str]]:
+    """(prompt, shape, colour, pattern): seeded single objects whose colour and pattern are named."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, str, str, str]] = []
+    while len(out) < count:
+        shape = sw.SHAPES[rng.integers(len(sw.SHAPES))]
+        colour = list(sw.COLOURS)[rng.integers(len(sw.COLOURS))]
+        pattern = sw.PATTERNS[1 + rng.integers(len(sw.PATTERNS) - 1)]
+        if (colour, pattern) in sw.HIDDEN_COMBOS:
+            continue
+        obj = sw.ObjectSpec(shape, colour, pattern, 0, 0, 1)
+        out.append((f"{sw.object_phrase(obj, toy.IMAGE_SIZE)} on a grey background", shape, colour, pattern))
+    return out
+
+
+@dataclass
+class AdherenceReport:
+    """Named patterned objects: how often one object is drawn with the named colour, and pattern."""
+
+    samples: int = 0
+    colour: int = 0
+    colour_pattern: int = 0
+    rows: list = field(default_factory=list)
+
+    def add(self, label: str, found: Sequence[Any], colour: str, pattern: str) -> None:
+        """Score one picture: right only when exactly one object is found."""
+        one = len(found) == 1
+        self.samples += 1
+        self.colour += one and found[0].colour == colour
+        self.colour_pattern += one and found[0].colour == colour and found[0].pattern == pattern
+        self.rows.append((label, [o.attributes() for o in found]))
+
+    def table(self) -> str:
+        """Markdown summary."""
+        n = max(1, self.samples)
+        return ("| samples | colour right | colour and pattern right |\n|---|---|---|\n"
+                f"| {self.samples} | {self.colour / n:.0%} | {self.colour_pattern / n:.0%} |")
+
+
+def pattern_adherence(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps: int = 20,
+                      count: int = 40) -> AdherenceReport:
+    """Sample ``count`` adherence prompts with ``seeds`` fixed seeds each and score colour and pattern."""
+    bundle = toy.load_bundle(weights_dir)
+    report = AdherenceReport()
+    for k, (prompt, _shape, colour, pattern) in enumerate(adherence_prompts(count)):
+        for image in generate(bundle, prompt, [7000 + k * seeds + j for j in range(seeds)], steps=steps):
+            report.add(prompt, readout.read_scene(image), colour, pattern)
     return report
