@@ -67,3 +67,34 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
         rates = learnability.rates(rows)
         assert cells[7] == (f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
                             + f" ({rates['colour_samples']} / {rates['colour_pattern_samples']})"), label
+
+
+# docs/toy_world.md "Where the step-9 000 model misses": row label -> learnability raw rows
+RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
+               "400 steps, lr 1e-3": "learn_v2_cpu9000_6x8_s400_lr1e3.json"}
+
+
+def test_recipe_table_is_what_its_raw_rows_give() -> None:
+    """The learnability recipe table: first objects, every hidden object and per scene, from the rows."""
+    from smallworld_lab import learnability
+
+    text = (DOCS / "toy_world.md").read_text()
+    table = text[text.index("### Where the step-9 000 model misses"):]
+
+    def pct(value: float, count: int) -> str:
+        return f"{value:.0%} ({count})".replace("%", " %")
+
+    for label, name in RECIPE_ROWS.items():
+        cells = [c.strip() for c in next(line for line in table.splitlines()
+                                         if line.startswith(f"| {label} |")).strip("|").split("|")]
+        payload = json.loads((DOCS / "learnability_raw" / name).read_text())
+        rows = [learnability.LearnedSample(**r) for r in payload["rows"]]
+        first, every = learnability.rates(rows), learnability.rates(rows, first_only=False)
+        scenes = sorted({r.scene for r in rows})
+        per_scene = ", ".join(f"{sum(r.colour for r in rows if r.scene == s and r.obj == 0)}/"
+                              f"{sum(r.pattern for r in rows if r.scene == s and r.obj == 0)}" for s in scenes)
+        assert cells[1:] == [pct(first["colour"], first["colour_samples"]),
+                             pct(first["colour_pattern"], first["colour_pattern_samples"]),
+                             pct(every["colour"], every["colour_samples"]),
+                             pct(every["colour_pattern"], every["colour_pattern_samples"]), per_scene], label
+        assert payload["scenes"] == 6 and len(payload["settings"]["sample_seeds"]) == 8
