@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         started, rows = time.monotonic(), []
         try:
             overrides = study.parse_overrides(args.set)
+            settings = study.settings_with(overrides, args.sample_seeds)
         except ValueError as error:
             logging.error("%s", error)
             return 2
-        bundle, settings = toy.load_bundle(args.weights), study.settings_with(overrides, args.sample_seeds)
+        bundle = toy.load_bundle(args.weights)
         for i, scene in enumerate(learnability.dev_scenes(args.scenes)):
             rows += learnability.learn_scene(bundle, i, scene, settings)
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)

@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/smallworld_disendiff.py --from-raw docs/results_raw/*.json   # report only
     .venv/bin/python benchmarks/smallworld_disendiff.py --split dev --train-seeds 0,1 --sample-seeds 16 \
         --set attention_weight=0.2 --raw dev.json                       # the verdict's dev tuning
-    .venv/bin/python benchmarks/smallworld_disendiff.py --split heldout --train-seeds 0,1,2 \
-        --sample-seeds 16 --raw heldout.json     # once, with docs/verdict_settings.json (issue 18)
+    .venv/bin/python benchmarks/smallworld_disendiff.py --split heldout --raw heldout.json
+        # once: settings, seeds and scenes from docs/verdict_settings.json only (issue 18)
 
 Needs the shipped toy-world weights (``smallworld/weights``). Each variant learns the concepts of
 each reference scene from that one image, then is measured (``dev/smallworld_lab/experiment.py``): attention
@@ -23,6 +23,7 @@ The study protocol (dev and held-out splits, frozen settings, training seeds) is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -46,7 +47,7 @@ QUICK_METRICS = [("iou_trigger_own", "trigger IoU own ↑", True),
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=8, help="reference scenes (every 4th has 3 objects)")
+    parser.add_argument("--scenes", type=int, default=None, help="reference scenes (default 8; every 4th has 3 objects)")
     parser.add_argument("--variants", default="all",
                         help="comma-separated variant names, 'all', or 'none' (only the composition table)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
@@ -71,26 +72,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep the composition table's separately learned sets here and reuse them")
     parser.add_argument("--split", choices=("dev", "heldout"), default="dev",
                         help="dev scenes (tuning; the reference scenes) or held-out scenes (run once, "
-                             "with the frozen settings only)")
-    parser.add_argument("--train-seeds", type=seed_list, default=[0], metavar="I,J",
-                        help="training seeds: each variant learns each scene once per seed")
+                             "with docs/verdict_settings.json only)")
+    parser.add_argument("--train-seeds", type=seed_list, default=None, metavar="I,J",
+                        help="training seeds (default 0): each variant learns each scene once per seed")
     parser.add_argument("--sample-seeds", type=int, default=None, metavar="N",
                         help="sample seeds 11 .. 10+N (default: the settings' 4; the verdict uses 16)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="change one ExperimentSettings field (dev runs only), e.g. attention_weight=0.2")
-    parser.add_argument("--frozen", type=Path, default=None,
-                        help="the frozen settings of held-out runs (default docs/verdict_settings.json)")
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None, metavar="JSON",
                         help="write the report from --raw files of earlier (sharded) runs, training nothing")
     return parser.parse_args(argv)
 
 
 def seed_list(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2] (argparse type of --train-seeds)."""
+    """'0,1,2' -> [0, 1, 2] (argparse type of --train-seeds); repeats are refused."""
     try:
-        return [int(part) for part in text.split(",")]
+        seeds = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"write whole numbers separated by commas, e.g. 0,1,2 (got {text!r})") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"each training seed once, please (got {text!r})")
+    return seeds
 
 
 def write_raw(path: Path, raw: dict) -> None:
@@ -125,8 +127,8 @@ def merge_raw(paths: list[Path]) -> dict:
                              "a report shows each split from its own files")
         for key in ("rows", "composition"):
             for name, rows in part[key].items():
-                have = {run_key(r) for r in merged[key].get(name, [])}
-                twice = sorted(have & {run_key(r) for r in rows})
+                runs = [run_key(r) for r in merged[key].get(name, [])] + [run_key(r) for r in rows]
+                twice = sorted({run for run in runs if runs.count(run) > 1})
                 if twice:
                     raise SystemExit(f"{path} repeats {name!r} on scene(s) {[s for s, _ in twice]} "
                                      f"(training seeds {[t for _, t in twice]})")
@@ -188,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_raw:
         raws = {split: in_table_order(merge_raw(paths)) for split, paths in split_files(args.from_raw).items()}
     else:
-        overrides = args.set + ([f"steps={args.steps}"] if args.steps else [])
+        overrides = args.set + ([f"steps={args.steps}"] if args.steps is not None else [])
+        given = [flag for flag, value in (("--train-seeds", args.train_seeds), ("--sample-seeds", args.sample_seeds),
+                                          ("--scenes", args.scenes),
+                                          ("--composition-seeds", args.composition_seeds)) if value is not None]
+        if args.split == "heldout" and given:
+            raise SystemExit(f"held-out runs take {', '.join(given)} from {study.FROZEN_SETTINGS.name} only: "
+                             "drop them (tune on --split dev, then record the choice in that file)")
+        requested = study.Protocol(tuple(args.train_seeds or (0,)), args.sample_seeds, args.scenes or 8)
         try:
-            settings, chosen = study.run_settings(args.split, overrides, args.sample_seeds,
-                                                  args.frozen or study.FROZEN_SETTINGS)
+            settings, chosen, protocol, digest = study.run_settings(args.split, overrides, requested)
         except ValueError as error:
             raise SystemExit(str(error)) from None
-        raws = {args.split: run_experiment(args, settings, chosen, variants, device)}
+        raws = {args.split: run_experiment(args, settings, chosen, protocol, digest, variants, device)}
         if args.shard or args.scene_ids:
             return 0
     if args.quick:
@@ -234,8 +242,9 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
     from smallworld_lab.report import bar_chart
 
     parts, titles, charted = [], [], None
+    chart_split = "heldout" if "heldout" in raws else next(iter(raws))
     for split, raw in raws.items():
-        title, body, summary, chart_metrics = report_body(raw, chart.name)
+        title, body, summary, chart_metrics = report_body(raw, chart.name if split == chart_split else None)
         print(body)
         rows = raw["rows"]
         scenes = len({r["scene"] for table_rows in rows.values() for r in table_rows})
@@ -252,7 +261,7 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
             body = body.replace("\n## ", "\n### ")
         parts.append(f"{head}\n{sources_section(raw)}\nSettings: `{raw['settings']}`{overrides}\n\n{body}")
         titles.append(title)
-        if charted is None or split == "heldout":
+        if split == chart_split:
             charted = (summary, chart_metrics)
     intro = "" if len(raws) == 1 else f"Command: `{command}`.\n\n"
     chart.parent.mkdir(parents=True, exist_ok=True)
@@ -261,12 +270,13 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
                    + "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
 
 
-def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[str, float]], list]:
-    """(title, markdown after the settings line, per-variant summary, chart metrics) for the raw format."""
+def report_body(raw: dict, chart_name: str | None) -> tuple[str, str, dict[str, dict[str, float]], list]:
+    """(title, markdown after the settings line, per-variant summary, chart metrics) for the raw
+    format; the chart is shown only when ``chart_name`` is given."""
     from smallworld_lab.report import paired_difference
 
     rows = raw["rows"]
-    chart = f"![bar chart]({chart_name})"
+    chart = f"![bar chart]({chart_name})" if chart_name else ""
     if raw.get("format", 1) == 1:
         summary = {v: v2.scene_means(r) for v, r in rows.items()}
         composition = v1.composition_section(raw["composition"], paired_difference) if raw["composition"] else ""
@@ -274,30 +284,33 @@ def report_body(raw: dict, chart_name: str) -> tuple[str, str, dict[str, dict[st
                 f"## DisenDiff against the targets\n\n{v1.targets_table(summary)}\n{composition}")
         return (TITLE + " (evaluation v1)", body, summary, [(k, t) for k, t, _ in v1.METRICS])
     body, summary, chart_metrics = v2.render(raw, paired_difference)
-    return TITLE + " (evaluation v2)", (f"{chart}\n\n" if summary else "") + body, summary, chart_metrics
+    return TITLE + " (evaluation v2)", (f"{chart}\n\n" if summary and chart else "") + body, summary, chart_metrics
 
 
-def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, variants: list[str],
-                   device: str) -> dict:
+def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, protocol: Any, frozen_sha256: str,
+                   variants: list[str], device: str) -> dict:
     """Train and measure every variant on every (shard's) scene and training seed; the raw record."""
     from smallworld_lab import composition
     from smallworld_lab import experiment as exp
     from smallworld_lab import study
     from concept_attention.smallworld import model as toy
 
-    bundle = toy.load_bundle(args.weights) if args.weights else toy.load_bundle()
-    indices = list(range(args.scenes))
+    weights = args.weights or toy.WEIGHTS_DIR
+    bundle = toy.load_bundle(weights)
+    indices = list(range(protocol.scenes))
     if args.shard:
         shard, count = (int(x) for x in args.shard.split("/"))
         indices = indices[shard::count]
     if args.scene_ids:
         indices = [int(i) for i in args.scene_ids.split(",")]
-    scenes = study.split_scenes(args.split, args.scenes)
-    train_seeds = args.train_seeds
+    scenes = study.split_scenes(args.split, protocol.scenes)
+    train_seeds = list(protocol.train_seeds)
     raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
-    if args.split != "dev" or overrides:  # files of the default protocol stay as they were
-        raw.update(split=args.split, overrides=overrides)
+    raw.update(split=args.split, overrides=overrides, weights=str(weights),
+               unet_sha256=hashlib.sha256((Path(weights) / toy.UNET_FILE).read_bytes()).hexdigest())
+    if frozen_sha256:
+        raw["frozen_settings_sha256"] = frozen_sha256
     started = time.monotonic()
 
     def record() -> None:
@@ -311,8 +324,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, var
             row = exp.run_scene(bundle, scenes[index], variant, replace(settings, seed=train_seed),
                                 generate=not args.quick)
             row.update(scene=index, variant=variant, seconds=round(time.monotonic() - t0, 1))
-            if len(train_seeds) > 1 or train_seed != 0:
-                row["train_seed"] = train_seed
+            row["train_seed"] = train_seed
             raw["rows"][variant].append(row)
             print(f"scene {index} seed {train_seed} {variant:<17} " + " ".join(
                 f"{k}={row[k]:.2f}" for k, _ in v2.CHART if k in row) + f" ({row['seconds']} s)", flush=True)
@@ -322,9 +334,11 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, var
             cache = args.sets_dir / f"scene{index}" if args.sets_dir else None
             seeds = range(11, 11 + args.composition_seeds) if args.composition_seeds else None
             modes = args.composition_modes.split(",") if args.composition_modes else composition.MODES
-            for mode, values in composition.composition_metrics(bundle, scenes[index], settings, cache=cache,
+            learned = replace(settings, seed=train_seeds[0])  # the composition table: the first training seed
+            for mode, values in composition.composition_metrics(bundle, scenes[index], learned, cache=cache,
                                                                 modes=modes, seeds=seeds).items():
-                raw["composition"].setdefault(mode, []).append({**values, "scene": index})
+                raw["composition"].setdefault(mode, []).append({**values, "scene": index,
+                                                                "train_seed": train_seeds[0]})
                 print(f"scene {index} composition {mode:<14} " + " ".join(
                     f"{k}={values[k]:.2f}" for k, _, _ in v2.COMPOSITION if k in values), flush=True)
             record()

@@ -197,7 +197,7 @@ class AdherenceReport:
     samples: int = 0
     colour: int = 0
     colour_pattern: int = 0
-    rows: list = field(default_factory=list)
+    rows: list[tuple[str, list[dict]]] = field(default_factory=list)
 
     def add(self, label: str, found: Sequence[Any], colour: str, pattern: str) -> None:
         """Score one picture: right only when exactly one object is found."""

@@ -60,11 +60,23 @@ DEFINITIONS = (
 
 
 def scene_means(rows: Sequence[Mapping]) -> dict[str, float]:
-    """Mean over rows (scenes) of every numeric metric, each over the rows that have it."""
-    skip = {"scene", "seconds", "seeds"}
+    """Mean over scenes of every numeric metric: each scene's mean over its rows (training seeds)
+    first, so every scene weighs the same, each over the rows that have the metric."""
+    skip = {"scene", "seconds", "seeds", "train_seed"}
     keys = dict.fromkeys(k for r in rows for k, v in r.items()
                          if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool))
-    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+    by_scene: dict = {}
+    for r in rows:
+        by_scene.setdefault(r.get("scene"), []).append(r)
+
+    def mean(values: list) -> float:
+        return sum(values) / len(values)
+
+    out = {}
+    for k in keys:
+        per_scene = [mean([r[k] for r in runs if k in r]) for runs in by_scene.values() if any(k in r for r in runs)]
+        out[k] = mean(per_scene)
+    return out
 
 
 def chance_key(key: str) -> str:

@@ -36,9 +36,11 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--set", "steps=many", "--device", "cpu"]) == 2
-    assert "steps takes a int" in caplog.text
+    assert "steps takes a whole number" in caplog.text
+    assert module.main(["--sample-seeds", "0", "--device", "cpu"]) == 2
+    assert "--sample-seeds must be at least 1" in caplog.text
     assert module.main(["--set", "seed=3", "--device", "cpu"]) == 2
-    assert "name one of steps, learning_rate" in caplog.text
+    assert "cannot be set by a study; tunable: steps, learning_rate" in caplog.text
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -311,17 +311,33 @@ def test_training_seeds_merge_as_runs_and_splits_report_in_their_own_sections(tm
     assert [line.split("|")[2].strip() for line in leak] == ["1.00 (0.10)", "0.50 (0.10)"]  # dev, held-out
 
 
-def test_bad_study_options_stop_before_any_training(tmp_path):
-    """A typo in --set or --train-seeds, or a held-out run without frozen settings, names the problem."""
+def test_bad_study_options_stop_before_any_training(tmp_path, monkeypatch):
+    """A typo in --set or --train-seeds, or a held-out run that could be tuned, names the problem."""
+    import json
+
+    from smallworld_lab import study
+
     module = _benchmark_module()
-    with pytest.raises(SystemExit, match="steps takes a int"):
+    with pytest.raises(SystemExit, match="steps takes a whole number"):
         module.main(["--set", "steps=many", "--scenes", "1"])
-    with pytest.raises(SystemExit, match="frozen file only"):
-        module.main(["--split", "heldout", "--steps", "10", "--frozen", str(tmp_path / "f.json")])
+    with pytest.raises(SystemExit, match="init must be one of rare, class"):
+        module.main(["--set", "init=clas", "--scenes", "1"])
+    monkeypatch.setattr(study, "FROZEN_SETTINGS", tmp_path / "verdict_settings.json")
     with pytest.raises(SystemExit, match="does not exist"):
-        module.main(["--split", "heldout", "--frozen", str(tmp_path / "f.json")])
-    with pytest.raises(SystemExit):
-        module.parse_args(["--train-seeds", "0,one"])
+        module.main(["--split", "heldout"])
+    for flags in (["--steps", "10"], ["--set", "cfg=7"]):
+        with pytest.raises(SystemExit, match="drop --set, --steps"):
+            module.main(["--split", "heldout", *flags])
+    for flag, value in (("--scenes", "4"), ("--train-seeds", "0"), ("--sample-seeds", "16")):
+        with pytest.raises(SystemExit, match=f"held-out runs take {flag} from verdict_settings.json only"):
+            module.main(["--split", "heldout", flag, value])
+    study.FROZEN_SETTINGS.write_text(json.dumps({"overrides": {"steps": "many"}, "train_seeds": [0],
+                                                 "sample_seeds": 16, "scenes": 8}))
+    with pytest.raises(SystemExit, match="steps takes a whole number"):
+        module.main(["--split", "heldout"])
+    for bad in ("0,one", "0,0"):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--train-seeds", bad])
     assert module.parse_args(["--train-seeds", "0,1,2"]).train_seeds == [0, 1, 2]
 
 

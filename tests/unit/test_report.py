@@ -6,6 +6,10 @@ import pytest
 from smallworld_lab.report import add_values, paired_difference, pooled_means
 
 
+# paired_difference(a, b, "leak", draws=300) of the test below, computed by the code before training seeds
+OLD_INTERVAL = (0.38888888888888884, -0.2541666666666666, 0.8888888888888888)
+
+
 def rows(per_scene: list[list[list[float]]]) -> list[dict]:
     return [{"scene": s, "per_seed": {"leak": seeds}} for s, seeds in enumerate(per_scene)]
 
@@ -53,6 +57,9 @@ def test_training_seeds_pool_into_their_scene_and_pair_by_seed():
     difference, low, high = paired_difference(a, b, "leak", draws=400)
     assert difference == pytest.approx((0.5 + 1.0) / 2)  # scene 0 pools its two runs: 0.5
     assert high == pytest.approx(1.0)
+    # runs pair by training seed, not by position: A equals B run for run, so every draw gives 0
+    same = [run(0, 1, 0.0), run(0, 0, 1.0), run(1, 0, 1.0)]
+    assert paired_difference(a, same, "leak", draws=200) == (0.0, 0.0, 0.0)
     # the training seeds are resampled (scene 0 gives 0, 0.5 or 1): a wider interval than the same
     # values as one run of 16 seeds, where resampling seeds rarely moves scene 0 far from 0.5
     as_one_run = [{"scene": 0, "per_seed": {"leak": [[1.0]] * 8 + [[0.0]] * 8}}, run(1, 0, 1.0)]
@@ -64,8 +71,9 @@ def test_training_seeds_pool_into_their_scene_and_pair_by_seed():
 
 
 def test_a_single_training_seed_gives_the_interval_of_rows_without_one():
-    """Rows written before training seeds existed keep their intervals exactly (same random draws)."""
+    """Rows written before training seeds existed keep their intervals exactly (same random draws):
+    the literal is what the bootstrap gave before training seeds existed."""
     a = rows([[[1.0, 0.0], [1.0]], [[0.0], [1.0]], [[1.0], [0.0]]])
     b = rows([[[0.0, 0.0], [0.0]], [[0.0], [0.0]], [[0.0], [1.0]]])
     tagged = [[dict(r, train_seed=3) for r in side] for side in (a, b)]
-    assert paired_difference(*tagged, "leak", draws=300) == paired_difference(a, b, "leak", draws=300)
+    assert paired_difference(*tagged, "leak", draws=300) == paired_difference(a, b, "leak", draws=300) == OLD_INTERVAL
