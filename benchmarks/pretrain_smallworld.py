@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_gates(weights_dir: Path, args: argparse.Namespace) -> None:
     """The base-model gates of ``weights_dir`` (and the pattern-adherence diagnostic) as tables."""
+    from smallworld_lab import quality
+
     if args.gate_samples:
         print(quality.roundtrip_report(weights_dir).table())
         print(quality.quality_gate(weights_dir, seeds=args.gate_samples).table())

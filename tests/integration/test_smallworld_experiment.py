@@ -208,17 +208,20 @@ def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
     assert "(1 reference scenes, 2 in the composition table)" in out.read_text()
 
 
-def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path):
-    """docs/results.md is rebuilt from docs/results_raw/*.json, never edited by hand."""
+@pytest.mark.parametrize("report, raw_glob", [("results.md", "results_raw/*.json"),
+                                               ("verdict_dev.md", "verdict_raw/dev_*.json")])
+def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report, raw_glob):
+    """docs/results.md (and the verdict's dev report) are rebuilt from their raw rows, never edited by hand."""
     from pathlib import Path
 
     module = _benchmark_module()
     docs = Path(__file__).resolve().parents[2] / "docs"
-    out = tmp_path / "results.md"
-    module.main(["--from-raw", *sorted(str(p) for p in (docs / "results_raw").glob("*.json")),
-                 "--out", str(out), "--chart", str(tmp_path / "results.png")])
-    committed = (docs / "results.md").read_text().split("\nSettings:", 1)[1]
-    assert out.read_text().split("\nSettings:", 1)[1] == committed
+    raw_files = sorted(str(p) for p in docs.glob(raw_glob))
+    assert raw_files, f"docs/{raw_glob} holds no raw file"
+    out = tmp_path / report
+    module.main(["--from-raw", *raw_files, "--out", str(out), "--chart", str(tmp_path / "chart.png")])
+    committed = (docs / report).read_text().split("\nSettings:", 1)[1]
+    assert out.read_text().split("\nSettings:", 1)[1] == committed.replace(Path(report).stem + ".png", "chart.png")
 
 
 def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):
