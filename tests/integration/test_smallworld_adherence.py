@@ -28,8 +28,3 @@ def test_adherence_counts_one_object_with_the_named_colour_and_pattern():
     assert (report.samples, report.colour, report.colour_pattern) == (4, 2, 1)
     assert "| 4 | 50% | 25% |" in report.table()
 
-
-def test_adherence_runs_on_the_shipped_weights():
-    report = quality.pattern_adherence(count=2)
-    assert report.samples == 2 and len(report.rows) == 2
-    assert report.rows[0][0] == quality.adherence_prompts(2)[0][0]
