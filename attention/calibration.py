@@ -96,6 +96,7 @@ class CalibrationSettings:
     suppression_power: Optional[float] = 2.0
     iou_smooth: float = 1.0
     normalize: bool = True
+    max_t: float = 1.0  # calibrate rows with timestep index <= max_t * (N - 1); 1.0 (official): every row
 
     def __post_init__(self) -> None:
         if self.sigma_formula not in SIGMA_FORMULAS:
@@ -104,6 +105,8 @@ class CalibrationSettings:
             raise ValueError("kernel_size must be a positive odd integer")
         if not math.isfinite(self.weight) or self.weight < 0:
             raise ValueError("weight must be a finite non-negative number")
+        if not (math.isfinite(self.max_t) and 0 < self.max_t <= 1):
+            raise ValueError(f"max_t must be in (0, 1] (1 calibrates at every timestep), got {self.max_t!r}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,17 +165,26 @@ def calibration_loss(
     return calibration_terms(modifiers, prepare_maps(class_maps, settings, is_class=True), settings)
 
 
-def calibration_terms(modifiers: Optional[Tensor], classes: Tensor,
-                      settings: CalibrationSettings) -> Dict[str, Tensor]:
+def calibration_terms(modifiers: Optional[Tensor], classes: Tensor, settings: CalibrationSettings,
+                      rows: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """:func:`calibration_loss` from maps already passed through :func:`prepare_maps`
-    (``modifiers`` may be None when ``use_bind`` is off)."""
+    (``modifiers`` may be None when ``use_bind`` is off); ``rows`` [B] bool: the rows that count
+    (None: all; none selected: zero terms)."""
     smooth = settings.iou_smooth
     zero = classes.new_zeros(())
     bind = zero
     separation = zero
     if settings.use_bind:
-        bind = bind_loss(classes, modifiers, smooth).sum(dim=1).mean(dim=0)
+        bind = _row_mean(bind_loss(classes, modifiers, smooth).sum(dim=1), rows)
     if settings.use_separation:
-        separation = separation_loss(classes, smooth).mean(dim=0)
+        separation = _row_mean(separation_loss(classes, smooth), rows)
     total = settings.weight * (bind + separation)
     return {"bind": bind, "separation": separation, "total": total}
+
+
+def _row_mean(per_row: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """Mean of ``per_row`` [B] over the selected rows (all when ``rows`` is None)."""
+    if rows is None:
+        return per_row.mean(dim=0)
+    weights = rows.to(per_row.dtype)
+    return (per_row * weights).sum() / weights.sum().clamp(min=1)

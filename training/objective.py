@@ -81,18 +81,21 @@ class TrainingObjective:
             err = err * upload(1 + self.sigma_table[t].float() ** 2 / self.mean_sigma_sq, device)
         losses = {"reconstruction": err.mean()}
         if with_maps:
-            losses.update(self._map_losses(batch))
+            losses.update(self._map_losses(batch, t))
         else:
             zero = err.new_zeros(())
             losses.update(bind=zero, separation=zero, calibration=zero)
         return losses
 
-    def _map_losses(self, batch: Pool) -> dict[str, torch.Tensor]:
+    def _map_losses(self, batch: Pool, t: torch.Tensor) -> dict[str, torch.Tensor]:
         settings = self.settings.calibration
         maps = self.store.word_maps()  # [b, 2C, h, w]: trigger then class word of each concept
         modifiers = prepare_maps(maps[:, 0::2], settings, is_class=False)
         classes = prepare_maps(maps[:, 1::2], settings, is_class=True)
-        out = calibration_terms(modifiers, classes, settings)
+        rows = None
+        if settings.max_t < 1:
+            rows = upload(t <= settings.max_t * (len(self.sigma_table) - 1), maps.device)
+        out = calibration_terms(modifiers, classes, settings, rows)
         self.maps = torch.cat([modifiers[0], classes[0]]).detach()
         losses = {"bind": out["bind"], "separation": out["separation"], "calibration": out["total"]}
         masks = [sample.concept_masks for sample, _ in batch]

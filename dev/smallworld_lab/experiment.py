@@ -64,6 +64,7 @@ class ExperimentSettings:
     steps: int = 200
     learning_rate: float = 5e-4
     attention_weight: float = 0.1
+    calibration_max_t: float = 1.0  # calibrate only at timestep fractions up to this (CalibrationSettings.max_t)
     micro_batch: int = 2
     grad_accumulation: int = 2
     map_layers: str = "latent/2"
@@ -92,7 +93,8 @@ def caption_for(scene: sw.Scene, background: str = sw.DEFAULT_BACKGROUND) -> str
 
 def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: ExperimentSettings) -> TrainResult:
     """Learn the scene's concepts with one variant's calibration switches."""
-    calibration = replace(CalibrationSettings(weight=settings.attention_weight), **VARIANTS[variant])
+    calibration = replace(CalibrationSettings(weight=settings.attention_weight, max_t=settings.calibration_max_t),
+                          **VARIANTS[variant])
     train = TrainSettings(steps=settings.steps, learning_rate=settings.learning_rate,
                           micro_batch=settings.micro_batch, grad_accumulation=settings.grad_accumulation,
                           resolution=scene.size, seed=settings.seed, calibration=calibration,

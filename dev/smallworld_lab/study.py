@@ -29,8 +29,8 @@ HELDOUT_SEED = 1207  # never used by any other scene generator of the project
 SPLITS: dict[str, int] = {"dev": 0, "heldout": HELDOUT_SEED}
 FROZEN_SETTINGS = Path(__file__).resolve().parents[2] / "docs" / "verdict_settings.json"
 # ExperimentSettings fields a study may set; the others are objects or define the protocol itself.
-TUNABLE = ("steps", "learning_rate", "attention_weight", "micro_batch", "grad_accumulation", "map_layers",
-           "iou_steps", "iou_denoise", "init", "loss_weighting", "cfg", "sample_steps")
+TUNABLE = ("steps", "learning_rate", "attention_weight", "calibration_max_t", "micro_batch", "grad_accumulation",
+           "map_layers", "iou_steps", "iou_denoise", "init", "loss_weighting", "cfg", "sample_steps")
 WHOLE_AT_LEAST_ONE = ("steps", "micro_batch", "grad_accumulation", "iou_steps", "sample_steps")
 CHOICES = {"init": ("rare", "class"), "loss_weighting": LOSS_WEIGHTINGS}
 
@@ -72,8 +72,8 @@ def typed_value(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must be at least 1, got {typed}")
     if name in ("learning_rate", "cfg") and typed <= 0 or name == "attention_weight" and typed < 0:
         raise ValueError(f"{name} must be {'positive' if name != 'attention_weight' else 'at least 0'}, got {typed}")
-    if name == "iou_denoise" and not 0 < typed <= 1:
-        raise ValueError(f"iou_denoise must be in (0, 1], got {typed}")
+    if name in ("iou_denoise", "calibration_max_t") and not 0 < typed <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {typed}")
     if name in CHOICES and typed not in CHOICES[name]:
         raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}, got {typed!r}")
     return typed

@@ -493,6 +493,21 @@ def test_calibration_off_is_custom_diffusion(bundles):
     assert [e["reconstruction"] for e in off.history] == [e["reconstruction"] for e in zero_weight.history]
 
 
+def test_calibration_window_counts_only_rows_at_low_noise(bundles):
+    """max_t below every drawn timestep is Custom Diffusion; max_t 0.5 calibrates some rows, not all."""
+    bundle = _bundle(bundles, "sd15")
+    baseline = _train(bundle, _settings(steps=3, calibration=CalibrationSettings(use_bind=False,
+                                                                               use_separation=False)))
+    closed = _train(bundle, _settings(steps=3, calibration=CalibrationSettings(max_t=1e-6)))
+    half = _train(bundle, _settings(steps=3, calibration=CalibrationSettings(max_t=0.5)))
+    full = _train(bundle, _settings(steps=3))
+    assert all(e["calibration"] == 0.0 and e["bind"] == 0.0 for e in closed.history)
+    _assert_states_equal(_state(closed), _state(baseline))
+    assert any(e["calibration"] > 0 for e in half.history)
+    assert [e["bind"] for e in half.history] != [e["bind"] for e in full.history]
+    assert [e["reconstruction"] for e in closed.history] == [e["reconstruction"] for e in baseline.history]
+
+
 def test_disendiff_differs_from_custom_diffusion_only_by_calibration(bundles):
     """After one step, only parameters the maps depend on may differ from the baseline's."""
     bundle = _bundle(bundles, "sd15")

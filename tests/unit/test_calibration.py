@@ -219,6 +219,30 @@ def test_calibration_loss_switches_and_weight() -> None:
         cal.calibration_loss(mod, cls[:, :1], cal.CalibrationSettings())
 
 
+def test_calibration_rows_average_only_the_selected_rows() -> None:
+    torch.manual_seed(9)
+    settings = cal.CalibrationSettings()
+    mod = cal.prepare_maps(torch.rand(3, 2, 5, 5, dtype=torch.float64), settings, is_class=False)
+    cls = cal.prepare_maps(torch.rand(3, 2, 5, 5, dtype=torch.float64), settings, is_class=True)
+    picked = torch.tensor([True, False, True])
+    some = cal.calibration_terms(mod, cls, settings, picked)
+    subset = cal.calibration_terms(mod[picked], cls[picked], settings)
+    for name in ("bind", "separation", "total"):
+        torch.testing.assert_close(some[name], subset[name], rtol=0, atol=1e-12)
+    every = cal.calibration_terms(mod, cls, settings)
+    assert abs(some["total"].item() - every["total"].item()) > 1e-6  # the middle row counted in one only
+    torch.testing.assert_close(cal.calibration_terms(mod, cls, settings, torch.ones(3, dtype=torch.bool))["total"],
+                               every["total"], rtol=0, atol=1e-12)
+    none = cal.calibration_terms(mod, cls, settings, torch.zeros(3, dtype=torch.bool))
+    assert none["bind"].item() == 0.0 and none["separation"].item() == 0.0 and none["total"].item() == 0.0
+
+
+@pytest.mark.parametrize("max_t", [0.0, -0.5, 1.5, float("nan")])
+def test_calibration_window_outside_zero_one_is_refused(max_t: float) -> None:
+    with pytest.raises(ValueError, match="max_t must be in"):
+        cal.CalibrationSettings(max_t=max_t)
+
+
 def test_calibration_loss_gradients() -> None:
     torch.manual_seed(8)
     mod = torch.rand(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
