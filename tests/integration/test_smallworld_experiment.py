@@ -224,6 +224,29 @@ def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report
     assert out.read_text().split("\nSettings:", 1)[1] == committed.replace(Path(report).stem + ".png", "chart.png")
 
 
+def test_calibration_window_tables_are_what_their_raw_rows_give():
+    """docs/toy_world.md "Calibration only at low noise": means and paired differences from the raw rows."""
+    import json
+    from pathlib import Path
+
+    from smallworld_lab import report
+    from smallworld_lab import results_v2 as rv
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    raw = json.loads((docs / "verdict_raw" / "dev_cpu9000_s400_lr1e3_latent1.json").read_text())
+    window = json.loads((docs / "verdict_raw" / "window05_dev_cpu9000_s400_lr1e3_latent1.json").read_text())
+    assert window["overrides"] == {**raw["overrides"], "calibration_max_t": 0.5}  # the one change
+    assert list(window["rows"]) == ["DisenDiff"]
+    full = raw["rows"]
+    rows = {"DisenDiff, t ≤ 0.5": window["rows"]["DisenDiff"], "DisenDiff": full["DisenDiff"],
+            "Custom Diffusion": full["Custom Diffusion"]}
+    keys = [c for c in rv.ATTENTION + rv.LEAKAGE + rv.PICTURES if c[0] in dict(rv.CHART)]
+    text = (docs / "toy_world.md").read_text()
+    section = text[text.index("#### Calibration only at low noise"):text.index("## Results")]
+    assert rv.table({name: rv.scene_means(r) for name, r in rows.items()}, keys) in section
+    assert rv.differences(rows, "DisenDiff, t ≤ 0.5", keys, report.paired_difference, "metric", True) in section
+
+
 def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):
     module = _benchmark_module()
     base = {"rows": {"DisenDiff": [{"scene": 0, "fidelity_single": 1.0}]}, "composition": {},
