@@ -44,11 +44,13 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-# docs/toy_world.md "The main run to step 14 000": row label -> (localisation raw rows, learnability raw rows)
+# docs/toy_world.md "The main run to step 20 000": row label -> (localisation raw rows, learnability raw rows)
 MAIN_RUN_ROWS = {"first model (shipped)": ("base_v1.json", "learn_v1.json"),
                  "step 6 000": ("base_v2_cpu6000.json", "learn_v2_cpu6000.json"),
                  "step 9 000": ("base_v2_cpu9000.json", "learn_v2_cpu9000.json"),
-                 "step 14 000": ("base_v2_cpu14000.json", "learn_v2_cpu14000.json")}
+                 "step 14 000": ("base_v2_cpu14000.json", "learn_v2_cpu14000.json"),
+                 "step 15 783 (the stop on the way)": ("base_v2_cpu15783.json", "learn_v2_cpu15783.json"),
+                 "step 20 000": ("base_v2_cpu20000.json", "learn_v2_cpu20000.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
@@ -57,7 +59,7 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
     from smallworld_lab import localisation as loc
 
     text = (DOCS / "toy_world.md").read_text()
-    table = text[text.index("### The main run to step 14 000"):]
+    table = text[text.index("### The main run to step 20 000"):]
     for label, (loc_file, learn_file) in MAIN_RUN_ROWS.items():
         cells = [c.strip() for c in next(line for line in table.splitlines()
                                          if line.startswith(f"| {label} |")).strip("|").split("|")]
@@ -76,7 +78,8 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
 RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
                "400 steps, lr 1e-3": "learn_v2_cpu9000_6x8_s400_lr1e3.json",
                "400 steps, lr 1e-3, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3.json",
-               "400 steps, lr 1e-3, plain eps loss, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3_eps.json"}
+               "400 steps, lr 1e-3, plain eps loss, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3_eps.json",
+               "400 steps, lr 1e-3, step-15 783 model": "learn_v2_cpu15783_6x8_s400_lr1e3.json"}
 
 
 def test_recipe_table_is_what_its_raw_rows_give() -> None:
