@@ -186,5 +186,5 @@ def _row_mean(per_row: Tensor, rows: Optional[Tensor]) -> Tensor:
     """Mean of ``per_row`` [B] over the selected rows (all when ``rows`` is None)."""
     if rows is None:
         return per_row.mean(dim=0)
-    weights = rows.to(per_row.dtype)
-    return (per_row * weights).sum() / weights.sum().clamp(min=1)
+    kept = torch.where(rows, per_row, torch.zeros_like(per_row))  # a NaN in a dropped row stays out
+    return kept.sum() / rows.sum().clamp(min=1).to(per_row.dtype)

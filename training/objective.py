@@ -93,7 +93,7 @@ class TrainingObjective:
         modifiers = prepare_maps(maps[:, 0::2], settings, is_class=False)
         classes = prepare_maps(maps[:, 1::2], settings, is_class=True)
         rows = None
-        if settings.max_t < 1:
+        if settings.max_t < 1:  # the sigma table ascends: index 0 is the least noise
             rows = upload(t <= settings.max_t * (len(self.sigma_table) - 1), maps.device)
         out = calibration_terms(modifiers, classes, settings, rows)
         self.maps = torch.cat([modifiers[0], classes[0]]).detach()

@@ -243,8 +243,10 @@ def test_calibration_window_tables_are_what_their_raw_rows_give():
     keys = [c for c in rv.ATTENTION + rv.LEAKAGE + rv.PICTURES if c[0] in dict(rv.CHART)]
     text = (docs / "toy_world.md").read_text()
     section = text[text.index("#### Calibration only at low noise"):text.index("## Results")]
-    assert rv.table({name: rv.scene_means(r) for name, r in rows.items()}, keys) in section
-    assert rv.differences(rows, "DisenDiff, t ≤ 0.5", keys, report.paired_difference, "metric", True) in section
+    means = rv.table({name: rv.scene_means(r) for name, r in rows.items()}, keys)
+    differences = rv.differences(rows, "DisenDiff, t ≤ 0.5", keys, report.paired_difference, "metric", True)
+    assert means.count("\n") == 4 and means in section
+    assert differences.count("\n") == len(keys) + 1 and differences in section
 
 
 def test_merging_refuses_other_settings_and_repeated_scenes(tmp_path):

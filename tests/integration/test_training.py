@@ -493,13 +493,33 @@ def test_calibration_off_is_custom_diffusion(bundles):
     assert [e["reconstruction"] for e in off.history] == [e["reconstruction"] for e in zero_weight.history]
 
 
-def test_calibration_window_counts_only_rows_at_low_noise(bundles):
-    """max_t below every drawn timestep is Custom Diffusion; max_t 0.5 calibrates some rows, not all."""
+def test_calibration_window_counts_only_rows_at_low_noise(bundles, monkeypatch):
+    """max_t below every drawn timestep is Custom Diffusion; max_t 0.5 calibrates the low-noise rows only."""
+    import concept_attention.training.objective as objective
+
+    drawn, kept = [], []
+    map_losses, terms = TrainingObjective._map_losses, objective.calibration_terms
+
+    def record_t(self, batch, t):
+        drawn.append((t.clone(), len(self.sigma_table)))
+        return map_losses(self, batch, t)
+
+    def record_rows(modifiers, classes, settings, rows=None):
+        kept.append(rows)
+        return terms(modifiers, classes, settings, rows)
+
+    monkeypatch.setattr(TrainingObjective, "_map_losses", record_t)
+    monkeypatch.setattr(objective, "calibration_terms", record_rows)
     bundle = _bundle(bundles, "sd15")
     baseline = _train(bundle, _settings(steps=3, calibration=CalibrationSettings(use_bind=False,
                                                                                use_separation=False)))
     closed = _train(bundle, _settings(steps=3, calibration=CalibrationSettings(max_t=1e-6)))
+    drawn.clear()
+    kept.clear()
     half = _train(bundle, _settings(steps=3, calibration=CalibrationSettings(max_t=0.5)))
+    assert len(drawn) == len(kept) == 3
+    for (t, count), rows in zip(drawn, kept):
+        assert torch.equal(rows.cpu(), t <= 0.5 * (count - 1))  # low index = low noise
     full = _train(bundle, _settings(steps=3))
     assert all(e["calibration"] == 0.0 and e["bind"] == 0.0 for e in closed.history)
     _assert_states_equal(_state(closed), _state(baseline))

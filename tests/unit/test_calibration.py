@@ -233,8 +233,16 @@ def test_calibration_rows_average_only_the_selected_rows() -> None:
     assert abs(some["total"].item() - every["total"].item()) > 1e-6  # the middle row counted in one only
     torch.testing.assert_close(cal.calibration_terms(mod, cls, settings, torch.ones(3, dtype=torch.bool))["total"],
                                every["total"], rtol=0, atol=1e-12)
-    none = cal.calibration_terms(mod, cls, settings, torch.zeros(3, dtype=torch.bool))
+    raw = torch.rand(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    none = cal.calibration_terms(cal.prepare_maps(raw, settings, is_class=False), cls, settings,
+                                 torch.zeros(3, dtype=torch.bool))
     assert none["bind"].item() == 0.0 and none["separation"].item() == 0.0 and none["total"].item() == 0.0
+    none["total"].backward()
+    assert torch.equal(raw.grad, torch.zeros_like(raw))
+    poisoned = cls.clone()
+    poisoned[1] = float("nan")  # a dropped row's NaN must not reach the terms
+    kept = cal.calibration_terms(mod, poisoned, settings, picked)
+    torch.testing.assert_close(kept["total"], subset["total"], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("max_t", [0.0, -0.5, 1.5, float("nan")])
