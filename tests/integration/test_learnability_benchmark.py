@@ -51,7 +51,8 @@ MAIN_RUN_ROWS = {"first model (shipped)": ("base_v1.json", "learn_v1.json"),
                  "step 14 000": ("base_v2_cpu14000.json", "learn_v2_cpu14000.json"),
                  "step 15 783 (the stop on the way)": ("base_v2_cpu15783.json", "learn_v2_cpu15783.json"),
                  "step 20 000": ("base_v2_cpu20000.json", "learn_v2_cpu20000.json"),
-                 "step 23 612 (stopped at a session's end)": ("base_v2_cpu23612.json", "learn_v2_cpu23612.json")}
+                 "step 23 612 (stopped at a session's end)": ("base_v2_cpu23612.json", "learn_v2_cpu23612.json"),
+                 "step 26 000": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
