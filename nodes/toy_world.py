@@ -19,7 +19,7 @@ class ToyWorldLoader(io.ComfyNode):
             node_id=f"{NODE_PREFIX}ToyWorldLoader",
             display_name="Load Toy-World Model (demo)",
             category=f"{CATEGORY}/toy_world",
-            description="A 7 M-parameter SD1.5-architecture model pretrained on 128 px scenes of "
+            description="A 13 M-parameter SD1.5-architecture model pretrained on 128 px scenes of "
                         "coloured, patterned shapes. Runs on a CPU in seconds; for demos and tests.",
             inputs=[],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],

@@ -45,14 +45,15 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 # docs/toy_world.md "The main run to step 20 000": row label -> (localisation raw rows, learnability raw rows)
-MAIN_RUN_ROWS = {"first model (shipped)": ("base_v1.json", "learn_v1.json"),
+MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 6 000": ("base_v2_cpu6000.json", "learn_v2_cpu6000.json"),
                  "step 9 000": ("base_v2_cpu9000.json", "learn_v2_cpu9000.json"),
                  "step 14 000": ("base_v2_cpu14000.json", "learn_v2_cpu14000.json"),
                  "step 15 783 (the stop on the way)": ("base_v2_cpu15783.json", "learn_v2_cpu15783.json"),
                  "step 20 000": ("base_v2_cpu20000.json", "learn_v2_cpu20000.json"),
                  "step 23 612 (stopped at a session's end)": ("base_v2_cpu23612.json", "learn_v2_cpu23612.json"),
-                 "step 26 000": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json")}
+                 "step 26 000 (shipped)": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json"),
+                 "step 29 693": ("base_v2_cpu29693.json", "learn_v2_cpu29693.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
