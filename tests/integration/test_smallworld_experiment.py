@@ -209,7 +209,8 @@ def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
 
 
 @pytest.mark.parametrize("report, raw_glob", [("results.md", "results_raw/*.json"),
-                                               ("verdict_dev.md", "verdict_raw/dev_*.json")])
+                                               ("verdict_dev.md", "verdict_raw/dev_*.json"),
+                                               ("verdict_dev_shipped_v2.md", "verdict_raw/shipped_v2_dev_*.json")])
 def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report, raw_glob):
     """docs/results.md (and the verdict's dev report) are rebuilt from their raw rows, never edited by hand."""
     from pathlib import Path
