@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=REPO_ROOT / "smallworld" / "weights")
     parser.add_argument("--scenes", type=int, default=24, help="held-out scenes")
     parser.add_argument("--seeds", type=int, default=2, help="noise draws per scene and level")
-    parser.add_argument("--gate-group", default="latent/1", help="layer group the gates are checked at")
+    parser.add_argument("--gate-group", default=None, help="layer group the gates are checked at "
+                        "(default: the toy world's calibration layers, CALIBRATION_LAYERS in smallworld/model.py)")
     parser.add_argument("--raw", type=Path, default=None, help="write the raw rows (JSON) here")
     parser.add_argument("--from-raw", type=Path, default=None, help="print the table of saved rows")
     bench.add_machine_arguments(parser, device="cpu")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             args.raw.write_text(report.to_json())
     levels = [float(v) for v in args.levels.split(",")] if args.levels else None
     print(report.table(levels))
-    print(gate_lines(report, args.gate_group))
+    print(gate_lines(report, args.gate_group or toy.CALIBRATION_LAYERS))
     return 0
 
 

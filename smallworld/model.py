@@ -18,6 +18,7 @@ IMAGE_SIZE = 128  # pixels; 16x16 latents
 Init = Callable[[torch.nn.Module], None]  # fills a fresh module's weights (the harness seeds them)
 
 MODEL_CHANNELS = 64  # base model v2; v1 had 32 (its weights still load: the width is read from them)
+CALIBRATION_LAYERS = "latent/1"  # base model v2: 16x16 maps, as SD1.5's calibration layers at 512 px
 UNET_CONFIG: dict[str, Any] = dict(
     image_size=16, in_channels=4, out_channels=4, model_channels=MODEL_CHANNELS,
     num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 2],

@@ -67,7 +67,7 @@ class ExperimentSettings:
     calibration_max_t: float = 1.0  # calibrate only at timestep fractions up to this (CalibrationSettings.max_t)
     micro_batch: int = 2
     grad_accumulation: int = 2
-    map_layers: str = "latent/1"  # base model v2: 16x16 maps, as SD1.5's calibration layers at 512 px
+    map_layers: str = toy.CALIBRATION_LAYERS
     seed: int = 0
     sample_seeds: Sequence[int] = (11, 12, 13, 14)
     sample_steps: int = 20

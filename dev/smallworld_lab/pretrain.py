@@ -74,7 +74,7 @@ class PretrainConfig:
     snr_gamma: float = 5.0  # Min-SNR-gamma loss weight (Hang et al. 2023); 0 turns it off
     text_lr_scale: float = 1.0  # the text model's learning rate relative to ``lr``
     supervision_weight: float = 0.0  # attention supervision (``supervision``); 0: off
-    supervision_layers: str = "latent/1"
+    supervision_layers: str = toy.CALIBRATION_LAYERS
     supervision_max_t: float = 1.0
     checkpoint_every: int = 250
 

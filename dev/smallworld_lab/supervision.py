@@ -24,6 +24,7 @@ from concept_attention.attention.maps import minmax_normalize
 from concept_attention.attention.patching import install_hook
 from concept_attention.attention.recorder import AttentionRecorder, MapStore
 from concept_attention.attention.tokens import find_subsequence
+from concept_attention.smallworld import model as toy
 from concept_attention.smallworld import scenes as sw
 
 EPS = 1e-6
@@ -34,7 +35,7 @@ class SupervisionSettings:
     """Weight (0: off), layers, the noise window and which words are supervised."""
 
     weight: float = 0.0
-    layers: str = "latent/1"
+    layers: str = toy.CALIBRATION_LAYERS
     max_t: float = 1.0  # supervise rows with sigma index <= max_t * (N - 1)
     roles: Sequence[str] = ("shape", "colour", "pattern")
 

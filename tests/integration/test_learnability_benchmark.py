@@ -60,13 +60,14 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
     """The v2 status table in docs/toy_world.md: gates and learnability rebuilt from committed rows."""
     from smallworld_lab import learnability
     from smallworld_lab import localisation as loc
+    from concept_attention.smallworld import model as toy
 
     text = (DOCS / "toy_world.md").read_text()
     table = text[text.index("### The main run to step 20 000"):]
     for label, (loc_file, learn_file) in MAIN_RUN_ROWS.items():
         cells = [c.strip() for c in next(line for line in table.splitlines()
                                          if line.startswith(f"| {label} |")).strip("|").split("|")]
-        gates = loc.LocalisationReport.from_json((DOCS / "localisation_raw" / loc_file).read_text()).gates("latent/1")
+        gates = loc.LocalisationReport.from_json((DOCS / "localisation_raw" / loc_file).read_text()).gates(toy.CALIBRATION_LAYERS)
         assert cells[1:5] == [f"{gates['soft_low'][0]:.2f}", f"{gates['soft_uniform'][0]:.2f}",
                               f"{gates['thresholded_objects'][0]:.0%}".replace("%", " %"),
                               f"{gates['argmax'][0]:.0%}".replace("%", " %")], label

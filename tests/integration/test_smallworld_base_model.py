@@ -18,7 +18,6 @@ from smallworld_lab import quality
 from concept_attention.smallworld import scenes as sw
 from smallworld_lab.readout import read_scene
 
-CALIBRATION_LAYERS = "latent/1"  # base model v2: 16x16 maps, as SD1.5's at 512 px
 
 # Misses measured on the shipped weights and stated in docs/toy_world.md "The main run to step 20 000
 # and on", keyed to the UNet file's digest so that any other weights must pass; strict, so a pass says
@@ -94,7 +93,7 @@ def test_two_object_prompts_draw_both_objects():
 @pytest.fixture(scope="module")
 def localisation_gates(bundle: Any) -> dict[str, tuple[float, float, bool]]:
     """Issue 17's localisation gates on 16 held-out scenes x 1 noise draw: (value, gate, passed)."""
-    gates = loc.localisation_report(bundle, loc.held_out_scenes(16), seeds=1).gates(CALIBRATION_LAYERS)
+    gates = loc.localisation_report(bundle, loc.held_out_scenes(16), seeds=1).gates(toy.CALIBRATION_LAYERS)
     print("\n[toy-world localisation] " + ", ".join(f"{k} {v:.2f} (>= {need})" for k, (v, need, _) in gates.items()))
     return gates
 
