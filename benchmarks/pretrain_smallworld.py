@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--supervision-max-t", type=float, default=None, help="supervise noise levels t <= this")
     parser.add_argument("--supervision-layers", default=None, help="layers whose word maps are supervised")
     parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--twin-rate", type=float, default=None,
+                        help="share of multi-object scenes whose objects share one colour and pattern (only the "
+                             "shape words tell them apart); applies to scenes not yet encoded, so with --scenes "
+                             "above the cached count it appends such scenes to a run")
     return parser.parse_args(argv)
 
 
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
     for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch",
                  "warmup", "text_lr_scale", "supervision_weight", "supervision_max_t", "supervision_layers",
-                 "checkpoint_every"):
+                 "checkpoint_every", "twin_rate"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.work_dir.mkdir(parents=True, exist_ok=True)

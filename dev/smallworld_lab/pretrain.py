@@ -61,6 +61,7 @@ class PretrainConfig:
     scenes: int = 5000
     object_counts: tuple[float, float, float] = sw.PRETRAIN_COUNTS  # chances of 1, 2, 3 objects
     hidden_rate: float = sw.PRETRAIN_HIDDEN_RATE  # objects forced into a hidden combo
+    twin_rate: float = 0.0  # multi-object scenes whose objects share one colour and pattern (sw.random_scene)
     decoder_steps: int = 3000  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
@@ -86,7 +87,7 @@ class PretrainConfig:
 def pretrain_scene(cfg: PretrainConfig, index: int) -> sw.Scene:
     """Scene ``index`` of the fixed pretraining set (objects kept; captions are redrawn per step)."""
     return sw.random_scene(np.random.default_rng([cfg.seed, 2, index]), hidden_rate=cfg.hidden_rate,
-                           counts=cfg.object_counts)
+                           counts=cfg.object_counts, twin_rate=cfg.twin_rate)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

@@ -166,3 +166,31 @@ def test_a_work_dir_seeded_from_narrow_weights_starts_from_the_same_predictions(
     for key, value in wide_clip.cond_stage_model.clip_l.state_dict().items():
         if "logit_scale" not in key:
             torch.testing.assert_close(value, clip.cond_stage_model.clip_l.state_dict()[key].half().float())
+
+
+# sha256 of the objects of the first 40 scenes of the default pretraining set (the shipped base's data)
+PRETRAINING_SET_DIGEST = "21e314bd5a0b328a1e5bc950b0a69caff8ffb9d395fcecb39230f51b45ca0f95"
+
+
+def test_twin_scenes_share_one_look_and_leave_the_default_set_unchanged(tmp_path):
+    """--twin-rate draws scenes that only shape words tell apart; at 0 the set is the one the base learned."""
+    import hashlib
+    import json
+
+    def objects_digest(cfg: pretrain.PretrainConfig) -> str:
+        specs = [[dataclasses.asdict(o) for o in pretrain.pretrain_scene(cfg, i).objects] for i in range(40)]
+        return hashlib.sha256(json.dumps(specs).encode()).hexdigest()
+
+    assert objects_digest(pretrain.PretrainConfig(work_dir=tmp_path)) == PRETRAINING_SET_DIGEST
+    twins = pretrain.PretrainConfig(work_dir=tmp_path, twin_rate=1.0)
+    scenes = [pretrain.pretrain_scene(twins, i) for i in range(40)]
+    several = [s for s in scenes if len(s.objects) > 1]
+    assert len(several) > 20  # PRETRAIN_COUNTS: three scenes in four have several objects
+    for scene in several:
+        looks = {(o.colour, o.pattern) for o in scene.objects}
+        shapes = [o.shape for o in scene.objects]
+        assert len(looks) == 1 and len(set(shapes)) == len(shapes), scene.objects
+    half = pretrain.PretrainConfig(work_dir=tmp_path, twin_rate=0.5)
+    several = [s for s in (pretrain.pretrain_scene(half, i) for i in range(400)) if len(s.objects) > 1]
+    share = sum(len({(o.colour, o.pattern) for o in s.objects}) == 1 for s in several) / len(several)
+    assert 0.4 < share < 0.65  # half are twins, and a few more share a look by chance
