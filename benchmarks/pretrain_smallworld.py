@@ -59,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--supervision-layers", default=None, help="layers whose word maps are supervised")
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--twin-rate", type=float, default=None,
-                        help="share of multi-object scenes whose objects share one colour and pattern (only the "
-                             "shape words tell them apart); applies to scenes not yet encoded, so with --scenes "
-                             "above the cached count it appends such scenes to a run")
+                        help="share of multi-object scenes replaced by twins: objects of one colour and pattern "
+                             "that only shape (or position) words tell apart. It shapes only scenes not yet in "
+                             "the work dir's latent cache: with --scenes above the cached count it appends them")
     return parser.parse_args(argv)
 
 

@@ -259,16 +259,15 @@ PRETRAIN_HIDDEN_RATE = 0.25  # base model v2: more objects named by their shape 
 def random_scene(rng: Generator, n_objects: Optional[int] = None, size: int = 128,
                  hidden_rate: float = 0.15, background: Optional[str] = None,
                  random_words: bool = False, counts: Sequence[float] = OBJECT_COUNTS,
-                 twin_rate: float = 0.0) -> Scene:
+                 twin: bool = False) -> Scene:
     """A random scene of 1-3 non-overlapping objects; same generator state -> identical scene.
 
     Each object is forced into a hidden combo with probability ``hidden_rate`` (otherwise colour
     and pattern are uniform, so hidden combos also occur by chance). ``random_words`` drops caption
     words at random (for pretraining); otherwise the caption names every visible attribute.
-    ``counts`` are the chances of 1, 2 and 3 objects. With probability ``twin_rate`` a scene of
-    several objects is a *twin* scene: distinct shapes that all share the first object's colour and
-    pattern, so only the shape words tell the objects apart (0, the default, draws exactly the
-    scenes it drew before the option existed).
+    ``counts`` are the chances of 1, 2 and 3 objects. ``twin``: distinct shapes that all share the
+    first object's colour and pattern, so that only shape (and, in some captions, position) words
+    tell them apart.
     """
     rng = _rng(rng)
     n = int(rng.choice([1, 2, 3], p=list(counts))) if n_objects is None else n_objects
@@ -282,7 +281,7 @@ def random_scene(rng: Generator, n_objects: Optional[int] = None, size: int = 12
             colour = list(COLOURS)[rng.integers(len(COLOURS))]
             pattern = PATTERNS[rng.integers(len(PATTERNS))]
         attrs.append((shape, colour, pattern))
-    if twin_rate > 0 and n > 1 and rng.random() < twin_rate:
+    if twin:
         shapes = [SHAPES[j] for j in rng.permutation(len(SHAPES))[:n]]
         attrs = [(shape, attrs[0][1], attrs[0][2]) for shape in shapes]
     if background is None:

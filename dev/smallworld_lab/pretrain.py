@@ -86,8 +86,14 @@ class PretrainConfig:
 
 def pretrain_scene(cfg: PretrainConfig, index: int) -> sw.Scene:
     """Scene ``index`` of the fixed pretraining set (objects kept; captions are redrawn per step)."""
-    return sw.random_scene(np.random.default_rng([cfg.seed, 2, index]), hidden_rate=cfg.hidden_rate,
-                           counts=cfg.object_counts, twin_rate=cfg.twin_rate)
+    scene = sw.random_scene(np.random.default_rng([cfg.seed, 2, index]), hidden_rate=cfg.hidden_rate,
+                            counts=cfg.object_counts)
+    if cfg.twin_rate > 0 and len(scene.objects) > 1:
+        # a generator of its own: the scenes that stay are those of the default set at any rate
+        twin_rng = np.random.default_rng([cfg.seed, 5, index])
+        if twin_rng.random() < cfg.twin_rate:
+            scene = sw.random_scene(twin_rng, n_objects=len(scene.objects), hidden_rate=cfg.hidden_rate, twin=True)
+    return scene
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -198,6 +204,9 @@ def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Cal
     if state is None or state.get("encoder") != digest or "masks" not in state:  # none, stale or old format
         state = {"latents": [], "masks": [], "objects": [], "backgrounds": [], "encoder": digest}
     done = sum(len(chunk) for chunk in state["latents"])
+    if cfg.twin_rate > 0 and done >= cfg.scenes:
+        log.warning("twin_rate %.2f changes nothing: the latent cache already holds %d scenes (raise --scenes "
+                    "to append scenes drawn with it)", cfg.twin_rate, done)
     with torch.no_grad():
         while done < cfg.scenes and not should_stop():
             idx = range(done, min(done + 256, cfg.scenes))
@@ -248,9 +257,10 @@ def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
     rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # fixed scenes recur: draw each once
 
     def scene(i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image [H,W,3] and the union of its object masks [H,W]."""
+        """Image [H,W,3] and the union of its object masks [H,W], drawn from the cached objects."""
         if i not in rendered:
-            drawn = pretrain_scene(cfg, i)
+            objects = [sw.ObjectSpec(**o) for o in json.loads(data["objects"][i])]
+            drawn = sw.draw_scene(objects, data["backgrounds"][i], caption="")
             rendered[i] = (drawn.image, drawn.masks.any(0))
         return rendered[i]
 

@@ -50,12 +50,13 @@ DEFINITIONS = (
     "colour is read exactly) is the share of (drawn concept, other concept) pairs where the concept's "
     "object has the other's colour: in the combined caption, and in single prompts as *appearance swap* "
     "(the other concept's colour on the lone concept). *Colour+pattern* leakage counts both attributes "
-    "(patterns are drawn and read less reliably than colours). In brackets each leakage's "
+    "(patterns are drawn less reliably than colours). In brackets each leakage's "
     "*chance level*: with U the values of an attribute no concept of the scene has, an object showing one "
     "of them counts 1/|U| (how often one given unasked value turns up, so how often the other concept's "
     "would by chance alone). *IoU / ceiling*: the soft IoU of the map with its own object as a share of "
     "the IoU of that object's mask pooled to the map's resolution and scored the same way (the "
-    "*IoU ceiling*, in the attention table: a perfect map scores 1.00). Means are over scenes of each scene's "
+    "*IoU ceiling*, its own column in the attention table; a map equal to the pooled mask scores 1.00 on "
+    "IoU / ceiling). Means are over scenes of each scene's "
     "pooled values; intervals are paired 95 % bootstrap intervals, scenes resampled, then seeds.")
 
 

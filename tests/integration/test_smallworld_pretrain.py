@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from concept_attention.smallworld import model as toy
+from concept_attention.smallworld import scenes as sw
 from smallworld_lab import fresh
 from smallworld_lab import pretrain
 
@@ -168,29 +171,47 @@ def test_a_work_dir_seeded_from_narrow_weights_starts_from_the_same_predictions(
             torch.testing.assert_close(value, clip.cond_stage_model.clip_l.state_dict()[key].half().float())
 
 
-# sha256 of the objects of the first 40 scenes of the default pretraining set (the shipped base's data)
+
+# sha256 of the objects of the default pretraining set's first 40 scenes (the shipped base's data)
 PRETRAINING_SET_DIGEST = "21e314bd5a0b328a1e5bc950b0a69caff8ffb9d395fcecb39230f51b45ca0f95"
 
 
-def test_twin_scenes_share_one_look_and_leave_the_default_set_unchanged(tmp_path):
-    """--twin-rate draws scenes that only shape words tell apart; at 0 the set is the one the base learned."""
-    import hashlib
-    import json
+def test_twin_scenes_share_one_look_and_the_other_scenes_stay_those_of_the_default_set(tmp_path):
+    """--twin-rate replaces some multi-object scenes by twins; the rest are the default set's scenes."""
+    def objects(cfg: pretrain.PretrainConfig, count: int) -> list:
+        return [[dataclasses.asdict(o) for o in pretrain.pretrain_scene(cfg, i).objects] for i in range(count)]
 
-    def objects_digest(cfg: pretrain.PretrainConfig) -> str:
-        specs = [[dataclasses.asdict(o) for o in pretrain.pretrain_scene(cfg, i).objects] for i in range(40)]
-        return hashlib.sha256(json.dumps(specs).encode()).hexdigest()
-
-    assert objects_digest(pretrain.PretrainConfig(work_dir=tmp_path)) == PRETRAINING_SET_DIGEST
+    default = objects(pretrain.PretrainConfig(work_dir=tmp_path), 400)
+    assert hashlib.sha256(json.dumps(default[:40]).encode()).hexdigest() == PRETRAINING_SET_DIGEST
     twins = pretrain.PretrainConfig(work_dir=tmp_path, twin_rate=1.0)
-    scenes = [pretrain.pretrain_scene(twins, i) for i in range(40)]
-    several = [s for s in scenes if len(s.objects) > 1]
+    several = [s for s in (pretrain.pretrain_scene(twins, i) for i in range(40)) if len(s.objects) > 1]
     assert len(several) > 20  # PRETRAIN_COUNTS: three scenes in four have several objects
     for scene in several:
-        looks = {(o.colour, o.pattern) for o in scene.objects}
         shapes = [o.shape for o in scene.objects]
-        assert len(looks) == 1 and len(set(shapes)) == len(shapes), scene.objects
-    half = pretrain.PretrainConfig(work_dir=tmp_path, twin_rate=0.5)
-    several = [s for s in (pretrain.pretrain_scene(half, i) for i in range(400)) if len(s.objects) > 1]
-    share = sum(len({(o.colour, o.pattern) for o in s.objects}) == 1 for s in several) / len(several)
-    assert 0.4 < share < 0.65  # half are twins, and a few more share a look by chance
+        assert len({(o.colour, o.pattern) for o in scene.objects}) == 1 and len(set(shapes)) == len(shapes), scene.objects
+    half = objects(pretrain.PretrainConfig(work_dir=tmp_path, twin_rate=0.5), 400)
+    kept = [h == d for h, d in zip(half, default)]
+    replaced = [len(d) for d, same in zip(default, kept) if not same]
+    assert 1 not in replaced  # single objects are never replaced
+    assert 0.4 < len(replaced) / sum(len(d) > 1 for d in default) < 0.6
+
+
+def test_twin_scenes_append_to_a_latent_cache_and_leave_its_scenes_alone(tmp_path, monkeypatch):
+    """With --scenes above the cached count, only the new scenes are twins; decoder targets are the cache's."""
+    cfg = tiny_config(tmp_path)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    taesd = pretrain.train_vae(cfg, lambda: False)
+    first = pretrain.encode_latents(cfg, taesd, lambda: False)
+    more = dataclasses.replace(cfg, scenes=cfg.scenes + 12, twin_rate=1.0)
+    data = pretrain.encode_latents(more, taesd, lambda: False)
+    assert data["objects"][:cfg.scenes] == first["objects"]
+    assert torch.equal(data["latents"][:cfg.scenes], first["latents"])
+    appended = [[sw.ObjectSpec(**o) for o in json.loads(s)] for s in data["objects"][cfg.scenes:]]
+    assert all(len({(o.colour, o.pattern) for o in objs}) == 1 for objs in appended if len(objs) > 1)
+    assert sum(len(objs) > 1 for objs in appended) >= 6
+
+    def redraw(*_):
+        raise AssertionError("the decoder drew a scene anew instead of from the cache")
+
+    monkeypatch.setattr(pretrain, "pretrain_scene", redraw)
+    assert pretrain.train_decoder(more, taesd, data, lambda: False) == more.decoder_steps
