@@ -125,6 +125,9 @@ def merge_raw(paths: list[Path]) -> dict:
         if merged.setdefault("split", split) != split:
             raise SystemExit(f"{path} holds {split} rows, the others {merged['split']}; "
                              "a report shows each split from its own files")
+        frozen = part.get("frozen_settings_sha256", "")
+        if merged.setdefault("frozen_settings_sha256", frozen) != frozen:
+            raise SystemExit(f"{path} was run with another frozen settings file than the others")
         for key in ("rows", "composition"):
             for name, rows in part[key].items():
                 runs = [run_key(r) for r in merged[key].get(name, [])] + [run_key(r) for r in rows]
@@ -254,7 +257,9 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
             f", {composed} in the composition table" if scenes and composed not in (0, scenes) else "") + (
             f", training seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
         when = ")." if raw.get("sources") else f", {raw['minutes']:.0f} min on {raw['machine']})."
-        overrides = f"\nChanged from the defaults: `{raw['overrides']}`" if raw.get("overrides") else ""
+        overrides = "" if not raw.get("overrides") else (
+            f"\nSet by docs/verdict_settings.json (sha256 {raw['frozen_settings_sha256'][:12]}…): `{raw['overrides']}`"
+            if raw.get("frozen_settings_sha256") else f"\nChanged from the defaults: `{raw['overrides']}`")
         head = (f"Command: `{command}` ({scenes_text}{when}" if len(raws) == 1
                 else f"## {SPLIT_TITLES[split]}\n\n{scenes_text[0].upper()}{scenes_text[1:]}{when[1:]}")
         if len(raws) > 1:

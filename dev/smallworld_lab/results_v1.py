@@ -3,7 +3,7 @@
 v1 scored each target on its best-matching object among all read objects (no one-to-one
 matching), counted shape in fidelity and had chance levels only for the composition table's colour
 leakage; issue 18 explains why those numbers cannot decide between variants. Kept, unchanged, only
-so that ``docs/results.md`` can still be rebuilt from the raw rows committed then.
+so that ``docs/results_v1.md`` can still be rebuilt from the raw rows committed then.
 """
 from __future__ import annotations
 

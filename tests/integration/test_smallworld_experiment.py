@@ -208,11 +208,11 @@ def test_report_from_raw_files_lists_composition_modes_in_table_order(tmp_path):
     assert "(1 reference scenes, 2 in the composition table)" in out.read_text()
 
 
-@pytest.mark.parametrize("report, raw_glob", [("results.md", "results_raw/*.json"),
-                                               ("verdict_dev.md", "verdict_raw/dev_*.json"),
-                                               ("verdict_dev_shipped_v2.md", "verdict_raw/shipped_v2_dev_*.json")])
+@pytest.mark.parametrize("report, raw_glob", [("results.md", "verdict_raw/shipped_v2_*.json"),
+                                               ("results_v1.md", "results_raw/*.json"),
+                                               ("verdict_dev.md", "verdict_raw/dev_*.json")])
 def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report, raw_glob):
-    """docs/results.md (and the verdict's dev report) are rebuilt from their raw rows, never edited by hand."""
+    """docs/results.md (and the earlier reports) are rebuilt from their raw rows, never edited by hand."""
     from pathlib import Path
 
     module = _benchmark_module()
@@ -223,6 +223,33 @@ def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report
     module.main(["--from-raw", *raw_files, "--out", str(out), "--chart", str(tmp_path / "chart.png")])
     committed = (docs / report).read_text().split("\nSettings:", 1)[1]
     assert out.read_text().split("\nSettings:", 1)[1] == committed.replace(Path(report).stem + ".png", "chart.png")
+
+
+def test_heldout_rows_ran_once_with_the_committed_frozen_settings_on_the_shipped_weights():
+    """docs/results.md's held-out rows: the frozen file as committed, the shipped UNet, the frozen protocol."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from concept_attention.smallworld import model as toy
+    from smallworld_lab import study
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    raws = [json.loads(p.read_text()) for p in sorted(docs.glob("verdict_raw/shipped_v2_heldout_*.json"))]
+    assert raws, "docs/verdict_raw holds no held-out file"
+    frozen = hashlib.sha256(study.FROZEN_SETTINGS.read_bytes()).hexdigest()
+    shipped = hashlib.sha256((toy.WEIGHTS_DIR / toy.UNET_FILE).read_bytes()).hexdigest()
+    overrides, protocol, _ = study.frozen_protocol()
+    runs = set()
+    for raw in raws:
+        assert raw["split"] == "heldout" and raw["frozen_settings_sha256"] == frozen
+        assert raw["overrides"] == overrides
+        assert raw["unet_sha256"] == shipped, ("the shipped base changed: the held-out verdict in docs/results.md "
+                                               "is of the earlier one; say so there, or run the study again")
+        runs |= {(v, r["scene"], r["train_seed"]) for v, rows in raw["rows"].items() for r in rows}
+    expected = {(v, s, t) for v in ("DisenDiff", "Custom Diffusion") for s in range(protocol.scenes)
+                for t in protocol.train_seeds}
+    assert runs == expected  # every run of the protocol, none twice (merge_raw refuses repeats)
 
 
 def test_calibration_window_tables_are_what_their_raw_rows_give():
@@ -317,22 +344,27 @@ def test_training_seeds_merge_as_runs_and_splits_report_in_their_own_sections(tm
         return {"format": 2, "rows": rows, "composition": {}, "minutes": 1.0, "machine": "CPU",
                 "settings": "steps=2", "split": split, "overrides": {"attention_weight": 0.2}}
 
-    paths = {name: tmp_path / f"{name}.json" for name in ("dev0", "dev1", "held")}
+    paths = {name: tmp_path / f"{name}.json" for name in ("dev0", "dev1", "held", "held_other")}
     module.write_raw(paths["dev0"], record("dev", [0], 1.0))
     module.write_raw(paths["dev1"], record("dev", [1], 1.0))
     merged = module.merge_raw([paths["dev0"], paths["dev1"]])
     assert [module.run_key(r) for r in merged["rows"]["DisenDiff"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     with pytest.raises(SystemExit, match=r"repeats 'DisenDiff' on scene\(s\) \[0, 1\] \(training seeds \[1, 1\]\)"):
         module.merge_raw([paths["dev1"], paths["dev1"]])
-    module.write_raw(paths["held"], record("heldout", [0, 1, 2], 0.5))
+    module.write_raw(paths["held"], {**record("heldout", [0, 1, 2], 0.5), "frozen_settings_sha256": "ab" * 32})
     with pytest.raises(SystemExit, match="holds heldout rows, the others dev"):
         module.merge_raw([paths["dev0"], paths["held"]])
+    module.write_raw(paths["held_other"], {**record("heldout", [3], 0.5), "frozen_settings_sha256": "cd" * 32})
+    with pytest.raises(SystemExit, match="another frozen settings file"):
+        module.merge_raw([paths["held"], paths["held_other"]])
+    del paths["held_other"]
 
     out, chart = tmp_path / "results.md", tmp_path / "c.png"
     assert module.main(["--from-raw", *map(str, paths.values()), "--out", str(out), "--chart", str(chart)]) == 0
     text = out.read_text()
     dev_at, held_at = text.index("## Dev scenes"), text.index("## Held-out scenes")
-    assert dev_at < held_at and text.count("Changed from the defaults: `{'attention_weight': 0.2}`") == 2
+    assert dev_at < held_at and "Changed from the defaults: `{'attention_weight': 0.2}`" in text[:held_at]
+    assert "Set by docs/verdict_settings.json (sha256 abababababab…): `{'attention_weight': 0.2}`" in text[held_at:]
     assert "2 reference scenes, training seeds 0, 1, 2." in text[held_at:]
     assert "### Leakage" in text and "\n## Leakage" not in text  # tables nest under their split
     leak = [line for line in text.splitlines() if line.startswith("| Custom Diffusion | ")
