@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/smallworld_disendiff.py [--scenes 8] [--quick] [--device cuda]
     .venv/bin/python benchmarks/smallworld_disendiff.py --shard 0/8 --raw part0.json   # one of 8 parallel parts
-    .venv/bin/python benchmarks/smallworld_disendiff.py --from-raw docs/results_raw/*.json   # report only
+    .venv/bin/python benchmarks/smallworld_disendiff.py --from-raw docs/verdict_raw/shipped_v2_*.json   # results.md
     .venv/bin/python benchmarks/smallworld_disendiff.py --split dev --train-seeds 0,1 --sample-seeds 16 \
         --set attention_weight=0.2 --raw dev.json                       # the verdict's dev tuning
     .venv/bin/python benchmarks/smallworld_disendiff.py --split heldout --raw heldout.json
@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -127,7 +128,8 @@ def merge_raw(paths: list[Path]) -> dict:
                              "a report shows each split from its own files")
         frozen = part.get("frozen_settings_sha256", "")
         if merged.setdefault("frozen_settings_sha256", frozen) != frozen:
-            raise SystemExit(f"{path} was run with another frozen settings file than the others")
+            raise SystemExit(f"{path} was run with another frozen settings file (sha256 {frozen[:12] or 'none'}) "
+                             f"than the others ({merged['frozen_settings_sha256'][:12] or 'none'})")
         for key in ("rows", "composition"):
             for name, rows in part[key].items():
                 runs = [run_key(r) for r in merged[key].get(name, [])] + [run_key(r) for r in rows]
@@ -244,7 +246,10 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
     """results.md and its chart: one split as before, or a section per split (chart: held-out)."""
     from smallworld_lab.report import bar_chart
 
+    from smallworld_lab import study
+
     parts, titles, charted = [], [], None
+    frozen_name = Path(os.path.relpath(study.FROZEN_SETTINGS, REPO_ROOT)).as_posix()
     chart_split = "heldout" if "heldout" in raws else next(iter(raws))
     for split, raw in raws.items():
         title, body, summary, chart_metrics = report_body(raw, chart.name if split == chart_split else None)
@@ -257,9 +262,11 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
             f", {composed} in the composition table" if scenes and composed not in (0, scenes) else "") + (
             f", training seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
         when = ")." if raw.get("sources") else f", {raw['minutes']:.0f} min on {raw['machine']})."
-        overrides = "" if not raw.get("overrides") else (
-            f"\nSet by docs/verdict_settings.json (sha256 {raw['frozen_settings_sha256'][:12]}…): `{raw['overrides']}`"
-            if raw.get("frozen_settings_sha256") else f"\nChanged from the defaults: `{raw['overrides']}`")
+        if raw.get("frozen_settings_sha256"):
+            overrides = (f"\nSet by {frozen_name} (sha256 {raw['frozen_settings_sha256'][:12]}…): "
+                         f"`{raw.get('overrides') or 'the defaults'}`")
+        else:
+            overrides = f"\nChanged from the defaults: `{raw['overrides']}`" if raw.get("overrides") else ""
         head = (f"Command: `{command}` ({scenes_text}{when}" if len(raws) == 1
                 else f"## {SPLIT_TITLES[split]}\n\n{scenes_text[0].upper()}{scenes_text[1:]}{when[1:]}")
         if len(raws) > 1:
@@ -271,8 +278,10 @@ def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) ->
     intro = "" if len(raws) == 1 else f"Command: `{command}`.\n\n"
     chart.parent.mkdir(parents=True, exist_ok=True)
     bar_chart(*charted, chart)
+    section = ("Results" if any(raw.get("format", 1) == 1 for raw in raws.values()) else
+               "The held-out verdict" if "heldout" in raws else "A first dev measurement on the v2 candidate")
     out.write_text(f"# {titles[0]}\n\n{intro}" + "\n".join(parts)
-                   + "\nHow the rows were produced and what they say: [toy_world.md](toy_world.md#results).\n")
+                   + f"\nHow the rows were produced and what they say: [toy_world.md](toy_world.md), *{section}*.\n")
 
 
 def report_body(raw: dict, chart_name: str | None) -> tuple[str, str, dict[str, dict[str, float]], list]:
@@ -313,7 +322,8 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, pro
     raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
     raw.update(split=args.split, overrides=overrides, weights=str(weights),
-               unet_sha256=hashlib.sha256((Path(weights) / toy.UNET_FILE).read_bytes()).hexdigest())
+               **{f"{name}_sha256": hashlib.sha256((Path(weights) / file).read_bytes()).hexdigest()
+                  for name, file in (("unet", toy.UNET_FILE), ("clip", toy.CLIP_FILE), ("vae", toy.VAE_FILE))})
     if frozen_sha256:
         raw["frozen_settings_sha256"] = frozen_sha256
     started = time.monotonic()

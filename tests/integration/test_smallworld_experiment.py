@@ -225,31 +225,37 @@ def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report
     assert out.read_text().split("\nSettings:", 1)[1] == committed.replace(Path(report).stem + ".png", "chart.png")
 
 
-def test_heldout_rows_ran_once_with_the_committed_frozen_settings_on_the_shipped_weights():
-    """docs/results.md's held-out rows: the frozen file as committed, the shipped UNet, the frozen protocol."""
+def test_heldout_rows_cover_the_frozen_protocol_with_the_committed_file_and_the_shipped_weights():
+    """docs/results.md's held-out rows: the frozen file as committed, the shipped UNet, every run of the
+    frozen protocol exactly once, with its settings and sample seeds."""
+    import collections
     import hashlib
     import json
     from pathlib import Path
 
-    from concept_attention.smallworld import model as toy
     from smallworld_lab import study
 
     docs = Path(__file__).resolve().parents[2] / "docs"
     raws = [json.loads(p.read_text()) for p in sorted(docs.glob("verdict_raw/shipped_v2_heldout_*.json"))]
     assert raws, "docs/verdict_raw holds no held-out file"
-    frozen = hashlib.sha256(study.FROZEN_SETTINGS.read_bytes()).hexdigest()
+    overrides, protocol, frozen = study.frozen_protocol()
+    settings = str(study.settings_with(overrides, protocol.sample_seeds))
     shipped = hashlib.sha256((toy.WEIGHTS_DIR / toy.UNET_FILE).read_bytes()).hexdigest()
-    overrides, protocol, _ = study.frozen_protocol()
-    runs = set()
+    compared = ("DisenDiff", "Custom Diffusion")
+    runs = collections.Counter()
     for raw in raws:
-        assert raw["split"] == "heldout" and raw["frozen_settings_sha256"] == frozen
-        assert raw["overrides"] == overrides
-        assert raw["unet_sha256"] == shipped, ("the shipped base changed: the held-out verdict in docs/results.md "
-                                               "is of the earlier one; say so there, or run the study again")
-        runs |= {(v, r["scene"], r["train_seed"]) for v, rows in raw["rows"].items() for r in rows}
-    expected = {(v, s, t) for v in ("DisenDiff", "Custom Diffusion") for s in range(protocol.scenes)
-                for t in protocol.train_seeds}
-    assert runs == expected  # every run of the protocol, none twice (merge_raw refuses repeats)
+        assert raw["split"] == "heldout"
+        assert raw["frozen_settings_sha256"] == frozen, "docs/verdict_settings.json changed after the held-out run"
+        assert raw["overrides"] == overrides and raw["settings"] == settings
+        assert raw["unet_sha256"] == shipped, ("the shipped base changed: docs/results.md's held-out verdict is of "
+                                               "the earlier one; pin that digest here and say so in toy_world.md, "
+                                               "or run the study again")
+        for variant in compared:
+            for row in raw["rows"].get(variant, []):
+                assert len(row["per_seed"]["fidelity_cp_single"]) == protocol.sample_seeds
+                runs[(variant, row["scene"], row["train_seed"])] += 1
+    expected = {(v, s, t) for v in compared for s in range(protocol.scenes) for t in protocol.train_seeds}
+    assert set(runs) == expected and set(runs.values()) == {1}
 
 
 def test_calibration_window_tables_are_what_their_raw_rows_give():
