@@ -244,9 +244,8 @@ SPLIT_TITLES = {"dev": "Dev scenes (tuning: the seed-0 reference scenes)",
 
 def write_report(raws: dict[str, dict], command: str, out: Path, chart: Path) -> None:
     """results.md and its chart: one split as before, or a section per split (chart: held-out)."""
-    from smallworld_lab.report import bar_chart
-
     from smallworld_lab import study
+    from smallworld_lab.report import bar_chart
 
     parts, titles, charted = [], [], None
     frozen_name = Path(os.path.relpath(study.FROZEN_SETTINGS, REPO_ROOT)).as_posix()
