@@ -228,6 +228,11 @@ def encode_latents(cfg: PretrainConfig, taesd: torch.nn.Module, should_stop: Cal
             "objects": state["objects"], "backgrounds": state["backgrounds"]}
 
 
+def cached_objects(data: dict, index: int) -> list[sw.ObjectSpec]:
+    """The objects of scene ``index`` of the latent cache (``encode_latents``' data)."""
+    return [sw.ObjectSpec(**o) for o in json.loads(data["objects"][index])]
+
+
 def pooled_masks(scenes: list, side: int, slots: int = 3) -> torch.Tensor:
     """Object masks area-pooled to the latent size: [N, slots, side, side] (missing objects zero)."""
     out = torch.zeros(len(scenes), slots, side, side)
@@ -259,8 +264,7 @@ def train_decoder(cfg: PretrainConfig, taesd: torch.nn.Module, data: dict,
     def scene(i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image [H,W,3] and the union of its object masks [H,W], drawn from the cached objects."""
         if i not in rendered:
-            objects = [sw.ObjectSpec(**o) for o in json.loads(data["objects"][i])]
-            drawn = sw.draw_scene(objects, data["backgrounds"][i], caption="")
+            drawn = sw.draw_scene(cached_objects(data, i), data["backgrounds"][i], caption="")
             rendered[i] = (drawn.image, drawn.masks.any(0))
         return rendered[i]
 
@@ -324,8 +328,7 @@ def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_r
         if rng.random() < empty_rate:
             out.append("")
             continue
-        objects = [sw.ObjectSpec(**o) for o in json.loads(data["objects"][i])]
-        out.append(sw.random_caption(objects, data["backgrounds"][i], toy.IMAGE_SIZE, rng))
+        out.append(sw.random_caption(cached_objects(data, i), data["backgrounds"][i], toy.IMAGE_SIZE, rng))
     return out
 
 

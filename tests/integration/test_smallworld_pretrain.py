@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from concept_attention.smallworld import model as toy
-from concept_attention.smallworld import scenes as sw
 from smallworld_lab import fresh
 from smallworld_lab import pretrain
 
@@ -206,7 +205,7 @@ def test_twin_scenes_append_to_a_latent_cache_and_leave_its_scenes_alone(tmp_pat
     data = pretrain.encode_latents(more, taesd, lambda: False)
     assert data["objects"][:cfg.scenes] == first["objects"]
     assert torch.equal(data["latents"][:cfg.scenes], first["latents"])
-    appended = [[sw.ObjectSpec(**o) for o in json.loads(s)] for s in data["objects"][cfg.scenes:]]
+    appended = [pretrain.cached_objects(data, i) for i in range(cfg.scenes, more.scenes)]
     assert all(len({(o.colour, o.pattern) for o in objs}) == 1 for objs in appended if len(objs) > 1)
     assert sum(len(objs) > 1 for objs in appended) >= 6
 
