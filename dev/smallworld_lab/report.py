@@ -41,11 +41,19 @@ def bar_chart(summary: Mapping[str, Mapping[str, float]], metrics: Sequence[tupl
             draw.rectangle([x0 + i * bar, bottom - (bottom - top) * value, x0 + (i + 1) * bar - 2, bottom],
                            fill=PALETTE[i % len(PALETTE)])
         for j, line in enumerate(title.replace(" ↑", " (up)").replace(" ↓", " (down)").split(" ", 1)):
-            draw.text((left + m * group + 6, bottom + 6 + 14 * j), line, fill="black")
+            draw_words(draw, (left + m * group + 6, bottom + 6 + 14 * j), line)
     draw.line([left, bottom, width - right, bottom], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def draw_words(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, gap: float = 5.0) -> None:
+    """Draw ``text`` word by word: the default font's 2-pixel space runs words together ("swapsingle")."""
+    x, y = xy
+    for word in text.split():
+        draw.text((x, y), word, fill="black")
+        x += draw.textlength(word) + gap
 
 
 def add_values(per_seed: dict, seed_index: int, values: Mapping[str, Sequence[float]], suffix: str = "") -> None:

@@ -1,9 +1,11 @@
-"""Report helpers: per-seed value lists and the paired bootstrap (known differences and intervals)."""
+"""Report helpers: per-seed value lists, the paired bootstrap (known differences and intervals), chart labels."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
-from smallworld_lab.report import add_values, paired_difference, pooled_means
+from smallworld_lab.report import add_values, draw_words, paired_difference, pooled_means
 
 
 # paired_difference(a, b, "leak", draws=300) of the test below, computed by the code before training seeds
@@ -77,3 +79,16 @@ def test_a_single_training_seed_gives_the_interval_of_rows_without_one():
     b = rows([[[0.0, 0.0], [0.0]], [[0.0], [0.0]], [[0.0], [1.0]]])
     tagged = [[dict(r, train_seed=3) for r in side] for side in (a, b)]
     assert paired_difference(*tagged, "leak", draws=300) == paired_difference(a, b, "leak", draws=300) == OLD_INTERVAL
+
+
+def widest_blank_run(image: Image.Image) -> int:
+    """The most consecutive all-white pixel columns between the first and last inked column."""
+    inked = (np.asarray(image.convert("L")) < 128).any(axis=0).nonzero()[0]
+    return int(np.diff(inked).max()) - 1 if len(inked) > 1 else 0
+
+
+def test_chart_labels_keep_a_visible_gap_between_words():
+    plain, spaced = (Image.new("RGB", (200, 20), "white") for _ in range(2))
+    ImageDraw.Draw(plain).text((2, 2), "swap single", fill="black")  # the default font: "swapsingle"
+    draw_words(ImageDraw.Draw(spaced), (2, 2), "swap single")
+    assert widest_blank_run(plain) < 4 <= widest_blank_run(spaced)
