@@ -227,13 +227,14 @@ def test_committed_results_are_what_the_committed_raw_rows_give(tmp_path, report
 
 def test_heldout_rows_cover_the_frozen_protocol_with_the_committed_file_and_the_shipped_weights():
     """docs/results.md's held-out rows: the frozen file as committed, the shipped UNet, every run of the
-    frozen protocol exactly once, with its settings and sample seeds."""
+    frozen protocol exactly once, with its settings and sample seeds; the composition table too (every
+    mode of every scene once, the first training seed)."""
     import collections
     import hashlib
     import json
     from pathlib import Path
 
-    from smallworld_lab import study
+    from smallworld_lab import composition, study
 
     docs = Path(__file__).resolve().parents[2] / "docs"
     raws = [json.loads(p.read_text()) for p in sorted(docs.glob("verdict_raw/shipped_v2_heldout_*.json"))]
@@ -254,7 +255,12 @@ def test_heldout_rows_cover_the_frozen_protocol_with_the_committed_file_and_the_
             for row in raw["rows"].get(variant, []):
                 assert len(row["per_seed"]["fidelity_cp_single"]) == protocol.sample_seeds
                 runs[(variant, row["scene"], row["train_seed"])] += 1
+        for mode, rows in raw["composition"].items():
+            for row in rows:
+                assert len(row["per_seed"]["fidelity_cp"]) == protocol.sample_seeds == row["seeds"]
+                runs[(mode, row["scene"], row["train_seed"])] += 1
     expected = {(v, s, t) for v in compared for s in range(protocol.scenes) for t in protocol.train_seeds}
+    expected |= {(m, s, protocol.train_seeds[0]) for m in composition.MODES for s in range(protocol.scenes)}
     assert set(runs) == expected and set(runs.values()) == {1}
 
 
