@@ -115,6 +115,8 @@ def frozen_protocol(path: Path = FROZEN_SETTINGS) -> tuple[dict[str, Any], Proto
         overrides = {name: typed_value(name, value) for name, value in record["overrides"].items()}
         protocol = Protocol(tuple(int(s) for s in record["train_seeds"]), int(record["sample_seeds"]),
                             int(record["scenes"]))
+        if not protocol.train_seeds or protocol.sample_seeds < 1 or protocol.scenes < 1:
+            raise ValueError("a study needs at least one training seed, sample seed and scene")
     except (KeyError, AttributeError, TypeError, ValueError) as error:
         raise SystemExit(f"{path}: {error}; it needs 'overrides' (an object), 'train_seeds' (a list), "
                          "'sample_seeds' and 'scenes' (whole numbers)") from None

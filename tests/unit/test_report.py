@@ -82,13 +82,12 @@ def test_a_single_training_seed_gives_the_interval_of_rows_without_one():
 
 
 def widest_blank_run(image: Image.Image) -> int:
-    """The most consecutive all-white pixel columns between the first and last inked column."""
+    """The most consecutive pixel columns without a dark pixel between the first and last inked column."""
     inked = (np.asarray(image.convert("L")) < 128).any(axis=0).nonzero()[0]
     return int(np.diff(inked).max()) - 1 if len(inked) > 1 else 0
 
 
 def test_chart_labels_keep_a_visible_gap_between_words():
-    plain, spaced = (Image.new("RGB", (200, 20), "white") for _ in range(2))
-    ImageDraw.Draw(plain).text((2, 2), "swap single", fill="black")  # the default font: "swapsingle"
-    draw_words(ImageDraw.Draw(spaced), (2, 2), "swap single")
-    assert widest_blank_run(plain) < 4 <= widest_blank_run(spaced)
+    label = Image.new("RGB", (200, 20), "white")
+    draw_words(ImageDraw.Draw(label), (2, 2), "swap single")  # Pillow's default font alone: 1 blank column
+    assert widest_blank_run(label) >= 4

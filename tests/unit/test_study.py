@@ -67,3 +67,6 @@ def test_heldout_runs_take_only_the_frozen_protocol(tmp_path, monkeypatch):
     frozen.write_text(json.dumps({"overrides": {}}))
     with pytest.raises(SystemExit, match="it needs 'overrides'"):
         study.run_settings("heldout", [], default)
+    frozen.write_text(json.dumps({"overrides": {}, "train_seeds": [], "sample_seeds": 16, "scenes": 16}))
+    with pytest.raises(SystemExit, match="at least one training seed"):
+        study.run_settings("heldout", [], default)
