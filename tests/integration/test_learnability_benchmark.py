@@ -53,7 +53,9 @@ MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 20 000": ("base_v2_cpu20000.json", "learn_v2_cpu20000.json"),
                  "step 23 612 (stopped at a session's end)": ("base_v2_cpu23612.json", "learn_v2_cpu23612.json"),
                  "step 26 000 (shipped)": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json"),
-                 "step 29 693": ("base_v2_cpu29693.json", "learn_v2_cpu29693.json")}
+                 "step 29 693": ("base_v2_cpu29693.json", "learn_v2_cpu29693.json"),
+                 "step 29 000, twin scenes (from step 26 000, not shipped)": ("base_v2_twin29000.json",
+                                                                             "learn_v2_twin29000.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
