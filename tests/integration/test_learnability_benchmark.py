@@ -86,7 +86,8 @@ RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
                "400 steps, lr 1e-3, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3.json",
                "400 steps, lr 1e-3, plain eps loss, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3_eps.json",
                "400 steps, lr 1e-3, step-15 783 model": "learn_v2_cpu15783_6x8_s400_lr1e3.json",
-               "400 steps, lr 1e-3, step-20 000 model": "learn_v2_cpu20000_6x8_s400_lr1e3.json"}
+               "400 steps, lr 1e-3, step-20 000 model": "learn_v2_cpu20000_6x8_s400_lr1e3.json",
+               "default (200 steps, lr 5e-4), step-26 000 model (shipped)": "learn_v2_cpu26000_6x8.json"}
 
 
 def test_recipe_table_is_what_its_raw_rows_give() -> None:
