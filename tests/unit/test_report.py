@@ -89,5 +89,5 @@ def widest_blank_run(image: Image.Image) -> int:
 
 def test_chart_labels_keep_a_visible_gap_between_words():
     label = Image.new("RGB", (200, 20), "white")
-    draw_words(ImageDraw.Draw(label), (2, 2), "swap single")  # Pillow's default font alone: 1 blank column
+    draw_words(ImageDraw.Draw(label), (2, 2), "swap single")  # Pillow's default font alone: 2 blank columns
     assert widest_blank_run(label) >= 4
