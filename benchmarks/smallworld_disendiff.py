@@ -23,7 +23,6 @@ The study protocol (dev and held-out splits, frozen settings, training seeds) is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -321,8 +320,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, pro
     raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
     raw.update(split=args.split, overrides=overrides, weights=str(weights),
-               **{f"{name}_sha256": hashlib.sha256((Path(weights) / file).read_bytes()).hexdigest()
-                  for name, file in (("unet", toy.UNET_FILE), ("clip", toy.CLIP_FILE), ("vae", toy.VAE_FILE))})
+               **{f"{name}_sha256": digest for name, digest in toy.weights_sha256(weights).items()})
     if frozen_sha256:
         raw["frozen_settings_sha256"] = frozen_sha256
     started = time.monotonic()

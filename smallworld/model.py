@@ -124,6 +124,14 @@ def weights_present(directory: Path = WEIGHTS_DIR) -> bool:
     return all((directory / name).is_file() for name in (UNET_FILE, CLIP_FILE, VAE_FILE))
 
 
+def weights_sha256(directory: Path = WEIGHTS_DIR) -> dict[str, str]:
+    """The sha256 of each weight file, keyed "unet", "clip" and "vae": which base a measurement used."""
+    import hashlib
+
+    return {name: hashlib.sha256((Path(directory) / file).read_bytes()).hexdigest()
+            for name, file in (("unet", UNET_FILE), ("clip", CLIP_FILE), ("vae", VAE_FILE))}
+
+
 def load_bundle(directory: Path = WEIGHTS_DIR,
                 embedding_directory: Optional[list[str]] = None) -> ToyBundle:
     """MODEL, CLIP and VAE from the shipped (or another directory's) toy-world weights."""

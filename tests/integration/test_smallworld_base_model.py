@@ -4,7 +4,6 @@ The gates are issue 17's (docs/toy_world.md "Base model v2"); a checkout without
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from smallworld_lab.readout import read_scene
 # and on", keyed to the UNet file's digest so that any other weights must pass; strict, so a pass says
 # the marker is stale. They run (about 5 CI minutes for learnability) so that a pass is noticed.
 STEP_26000_UNET_SHA256 = "73e30980585199ba643bb42bf8cfd6cc869b6fb02e363fe8e975284afc3f6777"
-SHIPPED_IS_STEP_26000 = hashlib.sha256((toy.WEIGHTS_DIR / toy.UNET_FILE).read_bytes()).hexdigest() == STEP_26000_UNET_SHA256
+SHIPPED_IS_STEP_26000 = toy.weights_sha256()["unet"] == STEP_26000_UNET_SHA256
 argmax_known_miss = pytest.mark.xfail(
     SHIPPED_IS_STEP_26000, strict=True, raises=AssertionError,
     reason="argmax assignment 94 % on these 16 scenes x 1 draw against the 95 % gate (issue 17)")

@@ -230,7 +230,6 @@ def test_heldout_rows_cover_the_frozen_protocol_with_the_committed_file_and_the_
     frozen protocol exactly once, with its settings and sample seeds; the composition table too (every
     mode of every scene once, the first training seed)."""
     import collections
-    import hashlib
     import json
     from pathlib import Path
 
@@ -241,7 +240,7 @@ def test_heldout_rows_cover_the_frozen_protocol_with_the_committed_file_and_the_
     assert raws, "docs/verdict_raw holds no held-out file"
     overrides, protocol, frozen = study.frozen_protocol()
     settings = str(study.settings_with(overrides, protocol.sample_seeds))
-    shipped = hashlib.sha256((toy.WEIGHTS_DIR / toy.UNET_FILE).read_bytes()).hexdigest()
+    shipped = toy.weights_sha256()["unet"]
     compared = ("DisenDiff", "Custom Diffusion")
     runs = collections.Counter()
     for raw in raws:
