@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/learnability_smallworld.py [--weights DIR] [--scenes 3] [--raw FILE]
     .venv/bin/python benchmarks/learnability_smallworld.py --from-raw FILE   # the rates again
     .venv/bin/python benchmarks/learnability_smallworld.py --set steps=400 --sample-seeds 8   # a recipe candidate
+    .venv/bin/python benchmarks/learnability_smallworld.py --scenes 6 --scene-ids 2,3,4,5   # some of the dev scenes
 
 The CI test's protocol (``dev/smallworld_lab/learnability.py``): Custom Diffusion with the default
 toy-world recipe learns every object of each dev scene; each hidden object is sampled with the
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=REPO_ROOT / "smallworld" / "weights")
     parser.add_argument("--scenes", type=int, default=3, help="dev scenes (the CI test uses 3)")
+    parser.add_argument("--scene-ids", default=None, metavar="I,J",
+                        help="run only these of the --scenes dev scenes (rows keep the scene's index)")
     parser.add_argument("--raw", type=Path, default=None, help="write one row per sample (JSON) here")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="try another recipe: change one ExperimentSettings field (e.g. learning_rate=1e-3)")
@@ -37,6 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--from-raw", type=Path, default=None, help="print the rates of saved rows")
     bench.add_machine_arguments(parser, device="cpu")
     return parser.parse_args(argv)
+
+
+def chosen_scenes(text: str | None, count: int) -> list[int]:
+    """The scene indices ``--scene-ids`` names (default: all ``count``), checked against ``--scenes``."""
+    if text is None:
+        return list(range(count))
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--scene-ids {text!r}: write whole numbers separated by commas, e.g. 2,3") from None
+    if any(i < 0 or i >= count for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--scene-ids {text!r}: each index once, from 0 to {count - 1} (--scenes {count})")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,15 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             overrides = study.parse_overrides(args.set)
             settings = study.settings_with(overrides, args.sample_seeds)
+            scene_ids = chosen_scenes(args.scene_ids, args.scenes)
         except ValueError as error:
             logging.error("%s", error)
             return 2
         bundle = toy.load_bundle(args.weights)
-        for i, scene in enumerate(learnability.dev_scenes(args.scenes)):
-            rows += learnability.learn_scene(bundle, i, scene, settings)
+        scenes = learnability.dev_scenes(args.scenes)
+        for i in scene_ids:
+            rows += learnability.learn_scene(bundle, i, scenes[i], settings)
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)
         if args.raw:
-            payload = {"weights": str(args.weights), "scenes": args.scenes,
+            payload = {"weights": str(args.weights), "scenes": args.scenes, "scene_ids": scene_ids,
                        "settings": dataclasses.asdict(settings),
                        "overrides": overrides, "rows": [dataclasses.asdict(r) for r in rows]}
             args.raw.write_text(json.dumps(payload, indent=1, default=str))

@@ -41,6 +41,11 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
     assert "--sample-seeds must be at least 1" in caplog.text
     assert module.main(["--set", "seed=3", "--device", "cpu"]) == 2
     assert "cannot be set by a study; tunable: steps, learning_rate" in caplog.text
+    assert module.main(["--scenes", "6", "--scene-ids", "2,6", "--device", "cpu"]) == 2
+    assert "--scene-ids '2,6': each index once, from 0 to 5 (--scenes 6)" in caplog.text
+    assert module.main(["--scene-ids", "1,1", "--device", "cpu"]) == 2
+    assert module.main(["--scene-ids", "two", "--device", "cpu"]) == 2
+    assert "write whole numbers separated by commas" in caplog.text
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
