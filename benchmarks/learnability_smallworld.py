@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/learnability_smallworld.py --from-raw FILE   # the rates again
     .venv/bin/python benchmarks/learnability_smallworld.py --set steps=400 --sample-seeds 8   # a recipe candidate
     .venv/bin/python benchmarks/learnability_smallworld.py --scenes 6 --scene-ids 2,3,4,5   # some of the dev scenes
+    .venv/bin/python benchmarks/learnability_smallworld.py --freeze kv   # what trains: only the trigger embeddings
 
 The CI test's protocol (``dev/smallworld_lab/learnability.py``): Custom Diffusion with the default
 toy-world recipe learns every object of each dev scene; each hidden object is sampled with the
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw", type=Path, default=None, help="write one row per sample (JSON) here")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="try another recipe: change one ExperimentSettings field (e.g. learning_rate=1e-3)")
+    parser.add_argument("--freeze", choices=("kv", "embeddings"), default=None,
+                        help="what trains: keep the K/V projections (textual inversion) or the embeddings "
+                             "(K/V only) as the base has them; default: both train, as in Custom Diffusion")
     parser.add_argument("--sample-seeds", type=int, default=None, metavar="N",
                         help="sample seeds 11 .. 10+N (default: the recipe's 4)")
     parser.add_argument("--from-raw", type=Path, default=None, help="print the rates of saved rows")
@@ -74,15 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             logging.error("%s", error)
             return 2
+        what_trains = {f"train_{args.freeze}": False} if args.freeze else {}
         bundle = toy.load_bundle(args.weights)
         scenes = learnability.dev_scenes(args.scenes)
         for i in scene_ids:
-            rows += learnability.learn_scene(bundle, i, scenes[i], settings)
+            rows += learnability.learn_scene(bundle, i, scenes[i], settings, what_trains)
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)
         if args.raw:
             payload = {"weights": str(args.weights), "scenes": args.scenes, "scene_ids": scene_ids,
                        "settings": dataclasses.asdict(settings),
-                       "overrides": overrides, "rows": [dataclasses.asdict(r) for r in rows]}
+                       "overrides": overrides, "what_trains": what_trains,
+                       "rows": [dataclasses.asdict(r) for r in rows]}
             args.raw.write_text(json.dumps(payload, indent=1, default=str))
     gate = learnability.rates(rows)
     print(f"first objects (the gate): {gate} -> {'pass' if learnability.passed(gate) else 'FAIL'} "

@@ -20,7 +20,7 @@ Rows keep every metric's values per seed (``per_seed``) for paired bootstrap int
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,8 +91,10 @@ def caption_for(scene: sw.Scene, background: str = sw.DEFAULT_BACKGROUND) -> str
     return f"{text} on a {background} background"
 
 
-def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: ExperimentSettings) -> TrainResult:
-    """Learn the scene's concepts with one variant's calibration switches."""
+def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: ExperimentSettings,
+                  what_trains: Mapping[str, bool] | None = None) -> TrainResult:
+    """Learn the scene's concepts with one variant's calibration switches (``what_trains``: e.g.
+    ``{"train_kv": False}``, a recipe probe of the learnability benchmark)."""
     calibration = replace(CalibrationSettings(weight=settings.attention_weight, max_t=settings.calibration_max_t),
                           **VARIANTS[variant])
     train = TrainSettings(steps=settings.steps, learning_rate=settings.learning_rate,
@@ -101,7 +103,7 @@ def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: Experime
                           map_layers=settings.map_layers, caption=caption_for(scene),
                           augmentation=settings.augmentation, init=settings.init,
                           loss_weighting=settings.loss_weighting,
-                          **TRAIN_OVERRIDES.get(variant, {}))
+                          **TRAIN_OVERRIDES.get(variant, {}), **(what_trains or {}))
     image = torch.from_numpy(scene.image.astype(np.float32) / 255.0)[None]
     with torch.inference_mode():  # as inside a node: the loop must cope with inference tensors
         base_model, base_clip = bundle.model.clone(), bundle.clip.clone()

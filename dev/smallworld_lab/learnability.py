@@ -61,9 +61,11 @@ def roundtrip_reads(bundle: Any, scene: sw.Scene) -> list:
     return ev.match_masks(ev.read_scene(decoded), scene.masks)
 
 
-def learn_scene(bundle: Any, scene_id: int, scene: sw.Scene, settings: ExperimentSettings) -> list[LearnedSample]:
-    """Train the baseline on one scene, sample each hidden object and read it back."""
-    concepts = train_variant(bundle, scene, VARIANT, settings).concepts
+def learn_scene(bundle: Any, scene_id: int, scene: sw.Scene, settings: ExperimentSettings,
+                what_trains: dict[str, bool] | None = None) -> list[LearnedSample]:
+    """Train the baseline on one scene (``what_trains``: TrainSettings switches, e.g. ``{"train_kv": False}``),
+    sample each hidden object and read it back."""
+    concepts = train_variant(bundle, scene, VARIANT, settings, what_trains).concepts
     model, clip = apply_concepts(bundle.model, bundle.clip, concepts)
     learned = type(bundle)(model, clip, bundle.vae)
     rows = []

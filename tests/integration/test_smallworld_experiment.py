@@ -467,3 +467,13 @@ def test_toy_world_runs_train_on_the_toy_world_data_settings(random_toy):
     assert augmentation == {"far_prefixes": (), "zoom_prefixes": (), "canvas": "border", "smallest_scale": 1.0}
     sets = composition.train_separately(random_toy, scene, TINY)
     assert sets[0].metadata["settings"]["augmentation"] == augmentation
+
+
+def test_a_recipe_probe_can_freeze_the_kv_projections(random_toy):
+    """``what_trains`` reaches the training run: K/V frozen leaves every delta zero; by default they train."""
+    scene = sw.reference_scenes(1)[0]
+    frozen = exp.train_variant(random_toy, scene, "Custom Diffusion", TINY, {"train_kv": False}).concepts
+    assert frozen.metadata["settings"]["train_kv"] is False
+    assert all(float(delta.abs().max()) == 0.0 for delta in frozen.kv_deltas.values())
+    assert any(float(delta.abs().max()) > 0.0
+               for delta in exp.train_variant(random_toy, scene, "Custom Diffusion", TINY).concepts.kv_deltas.values())
