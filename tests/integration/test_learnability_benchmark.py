@@ -95,27 +95,57 @@ RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
                "default (200 steps, lr 5e-4), step-26 000 model (shipped)": "learn_v2_cpu26000_6x8.json"}
 
 
-def test_recipe_table_is_what_its_raw_rows_give() -> None:
-    """The learnability recipe table: first objects, every hidden object and per scene, from the rows."""
-    from smallworld_lab import learnability
-
+def table_cells(section: str, label: str) -> list[str]:
+    """The cells after the label of the row that ``label`` starts, in the section of docs/toy_world.md so titled."""
     text = (DOCS / "toy_world.md").read_text()
-    table = text[text.index("### Where the step-9 000 model misses"):]
+    table = text[text.index(section):]
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip().strip("|").split("|")][1:]
+
+
+def recipe_cells(payload: dict) -> list[str]:
+    """A recipe row from its raw rows: first objects, every hidden object, then colour/colour+pattern per scene."""
+    from smallworld_lab import learnability
 
     def pct(value: float, count: int) -> str:
         return f"{value:.0%} ({count})".replace("%", " %")
 
+    rows = [learnability.LearnedSample(**r) for r in payload["rows"]]
+    first, every = learnability.rates(rows), learnability.rates(rows, first_only=False)
+    per_scene = ", ".join(f"{sum(r.colour for r in rows if r.scene == s and r.obj == 0)}/"
+                          f"{sum(r.pattern for r in rows if r.scene == s and r.obj == 0)}"
+                          for s in sorted({r.scene for r in rows}))
+    return [pct(first["colour"], first["colour_samples"]), pct(first["colour_pattern"], first["colour_pattern_samples"]),
+            pct(every["colour"], every["colour_samples"]), pct(every["colour_pattern"], every["colour_pattern_samples"]),
+            per_scene]
+
+
+def test_recipe_table_is_what_its_raw_rows_give() -> None:
+    """The learnability recipe table: first objects, every hidden object and per scene, from the rows."""
     for label, name in RECIPE_ROWS.items():
-        cells = [c.strip() for c in next(line for line in table.splitlines()
-                                         if line.startswith(f"| {label} |")).strip("|").split("|")]
         payload = json.loads((DOCS / "learnability_raw" / name).read_text())
-        rows = [learnability.LearnedSample(**r) for r in payload["rows"]]
-        first, every = learnability.rates(rows), learnability.rates(rows, first_only=False)
-        scenes = sorted({r.scene for r in rows})
-        per_scene = ", ".join(f"{sum(r.colour for r in rows if r.scene == s and r.obj == 0)}/"
-                              f"{sum(r.pattern for r in rows if r.scene == s and r.obj == 0)}" for s in scenes)
-        assert cells[1:] == [pct(first["colour"], first["colour_samples"]),
-                             pct(first["colour_pattern"], first["colour_pattern_samples"]),
-                             pct(every["colour"], every["colour_samples"]),
-                             pct(every["colour_pattern"], every["colour_pattern_samples"]), per_scene], label
+        assert table_cells("### Where the step-9 000 model misses", label) == recipe_cells(payload), label
         assert payload["scenes"] == 6 and len(payload["settings"]["sample_seeds"]) == 8
+
+
+# docs/toy_world.md "Recipes on the four dev scenes": row label -> (raw rows, --set overrides, what --freeze kept)
+HARD_SCENE_ROWS = {
+    "the default (200 steps, lr 5e-4, cfg 5)": ("hard4_default", {}, {}),
+    "triggers start from the class word": ("hard4_class", {"init": "class"}, {}),
+    "100 steps": ("hard4_s100", {"steps": 100}, {}),
+    "400 steps": ("hard4_s400", {"steps": 400}, {}),
+    "lr 2e-3": ("hard4_lr2e3", {"learning_rate": 2e-3}, {}),
+    "effective batch 8 (accumulation 4)": ("hard4_ga4", {"grad_accumulation": 4}, {}),
+    "sampled at cfg 3": ("hard4_cfg3", {"cfg": 3.0}, {}),
+    "sampled with 40 steps": ("hard4_ss40", {"sample_steps": 40}, {}),
+    "embeddings only (K/V frozen), lr 5e-3": ("hard4_freeze_kv", {"learning_rate": 5e-3}, {"train_kv": False}),
+    "K/V only (embeddings frozen)": ("hard4_freeze_embeddings", {}, {"train_embeddings": False})}
+
+
+def test_hard_scene_recipe_table_is_what_its_raw_rows_give() -> None:
+    """The shipped base's recipe table on dev scenes 2-5: each row from its rows, run with the overrides it names."""
+    for label, (name, overrides, frozen) in HARD_SCENE_ROWS.items():
+        payload = json.loads((DOCS / "learnability_raw" / f"learn_v2_cpu26000_{name}.json").read_text())
+        assert table_cells("#### Recipes on the four dev scenes", label) == recipe_cells(payload), label
+        assert payload["overrides"] == overrides and payload.get("what_trains", {}) == frozen, label
+        assert payload["scene_ids"] == [2, 3, 4, 5] and len(payload["settings"]["sample_seeds"]) == 8
