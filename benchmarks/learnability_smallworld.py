@@ -55,7 +55,8 @@ def chosen_scenes(text: str | None, count: int) -> list[int]:
     except ValueError:
         raise ValueError(f"--scene-ids {text!r}: write whole numbers separated by commas, e.g. 2,3") from None
     if any(i < 0 or i >= count for i in ids) or len(set(ids)) != len(ids):
-        raise ValueError(f"--scene-ids {text!r}: each index once, from 0 to {count - 1} (--scenes {count})")
+        raise ValueError(f"--scene-ids {text!r}: each index once, from 0 to {count - 1} (--scenes {count}; "
+                         f"raise --scenes to reach a higher index)")
     return ids
 
 
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from concept_attention.smallworld import model as toy
 
     if args.from_raw:
+        chosen = [flag for flag, value in (("--set", args.set), ("--scene-ids", args.scene_ids),
+                                           ("--freeze", args.freeze), ("--sample-seeds", args.sample_seeds)) if value]
+        if chosen:
+            logging.error("%s choose what a run trains and samples; --from-raw only prints saved rows",
+                          ", ".join(chosen))
+            return 2
         rows = [learnability.LearnedSample(**row) for row in json.loads(args.from_raw.read_text())["rows"]]
     else:
         started, rows = time.monotonic(), []
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)
         if args.raw:
             payload = {"weights": str(args.weights), "scenes": args.scenes, "scene_ids": scene_ids,
+                       **{f"{name}_sha256": digest for name, digest in toy.weights_sha256(args.weights).items()},
                        "settings": dataclasses.asdict(settings),
                        "overrides": overrides, "what_trains": what_trains,
                        "rows": [dataclasses.asdict(r) for r in rows]}

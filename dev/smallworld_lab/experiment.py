@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # Training switches beyond calibration: the nested-attention token bank (docs/method.md §15).
 TRAIN_OVERRIDES: dict[str, dict[str, Any]] = {"DisenDiff + token bank": {"token_bank": 16}}
 BACKGROUND_SWAP = "light blue"
+WHAT_TRAINS = ("train_kv", "train_embeddings")  # TrainSettings switches a learnability probe may turn off
 
 
 @dataclass
@@ -93,8 +94,10 @@ def caption_for(scene: sw.Scene, background: str = sw.DEFAULT_BACKGROUND) -> str
 
 def train_variant(bundle: Any, scene: sw.Scene, variant: str, settings: ExperimentSettings,
                   what_trains: Mapping[str, bool] | None = None) -> TrainResult:
-    """Learn the scene's concepts with one variant's calibration switches (``what_trains``: e.g.
-    ``{"train_kv": False}``, a recipe probe of the learnability benchmark)."""
+    """Learn the scene's concepts with one variant's calibration switches and a probe's ``WHAT_TRAINS`` switches."""
+    unknown = sorted(set(what_trains or {}) - set(WHAT_TRAINS))
+    if unknown:
+        raise ValueError(f"what_trains {unknown}: a recipe probe may switch only {', '.join(WHAT_TRAINS)}")
     calibration = replace(CalibrationSettings(weight=settings.attention_weight, max_t=settings.calibration_max_t),
                           **VARIANTS[variant])
     train = TrainSettings(steps=settings.steps, learning_rate=settings.learning_rate,

@@ -16,7 +16,7 @@ what calibration is measured on, so ``rates(..., first_only=False)`` reports it 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,9 +62,8 @@ def roundtrip_reads(bundle: Any, scene: sw.Scene) -> list:
 
 
 def learn_scene(bundle: Any, scene_id: int, scene: sw.Scene, settings: ExperimentSettings,
-                what_trains: dict[str, bool] | None = None) -> list[LearnedSample]:
-    """Train the baseline on one scene (``what_trains``: TrainSettings switches, e.g. ``{"train_kv": False}``),
-    sample each hidden object and read it back."""
+                what_trains: Mapping[str, bool] | None = None) -> list[LearnedSample]:
+    """Train the baseline on one scene (``what_trains``: see train_variant), sample each hidden object, read it."""
     concepts = train_variant(bundle, scene, VARIANT, settings, what_trains).concepts
     model, clip = apply_concepts(bundle.model, bundle.clip, concepts)
     learned = type(bundle)(model, clip, bundle.vae)

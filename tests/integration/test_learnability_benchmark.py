@@ -35,17 +35,47 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
     spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--set", "steps=many", "--device", "cpu"]) == 2
-    assert "steps takes a whole number" in caplog.text
-    assert module.main(["--sample-seeds", "0", "--device", "cpu"]) == 2
-    assert "--sample-seeds must be at least 1" in caplog.text
-    assert module.main(["--set", "seed=3", "--device", "cpu"]) == 2
-    assert "cannot be set by a study; tunable: steps, learning_rate" in caplog.text
-    assert module.main(["--scenes", "6", "--scene-ids", "2,6", "--device", "cpu"]) == 2
-    assert "--scene-ids '2,6': each index once, from 0 to 5 (--scenes 6)" in caplog.text
-    assert module.main(["--scene-ids", "1,1", "--device", "cpu"]) == 2
-    assert module.main(["--scene-ids", "two", "--device", "cpu"]) == 2
-    assert "write whole numbers separated by commas" in caplog.text
+    refused = {("--set", "steps=many"): "steps takes a whole number",
+               ("--sample-seeds", "0"): "--sample-seeds must be at least 1",
+               ("--set", "seed=3"): "cannot be set by a study; tunable: steps, learning_rate",
+               ("--scenes", "6", "--scene-ids", "2,6"): "--scene-ids '2,6': each index once, from 0 to 5 (--scenes 6; "
+                                                          "raise --scenes",
+               ("--scene-ids", "1,1"): "--scene-ids '1,1': each index once",
+               ("--scene-ids", "two"): "write whole numbers separated by commas",
+               ("--from-raw", "x.json", "--freeze", "kv"): "--freeze choose what a run trains and samples; --from-raw "
+                                                           "only prints saved rows"}
+    for argv, message in refused.items():
+        caplog.clear()
+        assert module.main([*argv, "--device", "cpu"]) == 2, argv
+        assert message in caplog.text, argv
+
+
+def test_a_probe_run_records_its_scenes_and_what_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--scene-ids and --freeze reach each scene's run; the raw file keeps them, the scene indices and the digests."""
+    from smallworld_lab import learnability
+    from concept_attention.smallworld import model as toy
+
+    calls = []
+
+    def learn_scene(bundle, scene_id, scene, settings, what_trains):
+        calls.append((scene_id, scene.objects, dict(what_trains)))
+        return [LearnedSample(scene_id, 0, 11, True, True, True, False, True, 1)]
+
+    monkeypatch.setattr(toy, "load_bundle", lambda weights: "bundle")
+    monkeypatch.setattr(learnability, "learn_scene", learn_scene)
+    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw = tmp_path / "raw.json"
+    argv = ["--scenes", "6", "--scene-ids", "5,3", "--freeze", "embeddings", "--raw", str(raw), "--device", "cpu"]
+    assert module.main(argv) == 0
+    scenes = learnability.dev_scenes(6)
+    frozen = {"train_embeddings": False}
+    assert calls == [(5, scenes[5].objects, frozen), (3, scenes[3].objects, frozen)]
+    payload = json.loads(raw.read_text())
+    assert payload["scene_ids"] == [5, 3] and payload["what_trains"] == frozen
+    assert payload["unet_sha256"] == toy.weights_sha256()["unet"]
+    assert [row["scene"] for row in payload["rows"]] == [5, 3]
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -74,7 +104,8 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
     for label, (loc_file, learn_file) in MAIN_RUN_ROWS.items():
         cells = [c.strip() for c in next(line for line in table.splitlines()
                                          if line.startswith(f"| {label} |")).strip("|").split("|")]
-        gates = loc.LocalisationReport.from_json((DOCS / "localisation_raw" / loc_file).read_text()).gates(toy.CALIBRATION_LAYERS)
+        report = loc.LocalisationReport.from_json((DOCS / "localisation_raw" / loc_file).read_text())
+        gates = report.gates(toy.CALIBRATION_LAYERS)
         assert cells[1:5] == [f"{gates['soft_low'][0]:.2f}", f"{gates['soft_uniform'][0]:.2f}",
                               f"{gates['thresholded_objects'][0]:.0%}".replace("%", " %"),
                               f"{gates['argmax'][0]:.0%}".replace("%", " %")], label
@@ -92,7 +123,9 @@ RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
                "400 steps, lr 1e-3, plain eps loss, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3_eps.json",
                "400 steps, lr 1e-3, step-15 783 model": "learn_v2_cpu15783_6x8_s400_lr1e3.json",
                "400 steps, lr 1e-3, step-20 000 model": "learn_v2_cpu20000_6x8_s400_lr1e3.json",
-               "default (200 steps, lr 5e-4), step-26 000 model (shipped)": "learn_v2_cpu26000_6x8.json"}
+               "default (200 steps, lr 5e-4), step-26 000 model (shipped)": "learn_v2_cpu26000_6x8.json",
+               "default (200 steps, lr 5e-4), step-29 693 model": "learn_v2_cpu29693_6x8.json",
+               "default (200 steps, lr 5e-4), twin-scene step-29 000 model": "learn_v2_twin29000_6x8.json"}
 
 
 def table_cells(section: str, label: str) -> list[str]:
@@ -112,12 +145,14 @@ def recipe_cells(payload: dict) -> list[str]:
 
     rows = [learnability.LearnedSample(**r) for r in payload["rows"]]
     first, every = learnability.rates(rows), learnability.rates(rows, first_only=False)
-    per_scene = ", ".join(f"{sum(r.colour for r in rows if r.scene == s and r.obj == 0)}/"
-                          f"{sum(r.pattern for r in rows if r.scene == s and r.obj == 0)}"
+    firsts = [r for r in rows if r.obj == 0]
+    per_scene = ", ".join(f"{sum(r.colour for r in firsts if r.scene == s and r.roundtrip_colour)}/"
+                          f"{sum(r.pattern for r in firsts if r.scene == s and r.roundtrip_pattern)}"
                           for s in sorted({r.scene for r in rows}))
-    return [pct(first["colour"], first["colour_samples"]), pct(first["colour_pattern"], first["colour_pattern_samples"]),
-            pct(every["colour"], every["colour_samples"]), pct(every["colour_pattern"], every["colour_pattern_samples"]),
-            per_scene]
+    return [pct(first["colour"], first["colour_samples"]),
+            pct(first["colour_pattern"], first["colour_pattern_samples"]),
+            pct(every["colour"], every["colour_samples"]),
+            pct(every["colour_pattern"], every["colour_pattern_samples"]), per_scene]
 
 
 def test_recipe_table_is_what_its_raw_rows_give() -> None:

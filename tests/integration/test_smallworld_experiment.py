@@ -469,11 +469,22 @@ def test_toy_world_runs_train_on_the_toy_world_data_settings(random_toy):
     assert sets[0].metadata["settings"]["augmentation"] == augmentation
 
 
-def test_a_recipe_probe_can_freeze_the_kv_projections(random_toy):
-    """``what_trains`` reaches the training run: K/V frozen leaves every delta zero; by default they train."""
+def test_a_recipe_probe_freezes_what_it_names(random_toy):
+    """``what_trains`` reaches the run: K/V frozen leaves every delta zero, embeddings frozen keep their first rows."""
+    from concept_attention.training.parameters import ConceptParameters
+    from concept_attention.training.settings import TrainSettings
+
     scene = sw.reference_scenes(1)[0]
-    frozen = exp.train_variant(random_toy, scene, "Custom Diffusion", TINY, {"train_kv": False}).concepts
-    assert frozen.metadata["settings"]["train_kv"] is False
-    assert all(float(delta.abs().max()) == 0.0 for delta in frozen.kv_deltas.values())
-    assert any(float(delta.abs().max()) > 0.0
-               for delta in exp.train_variant(random_toy, scene, "Custom Diffusion", TINY).concepts.kv_deltas.values())
+    kv_frozen = exp.train_variant(random_toy, scene, "Custom Diffusion", TINY, {"train_kv": False}).concepts
+    assert kv_frozen.metadata["settings"]["train_kv"] is False
+    assert all(float(delta.abs().max()) == 0.0 for delta in kv_frozen.kv_deltas.values())
+    start = ConceptParameters.initial(random_toy.model, random_toy.clip, exp.specs_for(scene), TrainSettings())
+    moved = [not torch.equal(c.embeddings[k].cpu(), v.detach().cpu().to(c.embeddings[k].dtype))
+             for c, vectors in zip(kv_frozen.concepts, start.embeddings) for k, v in vectors.items()]
+    assert moved and all(moved)
+    kept = exp.train_variant(random_toy, scene, "Custom Diffusion", TINY, {"train_embeddings": False}).concepts
+    assert any(float(delta.abs().max()) > 0.0 for delta in kept.kv_deltas.values())
+    assert all(torch.equal(c.embeddings[k].cpu(), v.detach().cpu().to(c.embeddings[k].dtype))
+               for c, vectors in zip(kept.concepts, start.embeddings) for k, v in vectors.items())
+    with pytest.raises(ValueError, match=r"what_trains \['steps'\]: a recipe probe may switch only train_kv"):
+        exp.train_variant(random_toy, scene, "Custom Diffusion", TINY, {"steps": 1})
