@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first objects (the gate): {gate} -> {'pass' if learnability.passed(gate) else 'FAIL'} "
           f"(colour >= {learnability.COLOUR_GATE}, colour+pattern >= {learnability.COLOUR_PATTERN_GATE})")
     print(f"every hidden object: {learnability.rates(rows, first_only=False)}")
+    if any(row.drawn_colour for row in rows):
+        scenes = learnability.dev_scenes(max(row.scene for row in rows) + 1)
+        print(f"first objects' colour misses, as drawn: {learnability.colour_misses(rows, scenes)}")
     return 0
 
 

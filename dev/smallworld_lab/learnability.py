@@ -51,6 +51,8 @@ class LearnedSample:
     pattern: bool
     shape: bool
     drawn: int
+    drawn_colour: str = ""  # the matched object's colour and pattern; "" when nothing matched (or an older file)
+    drawn_pattern: str = ""
 
 
 def roundtrip_reads(bundle: Any, scene: sw.Scene) -> list:
@@ -82,7 +84,8 @@ def learn_scene(bundle: Any, scene_id: int, scene: sw.Scene, settings: Experimen
                 seen is not None and seen.colour == obj.colour and seen.pattern == obj.pattern,
                 match is not None and match.colour == obj.colour,
                 match is not None and match.colour == obj.colour and match.pattern == obj.pattern,
-                match is not None and match.shape == obj.shape, len(found)))
+                match is not None and match.shape == obj.shape, len(found),
+                match.colour if match else "", match.pattern if match else ""))
     return rows
 
 
@@ -103,6 +106,20 @@ def rates(rows: Sequence[LearnedSample], first_only: bool = True) -> dict[str, f
             "colour_pattern": float(np.mean(both)) if both else float("nan"), "colour_pattern_samples": len(both),
             "shape": float(np.mean([r.shape for r in rows])) if rows else float("nan"),
             "one_object": float(np.mean([r.drawn == 1 for r in rows])) if rows else float("nan")}
+
+
+def colour_misses(rows: Sequence[LearnedSample], scenes: Sequence[sw.Scene]) -> dict[str, Any]:
+    """What the first objects were drawn with where a drawn, matched object missed their colour (round trip read it)."""
+    misses = [r for r in rows if r.obj == 0 and r.roundtrip_colour and not r.colour and r.drawn_colour]
+    target = {r.scene: scenes[r.scene].objects[0] for r in misses}
+    others = {r.scene: {o.colour for o in scenes[r.scene].objects[1:]} for r in misses}
+    colours: dict[str, int] = {}
+    for r in misses:
+        colours[r.drawn_colour] = colours.get(r.drawn_colour, 0) + 1
+    return {"misses": len(misses),
+            "pattern_kept": sum(r.drawn_pattern == target[r.scene].pattern for r in misses),
+            "another_object_colour": sum(r.drawn_colour in others[r.scene] for r in misses),
+            "drawn_colours": dict(sorted(colours.items(), key=lambda item: (-item[1], item[0])))}
 
 
 def passed(summary: dict[str, float]) -> bool:

@@ -184,3 +184,25 @@ def test_hard_scene_recipe_table_is_what_its_raw_rows_give() -> None:
         assert table_cells("#### Recipes on the four dev scenes", label) == recipe_cells(payload), label
         assert payload["overrides"] == overrides and payload.get("what_trains", {}) == frozen, label
         assert payload["scene_ids"] == [2, 3, 4, 5] and len(payload["settings"]["sample_seeds"]) == 8
+
+
+def test_colour_misses_say_what_the_first_objects_were_drawn_with() -> None:
+    """Only first objects whose colour was missed (and readable after the round trip) count; rows name the scene."""
+    from types import SimpleNamespace
+
+    from smallworld_lab import learnability
+
+    def obj(colour: str, pattern: str) -> SimpleNamespace:
+        return SimpleNamespace(colour=colour, pattern=pattern)
+
+    scenes = [SimpleNamespace(objects=[obj("purple", "stripes"), obj("yellow", "solid")]),
+              SimpleNamespace(objects=[obj("green", "checks")])]
+    rows = [LearnedSample(0, 0, 1, True, True, False, False, True, 1, "cyan", "stripes"),   # pattern kept
+            LearnedSample(0, 0, 2, True, True, False, False, True, 1, "yellow", "dots"),    # the other object's
+            LearnedSample(1, 0, 1, True, True, False, False, True, 1, "cyan", "checks"),    # pattern kept
+            LearnedSample(1, 0, 2, True, True, True, True, True, 1, "green", "checks"),     # learned: no miss
+            LearnedSample(1, 0, 3, False, False, False, False, True, 1, "red", "checks"),   # round trip lost it
+            LearnedSample(0, 1, 1, True, True, False, False, True, 1, "red", "solid"),      # a second object
+            LearnedSample(0, 0, 3, True, True, False, False, False, 0)]                     # nothing drawn
+    assert learnability.colour_misses(rows, scenes) == {
+        "misses": 3, "pattern_kept": 2, "another_object_colour": 1, "drawn_colours": {"cyan": 2, "yellow": 1}}
