@@ -206,3 +206,18 @@ def test_colour_misses_say_what_the_first_objects_were_drawn_with() -> None:
             LearnedSample(0, 0, 3, True, True, False, False, False, 0)]                     # nothing drawn
     assert learnability.colour_misses(rows, scenes) == {
         "misses": 3, "pattern_kept": 2, "another_object_colour": 1, "drawn_colours": {"cyan": 2, "yellow": 1}}
+
+
+def test_the_default_rows_misses_are_what_the_docs_say() -> None:
+    """toy_world.md's account of the default recipe's colour misses on dev scenes 2-5 comes from its raw rows."""
+    from smallworld_lab import learnability
+
+    payload = json.loads((DOCS / "learnability_raw" / "learn_v2_cpu26000_hard4_default.json").read_text())
+    rows = [LearnedSample(**r) for r in payload["rows"]]
+    misses = learnability.colour_misses(rows, learnability.dev_scenes(payload["scenes"]))
+    drawn = ", ".join(f"{colour} {count}" for colour, count in misses["drawn_colours"].items())
+    sentence = (f"of its {misses['misses']} first-object colour misses, {misses['pattern_kept']} keep the trained "
+                f"pattern and {misses['another_object_colour']} take the colour of another object of the scene; "
+                f"drawn instead: {drawn}.")
+    text = " ".join((DOCS / "toy_world.md").read_text().split())
+    assert misses["misses"] == 19 and sentence in text
