@@ -9,8 +9,9 @@
 The CI test's protocol (``dev/smallworld_lab/learnability.py``): Custom Diffusion with the default
 toy-world recipe learns every object of each dev scene; each hidden object is sampled with the
 recipe's seeds and read back, matched one-to-one; rates count samples whose training object the
-read-out gets right after a VAE round trip. Prints the gate (scenes' first objects) and the rates
-of every hidden object beside it; ``--raw`` keeps one row per sample.
+read-out gets right after a VAE round trip. Prints the gate (scenes' first objects), the rates
+of every hidden object beside it and, where rows keep what was drawn, what the first objects' colour
+misses were drawn with; ``--raw`` keeps one row per sample.
 """
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.error("%s choose what a run trains and samples; --from-raw only prints saved rows",
                           ", ".join(chosen))
             return 2
-        rows = [learnability.LearnedSample(**row) for row in json.loads(args.from_raw.read_text())["rows"]]
+        saved = json.loads(args.from_raw.read_text())
+        rows = [learnability.LearnedSample(**row) for row in saved["rows"]]
+        scene_count = saved.get("scenes", 1 + max((row.scene for row in rows), default=0))
     else:
         started, rows = time.monotonic(), []
         try:
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         what_trains = {f"train_{args.freeze}": False} if args.freeze else {}
         bundle = toy.load_bundle(args.weights)
-        scenes = learnability.dev_scenes(args.scenes)
+        scene_count = args.scenes
+        scenes = learnability.dev_scenes(scene_count)
         for i in scene_ids:
             rows += learnability.learn_scene(bundle, i, scenes[i], settings, what_trains)
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)
@@ -103,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(colour >= {learnability.COLOUR_GATE}, colour+pattern >= {learnability.COLOUR_PATTERN_GATE})")
     print(f"every hidden object: {learnability.rates(rows, first_only=False)}")
     if any(row.drawn_colour for row in rows):
-        scenes = learnability.dev_scenes(max(row.scene for row in rows) + 1)
-        print(f"first objects' colour misses, as drawn: {learnability.colour_misses(rows, scenes)}")
+        misses = learnability.colour_misses(rows, learnability.dev_scenes(scene_count))
+        print(f"first objects' colour misses, as drawn: {misses}")
     return 0
 
 

@@ -15,6 +15,7 @@ what calibration is measured on, so ``rates(..., first_only=False)`` reports it 
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -109,14 +110,13 @@ def rates(rows: Sequence[LearnedSample], first_only: bool = True) -> dict[str, f
 
 
 def colour_misses(rows: Sequence[LearnedSample], scenes: Sequence[sw.Scene]) -> dict[str, Any]:
-    """What the first objects were drawn with where a drawn, matched object missed their colour (round trip read it)."""
-    misses = [r for r in rows if r.obj == 0 and r.roundtrip_colour and not r.colour and r.drawn_colour]
+    """What the first objects were drawn with where their colour was missed (round trip read it; matched or not)."""
+    missed = [r for r in rows if r.obj == 0 and r.roundtrip_colour and not r.colour]
+    misses = [r for r in missed if r.drawn_colour]
     target = {r.scene: scenes[r.scene].objects[0] for r in misses}
     others = {r.scene: {o.colour for o in scenes[r.scene].objects[1:]} for r in misses}
-    colours: dict[str, int] = {}
-    for r in misses:
-        colours[r.drawn_colour] = colours.get(r.drawn_colour, 0) + 1
-    return {"misses": len(misses),
+    colours = Counter(r.drawn_colour for r in misses)
+    return {"misses": len(misses), "unmatched": len(missed) - len(misses),
             "pattern_kept": sum(r.drawn_pattern == target[r.scene].pattern for r in misses),
             "another_object_colour": sum(r.drawn_colour in others[r.scene] for r in misses),
             "drawn_colours": dict(sorted(colours.items(), key=lambda item: (-item[1], item[0])))}

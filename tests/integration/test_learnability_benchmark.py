@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -188,8 +189,6 @@ def test_hard_scene_recipe_table_is_what_its_raw_rows_give() -> None:
 
 def test_colour_misses_say_what_the_first_objects_were_drawn_with() -> None:
     """Only first objects whose colour was missed (and readable after the round trip) count; rows name the scene."""
-    from types import SimpleNamespace
-
     from smallworld_lab import learnability
 
     def obj(colour: str, pattern: str) -> SimpleNamespace:
@@ -197,15 +196,31 @@ def test_colour_misses_say_what_the_first_objects_were_drawn_with() -> None:
 
     scenes = [SimpleNamespace(objects=[obj("purple", "stripes"), obj("yellow", "solid")]),
               SimpleNamespace(objects=[obj("green", "checks")])]
-    rows = [LearnedSample(0, 0, 1, True, True, False, False, True, 1, "cyan", "stripes"),   # pattern kept
-            LearnedSample(0, 0, 2, True, True, False, False, True, 1, "yellow", "dots"),    # the other object's
-            LearnedSample(1, 0, 1, True, True, False, False, True, 1, "cyan", "checks"),    # pattern kept
-            LearnedSample(1, 0, 2, True, True, True, True, True, 1, "green", "checks"),     # learned: no miss
-            LearnedSample(1, 0, 3, False, False, False, False, True, 1, "red", "checks"),   # round trip lost it
-            LearnedSample(0, 1, 1, True, True, False, False, True, 1, "red", "solid"),      # a second object
-            LearnedSample(0, 0, 3, True, True, False, False, False, 0)]                     # nothing drawn
+    rows = [LearnedSample(0, 0, 1, True, True, False, False, True, 1, "cyan", "stripes"),    # pattern kept
+            LearnedSample(0, 0, 2, True, True, False, False, True, 1, "yellow", "dots"),     # the other object's
+            LearnedSample(0, 0, 4, True, True, False, False, True, 1, "yellow", "stripes"),  # both
+            LearnedSample(1, 0, 1, True, True, False, False, True, 1, "cyan", "checks"),     # pattern kept
+            LearnedSample(1, 0, 2, True, True, True, True, True, 1, "green", "checks"),      # learned: no miss
+            LearnedSample(1, 0, 3, False, False, False, False, True, 1, "red", "checks"),    # round trip lost it
+            LearnedSample(0, 1, 1, True, True, False, False, True, 1, "red", "solid"),       # a second object
+            LearnedSample(0, 0, 3, True, True, False, False, False, 0)]                      # nothing matched
     assert learnability.colour_misses(rows, scenes) == {
-        "misses": 3, "pattern_kept": 2, "another_object_colour": 1, "drawn_colours": {"cyan": 2, "yellow": 1}}
+        "misses": 4, "unmatched": 1, "pattern_kept": 3, "another_object_colour": 2,
+        "drawn_colours": {"cyan": 2, "yellow": 2}}
+    assert list(learnability.colour_misses(rows, scenes)["drawn_colours"]) == ["cyan", "yellow"]  # ties by name
+
+
+def test_saved_rows_that_keep_what_was_drawn_print_the_misses(capsys: pytest.CaptureFixture[str]) -> None:
+    """--from-raw on the default recipe's rows of dev scenes 2-5 prints the colour misses from the file's scenes."""
+    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw = DOCS / "learnability_raw" / "learn_v2_cpu26000_hard4_default.json"
+    assert module.main(["--from-raw", str(raw), "--device", "cpu"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == ("first objects' colour misses, as drawn: {'misses': 19, 'unmatched': 0, 'pattern_kept': 11, "
+                    "'another_object_colour': 6, 'drawn_colours': {'blue': 5, 'cyan': 5, 'green': 4, 'yellow': 4, "
+                    "'purple': 1}}")
 
 
 def test_the_default_rows_misses_are_what_the_docs_say() -> None:
