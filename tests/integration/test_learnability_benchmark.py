@@ -233,6 +233,6 @@ def test_the_default_rows_misses_are_what_the_docs_say() -> None:
     drawn = ", ".join(f"{colour} {count}" for colour, count in misses["drawn_colours"].items())
     sentence = (f"of its {misses['misses']} first-object colour misses, {misses['pattern_kept']} keep the trained "
                 f"pattern and {misses['another_object_colour']} take the colour of another object of the scene; "
-                f"drawn instead: {drawn}.")
+                f"drawn instead: {drawn} (")
     text = " ".join((DOCS / "toy_world.md").read_text().split())
     assert misses["misses"] == 19 and sentence in text
