@@ -91,7 +91,9 @@ MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 26 000 (shipped)": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json"),
                  "step 29 693": ("base_v2_cpu29693.json", "learn_v2_cpu29693.json"),
                  "step 29 000, twin scenes (from step 26 000, not shipped)": ("base_v2_twin29000.json",
-                                                                             "learn_v2_twin29000.json")}
+                                                                             "learn_v2_twin29000.json"),
+                 "step 31 450, twice the twins (from step 29 000, not shipped)": ("base_v2_twin31450.json",
+                                                                                 "learn_v2_twin31450.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
