@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         saved = json.loads(args.from_raw.read_text())
         rows = [learnability.LearnedSample(**row) for row in saved["rows"]]
-        scene_count = saved.get("scenes", 1 + max((row.scene for row in rows), default=0))
+        scenes = learnability.dev_scenes(saved.get("scenes", 1 + max((row.scene for row in rows), default=0)))
     else:
         started, rows = time.monotonic(), []
         try:
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         what_trains = {f"train_{args.freeze}": False} if args.freeze else {}
         bundle = toy.load_bundle(args.weights)
-        scene_count = args.scenes
-        scenes = learnability.dev_scenes(scene_count)
+        scenes = learnability.dev_scenes(args.scenes)
         for i in scene_ids:
             rows += learnability.learn_scene(bundle, i, scenes[i], settings, what_trains)
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(colour >= {learnability.COLOUR_GATE}, colour+pattern >= {learnability.COLOUR_PATTERN_GATE})")
     print(f"every hidden object: {learnability.rates(rows, first_only=False)}")
     if any(row.drawn_colour for row in rows):
-        misses = learnability.colour_misses(rows, learnability.dev_scenes(scene_count))
+        misses = learnability.colour_misses(rows, scenes)
         print(f"first objects' colour misses, as drawn: {misses}")
     return 0
 

@@ -6,6 +6,7 @@ a real checkpoint. ``load_bundle`` returns what a checkpoint loader returns: MOD
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -126,8 +127,6 @@ def weights_present(directory: Path = WEIGHTS_DIR) -> bool:
 
 def weights_sha256(directory: Path = WEIGHTS_DIR) -> dict[str, str]:
     """The sha256 of each weight file, keyed "unet", "clip" and "vae": which base a measurement used."""
-    import hashlib
-
     return {name: hashlib.sha256((Path(directory) / file).read_bytes()).hexdigest()
             for name, file in (("unet", UNET_FILE), ("clip", CLIP_FILE), ("vae", VAE_FILE))}
 

@@ -6,12 +6,21 @@ import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from smallworld_lab.learnability import LearnedSample
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learnability_smallworld.py"
+
+
+def load_benchmark() -> Any:
+    """The benchmark script as a module (it is not a package)."""
+    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_rates_from_raw_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -21,9 +30,7 @@ def test_rates_from_raw_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             LearnedSample(0, 1, 1, True, True, False, False, True, 1)]   # a second object: not in the gate
     raw = tmp_path / "rows.json"
     raw.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows]}))
-    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark()
     assert module.main(["--from-raw", str(raw), "--device", "cpu"]) == 0
     gate, every = capsys.readouterr().out.splitlines()[-2:]
     assert "'colour': 0.666" in gate and "'colour_pattern': 0.5" in gate and gate.endswith(
@@ -33,9 +40,7 @@ def test_rates_from_raw_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptureFixture) -> None:
     """--set takes ExperimentSettings fields only, typed; a bad one stops before any training."""
-    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark()
     refused = {("--set", "steps=many"): "steps takes a whole number",
                ("--sample-seeds", "0"): "--sample-seeds must be at least 1",
                ("--set", "seed=3"): "cannot be set by a study; tunable: steps, learning_rate",
@@ -64,9 +69,7 @@ def test_a_probe_run_records_its_scenes_and_what_trains(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(toy, "load_bundle", lambda weights: "bundle")
     monkeypatch.setattr(learnability, "learn_scene", learn_scene)
-    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark()
     raw = tmp_path / "raw.json"
     argv = ["--scenes", "6", "--scene-ids", "5,3", "--freeze", "embeddings", "--raw", str(raw), "--device", "cpu"]
     assert module.main(argv) == 0
@@ -214,9 +217,7 @@ def test_colour_misses_say_what_the_first_objects_were_drawn_with() -> None:
 
 def test_saved_rows_that_keep_what_was_drawn_print_the_misses(capsys: pytest.CaptureFixture[str]) -> None:
     """--from-raw on the default recipe's rows of dev scenes 2-5 prints the colour misses from the file's scenes."""
-    spec = importlib.util.spec_from_file_location("learnability_smallworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark()
     raw = DOCS / "learnability_raw" / "learn_v2_cpu26000_hard4_default.json"
     assert module.main(["--from-raw", str(raw), "--device", "cpu"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
