@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of multi-object scenes replaced by twins: objects of one colour and pattern "
                              "that only shape (or position) words tell apart. It shapes only scenes not yet in "
                              "the work dir's latent cache: with --scenes above the cached count it appends them")
+    parser.add_argument("--hidden-hint-rate", type=float, default=None,
+                        help="share of a hidden object's caption mentions that name one of its two attributes "
+                             "(colour or pattern, never both); captions are drawn per step, so it acts from "
+                             "the step it is given on")
     return parser.parse_args(argv)
 
 
@@ -80,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.gates:
         print_gates(args.gates, args)
         return 0
+    if args.hidden_hint_rate is not None and not 0.0 <= args.hidden_hint_rate <= 1.0:
+        logging.error("--hidden-hint-rate must lie in [0, 1], got %s", args.hidden_hint_rate)
+        return 2
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
     for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch",
                  "warmup", "text_lr_scale", "supervision_weight", "supervision_max_t", "supervision_layers",
-                 "checkpoint_every", "twin_rate"):
+                 "checkpoint_every", "twin_rate", "hidden_hint_rate"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +139,7 @@ def print_gates(weights_dir: Path, args: argparse.Namespace) -> None:
         print(quality.roundtrip_report(weights_dir).table())
         print(quality.quality_gate(weights_dir, seeds=args.gate_samples).table())
         print(quality.pattern_adherence(weights_dir, seeds=args.gate_samples).table())
+        print(quality.hidden_words(weights_dir, seeds=args.gate_samples).table())
     if args.two_object_samples:
         print(quality.two_object_gate(weights_dir, seeds=args.two_object_samples).table())
 

@@ -26,6 +26,7 @@ COLOURS: dict = {
     "purple": (140, 60, 190), "pink": (245, 125, 190),
 }
 INK: Tuple[int, int, int] = (20, 20, 20)
+HINTS: Tuple[str, ...] = ("", "colour", "pattern")  # which one attribute of a hidden combo a caption may name
 PATTERNS: Tuple[str, ...] = ("solid", "stripes", "dots", "checks")
 PATTERN_WORDS: dict = {"solid": "", "stripes": "striped", "dots": "dotted", "checks": "checkered"}
 BACKGROUNDS: dict = {
@@ -166,14 +167,21 @@ def draw_scene(objects: Sequence[ObjectSpec], background: str = DEFAULT_BACKGROU
 
 
 def object_phrase(obj: ObjectSpec, image_size: int, colour: bool = True, pattern: bool = True,
-                  position: bool = False) -> str:
-    """'a red striped circle [on the left]'; hidden combos never name their colour or pattern."""
+                  position: bool = False, hint: str = "") -> str:
+    """'a red striped circle [on the left]'; hidden combos never name both their colour and pattern.
+
+    ``hint`` ("colour" or "pattern") names that one attribute of a hidden combo; without it a hidden
+    object is named by its shape word alone.
+    """
+    if hint not in HINTS:
+        raise ValueError(f"hint must be one of {HINTS}, got {hint!r}")
     words = ["a"]
-    if not obj.hidden:
-        if colour:
-            words.append(obj.colour)
-        if pattern and PATTERN_WORDS[obj.pattern]:
-            words.append(PATTERN_WORDS[obj.pattern])
+    named_colour = colour and (not obj.hidden or hint == "colour")
+    named_pattern = pattern and (not obj.hidden or hint == "pattern")
+    if named_colour:
+        words.append(obj.colour)
+    if named_pattern and PATTERN_WORDS[obj.pattern]:
+        words.append(PATTERN_WORDS[obj.pattern])
     words.append(obj.shape)
     if words[1][0] in "aeiou":
         words[0] = "an"
@@ -189,9 +197,11 @@ def object_phrase(obj: ObjectSpec, image_size: int, colour: bool = True, pattern
 
 
 def caption_for(objects: Sequence[ObjectSpec], background: Optional[str], image_size: int = 128,
-                colour: bool = True, pattern: bool = True, position: bool = False) -> str:
-    """Caption listing the objects; ``background=None`` leaves the background out."""
-    phrases = [object_phrase(o, image_size, colour, pattern, position) for o in objects]
+                colour: bool = True, pattern: bool = True, position: bool = False,
+                hints: Sequence[str] = ()) -> str:
+    """Caption listing the objects; ``background=None`` leaves the background out; ``hints[i]``: object_phrase's."""
+    hints = tuple(hints) + ("",) * (len(objects) - len(hints))
+    phrases = [object_phrase(o, image_size, colour, pattern, position, hint) for o, hint in zip(objects, hints)]
     if not phrases:
         return "" if background is None else f"a {background} background"
     text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
@@ -199,12 +209,32 @@ def caption_for(objects: Sequence[ObjectSpec], background: Optional[str], image_
 
 
 def random_caption(objects: Sequence[ObjectSpec], background: str, image_size: int,
-                   rng: np.random.Generator, drop: float = 0.2) -> str:
+                   rng: np.random.Generator, drop: float = 0.2, hints: Sequence[str] = ()) -> str:
     """Caption with colour, pattern and background words each dropped with probability ``drop``."""
     keep = rng.random(3) >= drop
     position = bool(rng.random() < 0.3)
     return caption_for(objects, background if keep[2] else None, image_size,
-                       colour=bool(keep[0]), pattern=bool(keep[1]), position=position)
+                       colour=bool(keep[0]), pattern=bool(keep[1]), position=position, hints=hints)
+
+
+def hidden_hints(objects: Sequence[ObjectSpec], rng: np.random.Generator, rate: float) -> tuple:
+    """Per object, the one attribute of a hidden combo to name (a share ``rate`` of them), else "".
+
+    Hidden combos named by their shape word alone leave each of their words anti-correlated with the
+    other attribute: a named striped object is never purple or yellow, so "striped" pulls a colour
+    away from exactly the hidden ones. Naming one attribute at a time keeps the pair unnamed.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"the hidden-hint rate must lie in [0, 1], got {rate}")
+    if rate == 0.0:
+        return ("",) * len(objects)
+    hints = []
+    for obj in objects:
+        if obj.hidden and rng.random() < rate:
+            hints.append(HINTS[1 + int(rng.integers(2))])
+        else:
+            hints.append("")
+    return tuple(hints)
 
 
 def _visible_pattern_ok(mask: np.ndarray, ink: np.ndarray, pattern: str) -> bool:

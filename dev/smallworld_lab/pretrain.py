@@ -62,6 +62,7 @@ class PretrainConfig:
     object_counts: tuple[float, float, float] = sw.PRETRAIN_COUNTS  # chances of 1, 2, 3 objects
     hidden_rate: float = sw.PRETRAIN_HIDDEN_RATE  # objects forced into a hidden combo
     twin_rate: float = 0.0  # multi-object scenes whose objects share one colour and pattern (sw.random_scene)
+    hidden_hint_rate: float = 0.0  # mentions of a hidden object that name one of its attributes (sw.hidden_hints)
     decoder_steps: int = 3000  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
@@ -322,13 +323,17 @@ class CaptionTokens:
         return self.cache[caption]
 
 
-def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_rate: float) -> list[str]:
+def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_rate: float,
+              hint_rate: float = 0.0, hint_rng: Optional[np.random.Generator] = None) -> list[str]:
+    """One step's captions; hints are drawn from ``hint_rng`` so that ``rng``'s stream is the same at any rate."""
     out = []
     for i in indices:
         if rng.random() < empty_rate:
             out.append("")
             continue
-        out.append(sw.random_caption(cached_objects(data, i), data["backgrounds"][i], toy.IMAGE_SIZE, rng))
+        objects = cached_objects(data, i)
+        hints = sw.hidden_hints(objects, hint_rng, hint_rate) if hint_rate > 0 else ()
+        out.append(sw.random_caption(objects, data["backgrounds"][i], toy.IMAGE_SIZE, rng, hints=hints))
     return out
 
 
@@ -445,7 +450,8 @@ class _UnetLoop:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.integers(0, len(latents), cfg.batch)
         x0 = latents[torch.from_numpy(idx)].to(device)
-        captions = _captions(self.data, idx, rng, cfg.empty_caption_rate)
+        captions = _captions(self.data, idx, rng, cfg.empty_caption_rate, cfg.hidden_hint_rate,
+                             np.random.default_rng([cfg.seed, 6, step]))
         streams = [self.tokens(c) for c in captions]
         cond, _ = self.text(streams)
         sigmas = base.model_sampling.sigmas

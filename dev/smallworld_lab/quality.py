@@ -13,6 +13,11 @@ objects are read and each named (shape, colour) is one of them. It passes at ``T
 Pattern adherence (``pattern_adherence``, a diagnostic without a gate) prompts one patterned object
 with its colour and pattern words ("a red striped circle on a grey background"): a concept's
 pattern can hardly be learned more reliably than the base model draws a named one.
+
+Hidden words (``hidden_words``, a diagnostic) names each hidden combo by both its words (a pair
+pretraining never says), by its pattern word alone or by its colour word alone, and counts how often
+the drawn object has the combo's colour and pattern: whether the words a new token could lean on
+lead towards the combo or away from it.
 """
 from __future__ import annotations
 
@@ -222,4 +227,61 @@ def pattern_adherence(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps
     for k, (prompt, _shape, colour, pattern) in enumerate(adherence_prompts(count)):
         for image in generate(bundle, prompt, [7000 + k * seeds + j for j in range(seeds)], steps=steps):
             report.add(prompt, readout.read_scene(image), colour, pattern)
+    return report
+
+
+HIDDEN_WORD_KINDS = ("both words", "pattern word", "colour word")
+
+
+def hidden_word_prompts() -> list[tuple[str, str, str, str]]:
+    """(kind, prompt, colour, pattern): each hidden combo on each shape, named by both, its pattern or its colour word.
+
+    Pretraining never names a hidden pair together; by default it names neither of their words on
+    them either, so "striped" is never said of a purple object (``sw.hidden_hints``).
+    """
+    out = []
+    for colour, pattern in sorted(sw.HIDDEN_COMBOS):
+        for shape in sw.SHAPES:
+            words = {"both words": f"{colour} {sw.PATTERN_WORDS[pattern]}",
+                     "pattern word": sw.PATTERN_WORDS[pattern], "colour word": colour}
+            for kind in HIDDEN_WORD_KINDS:
+                phrase = f"{'an' if words[kind][0] in 'aeiou' else 'a'} {words[kind]} {shape}"
+                out.append((kind, f"{phrase} on a grey background", colour, pattern))
+    return out
+
+
+@dataclass
+class HiddenWordReport:
+    """Per kind of prompt: how often the one drawn object has the hidden combo's colour, pattern, both."""
+
+    counts: dict = field(default_factory=lambda: {k: [0, 0, 0, 0] for k in HIDDEN_WORD_KINDS})
+    rows: list[tuple[str, list[dict]]] = field(default_factory=list)
+
+    def add(self, kind: str, label: str, found: Sequence[Any], colour: str, pattern: str) -> None:
+        """Score one picture: right only when exactly one object is found."""
+        one = len(found) == 1
+        row = self.counts[kind]
+        row[0] += 1
+        row[1] += one and found[0].colour == colour
+        row[2] += one and found[0].pattern == pattern
+        row[3] += one and found[0].colour == colour and found[0].pattern == pattern
+        self.rows.append((label, [o.attributes() for o in found]))
+
+    def table(self) -> str:
+        """Markdown summary, one row per kind of prompt."""
+        lines = ["| hidden combo named by | samples | drawn in its colour | in its pattern | both |",
+                 "|---|---|---|---|---|"]
+        for kind, (n, colour, pattern, both) in self.counts.items():
+            d = max(1, n)
+            lines.append(f"| {kind} | {n} | {colour / d:.0%} | {pattern / d:.0%} | {both / d:.0%} |")
+        return "\n".join(lines)
+
+
+def hidden_words(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps: int = 20) -> HiddenWordReport:
+    """Sample every ``hidden_word_prompts`` prompt with ``seeds`` fixed seeds and score it."""
+    bundle = toy.load_bundle(weights_dir)
+    report = HiddenWordReport()
+    for k, (kind, prompt, colour, pattern) in enumerate(hidden_word_prompts()):
+        for image in generate(bundle, prompt, [9000 + k * seeds + j for j in range(seeds)], steps=steps):
+            report.add(kind, prompt, readout.read_scene(image), colour, pattern)
     return report

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from concept_attention.smallworld import model as toy
+from concept_attention.smallworld import scenes as sw
 from smallworld_lab import fresh
 from smallworld_lab import pretrain
 
@@ -193,6 +196,32 @@ def test_twin_scenes_share_one_look_and_the_other_scenes_stay_those_of_the_defau
     replaced = [len(d) for d, same in zip(default, kept) if not same]
     assert 1 not in replaced  # single objects are never replaced
     assert 0.4 < len(replaced) / sum(len(d) > 1 for d in default) < 0.6
+
+
+def test_hidden_hints_add_words_to_the_default_captions_and_change_nothing_else(tmp_path):
+    """--hidden-hint-rate draws from a generator of its own: the same captions, plus one word for some hidden objects."""
+    cfg = pretrain.PretrainConfig(work_dir=tmp_path)
+    scenes = [pretrain.pretrain_scene(cfg, i) for i in range(300)]
+    data = {"objects": [json.dumps([dataclasses.asdict(o) for o in s.objects]) for s in scenes],
+            "backgrounds": [s.background for s in scenes]}
+    indices = np.arange(300)
+
+    def captions(rate: float) -> list[str]:
+        return pretrain._captions(data, indices, np.random.default_rng([0, 3, 7]), 0.1, rate,
+                                  np.random.default_rng([0, 6, 7]))
+
+    plain, hinted = captions(0.0), captions(0.5)
+    assert plain == pretrain._captions(data, indices, np.random.default_rng([0, 3, 7]), 0.1)
+    added = 0
+    for before, after in zip(plain, hinted):
+        words, more = ([("a" if w == "an" else w) for w in c.split()] for c in (before, after))
+        edits = difflib.SequenceMatcher(a=words, b=more, autojunk=False).get_opcodes()
+        extra = [w for op, _, _, j1, j2 in edits if op == "insert" for w in more[j1:j2]]
+        assert all(op in ("equal", "insert") for op, *_ in edits), (before, after)
+        assert set(extra) <= set(sw.COLOURS) | set(sw.PATTERN_WORDS.values()), (before, after)
+        added += len(extra)
+    hidden = sum(o.hidden for s in scenes for o in s.objects)
+    assert 0.2 * hidden < added < 0.5 * hidden, (added, hidden)  # half of them, less the dropped words and empties
 
 
 def test_twin_scenes_append_to_a_latent_cache_and_leave_its_scenes_alone(tmp_path, monkeypatch):

@@ -117,6 +117,39 @@ def test_hidden_combos_never_named() -> None:
     assert sw.caption_for([plain], None) == "a circle"
 
 
+def test_hidden_hints_name_one_attribute_never_the_pair() -> None:
+    """A hint names a hidden combo's colour or its pattern, never both; other objects are named as before."""
+    purple = sw.ObjectSpec("square", "purple", "stripes", 64, 64, 40)
+    red = sw.ObjectSpec("circle", "red", "dots", 30, 30, 20)
+    assert sw.object_phrase(purple, 128, hint="colour") == "a purple square"
+    assert sw.object_phrase(purple, 128, hint="pattern") == "a striped square"
+    assert sw.object_phrase(purple, 128, colour=False, hint="colour") == "a square"  # a dropped word stays dropped
+    assert sw.object_phrase(red, 128, hint="pattern") == "a red dotted circle"
+    assert sw.caption_for([purple, red], "grey", hints=("pattern",)) == (
+        "a striped square and a red dotted circle on a grey background")
+    with pytest.raises(ValueError, match="hint must be one of"):
+        sw.object_phrase(purple, 128, hint="both")
+    with pytest.raises(ValueError, match="rate must lie in"):
+        sw.hidden_hints([purple], np.random.default_rng(0), 1.5)
+
+    rng = np.random.default_rng(3)
+    forbidden = [re.compile(rf"\b{c} {sw.PATTERN_WORDS[p]}\b") for c, p in sw.HIDDEN_COMBOS]
+    counts = {"": 0, "colour": 0, "pattern": 0}
+    for i in range(300):
+        scene = sw.pretraining_scene(np.random.default_rng([0, 2, i]))
+        hints = sw.hidden_hints(scene.objects, rng, 0.5)
+        assert sw.hidden_hints(scene.objects, rng, 0.0) == ("",) * len(scene.objects)
+        caption = sw.random_caption(scene.objects, scene.background, 128, np.random.default_rng(i), hints=hints)
+        assert not any(f.search(caption) for f in forbidden), caption
+        for obj, hint in zip(scene.objects, hints):
+            assert obj.hidden or hint == ""
+            if obj.hidden:
+                counts[hint] += 1
+    hidden = sum(counts.values())
+    assert hidden > 100 and 0.4 < counts[""] / hidden < 0.6, counts
+    assert abs(counts["colour"] - counts["pattern"]) < 0.25 * hidden, counts
+
+
 def test_reference_scenes_structure() -> None:
     refs = sw.reference_scenes(12, seed=2)
     assert [len(s.objects) for s in refs] == [2, 2, 2, 3] * 3
