@@ -22,6 +22,14 @@ from devkit import bench  # noqa: E402
 from devkit.pack import REPO_ROOT  # noqa: E402
 
 
+def unit_rate(text: str) -> float:
+    """A share in [0, 1] (an argparse type)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".smallworld_pretrain")
@@ -58,14 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--supervision-max-t", type=float, default=None, help="supervise noise levels t <= this")
     parser.add_argument("--supervision-layers", default=None, help="layers whose word maps are supervised")
     parser.add_argument("--checkpoint-every", type=int, default=None)
-    parser.add_argument("--twin-rate", type=float, default=None,
+    parser.add_argument("--twin-rate", type=unit_rate, default=None,
                         help="share of multi-object scenes replaced by twins: objects of one colour and pattern "
                              "that only shape (or position) words tell apart. It shapes only scenes not yet in "
                              "the work dir's latent cache: with --scenes above the cached count it appends them")
-    parser.add_argument("--hidden-hint-rate", type=float, default=None,
-                        help="share of a hidden object's caption mentions that name one of its two attributes "
-                             "(colour or pattern, never both); captions are drawn per step, so it acts from "
-                             "the step it is given on")
+    parser.add_argument("--hidden-hint-rate", type=unit_rate, default=None,
+                        help="share of a hidden object's caption mentions that name one of its two words "
+                             "(colour or pattern, never both), before dropped words and empty captions; "
+                             "captions are drawn per step, so it acts from the step it is given on, and a "
+                             "resumed run without it names none")
+    parser.add_argument("--hidden-word-samples", type=int, default=0,
+                        help="seeds per prompt of the hidden-words diagnostic printed with the gates (0: none)")
     return parser.parse_args(argv)
 
 
@@ -84,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.gates:
         print_gates(args.gates, args)
         return 0
-    if args.hidden_hint_rate is not None and not 0.0 <= args.hidden_hint_rate <= 1.0:
-        logging.error("--hidden-hint-rate must lie in [0, 1], got %s", args.hidden_hint_rate)
-        return 2
     cfg = pretrain.PretrainConfig(work_dir=args.work_dir)
     for name in ("steps", "vae_steps", "scenes", "snr_gamma", "lr", "batch", "decoder_steps", "decoder_batch",
                  "warmup", "text_lr_scale", "supervision_weight", "supervision_max_t", "supervision_layers",
@@ -132,16 +140,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_gates(weights_dir: Path, args: argparse.Namespace) -> None:
-    """The base-model gates of ``weights_dir`` (and the pattern-adherence diagnostic) as tables."""
+    """The base-model gates of ``weights_dir`` and the pattern-adherence and hidden-words diagnostics, as tables."""
     from smallworld_lab import quality
 
     if args.gate_samples:
         print(quality.roundtrip_report(weights_dir).table())
         print(quality.quality_gate(weights_dir, seeds=args.gate_samples).table())
         print(quality.pattern_adherence(weights_dir, seeds=args.gate_samples).table())
-        print(quality.hidden_words(weights_dir, seeds=args.gate_samples).table())
     if args.two_object_samples:
         print(quality.two_object_gate(weights_dir, seeds=args.two_object_samples).table())
+    if args.hidden_word_samples:
+        print(quality.hidden_words(weights_dir, seeds=args.hidden_word_samples).table())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Drawing rules (the evaluator relies on them):
   ``size // 16`` (8 px at 128 px), so with an 8x-down VAE each latent cell is pure colour or pure
   ink and the stripe/check period is two latent cells (16 px).
 - ``HIDDEN_COMBOS`` are (colour, pattern) pairs drawn in images but never named in captions: such
-  an object is captioned by its shape alone ("a circle"), like a personal concept.
+  an object is captioned by its shape alone ("a circle"), like a personal concept, or, where a
+  caption is given ``hints``, by its shape and one of its two words ("a purple circle").
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ COLOURS: dict = {
     "purple": (140, 60, 190), "pink": (245, 125, 190),
 }
 INK: Tuple[int, int, int] = (20, 20, 20)
-HINTS: Tuple[str, ...] = ("", "colour", "pattern")  # which one attribute of a hidden combo a caption may name
 PATTERNS: Tuple[str, ...] = ("solid", "stripes", "dots", "checks")
 PATTERN_WORDS: dict = {"solid": "", "stripes": "striped", "dots": "dotted", "checks": "checkered"}
 BACKGROUNDS: dict = {
@@ -36,6 +36,7 @@ BACKGROUNDS: dict = {
 DEFAULT_BACKGROUND = "grey"
 HIDDEN_COMBOS: frozenset = frozenset(
     {("purple", "stripes"), ("orange", "dots"), ("green", "checks"), ("yellow", "stripes")})
+HINTS: Tuple[str, ...] = ("", "colour", "pattern")  # which one word of a hidden combo a caption may name
 # Nominal ink fraction of each pattern; placement rejects objects whose visible pattern is far off.
 INK_FRACTION: dict = {"solid": 0.0, "stripes": 0.5, "dots": np.pi / 16, "checks": 0.5}
 Generator = Union[np.random.Generator, int]
@@ -166,6 +167,11 @@ def draw_scene(objects: Sequence[ObjectSpec], background: str = DEFAULT_BACKGROU
     return Scene(image, masks, tuple(objects), background, caption, cell)
 
 
+def with_article(words: str) -> str:
+    """'a red circle', 'an orange circle': the indefinite article for ``words``."""
+    return f"{'an' if words[:1] in tuple('aeiou') else 'a'} {words}"
+
+
 def object_phrase(obj: ObjectSpec, image_size: int, colour: bool = True, pattern: bool = True,
                   position: bool = False, hint: str = "") -> str:
     """'a red striped circle [on the left]'; hidden combos never name both their colour and pattern.
@@ -175,16 +181,12 @@ def object_phrase(obj: ObjectSpec, image_size: int, colour: bool = True, pattern
     """
     if hint not in HINTS:
         raise ValueError(f"hint must be one of {HINTS}, got {hint!r}")
-    words = ["a"]
-    named_colour = colour and (not obj.hidden or hint == "colour")
-    named_pattern = pattern and (not obj.hidden or hint == "pattern")
-    if named_colour:
+    words = []
+    if colour and (not obj.hidden or hint == "colour"):
         words.append(obj.colour)
-    if named_pattern and PATTERN_WORDS[obj.pattern]:
+    if pattern and (not obj.hidden or hint == "pattern") and PATTERN_WORDS[obj.pattern]:
         words.append(PATTERN_WORDS[obj.pattern])
-    words.append(obj.shape)
-    if words[1][0] in "aeiou":
-        words[0] = "an"
+    words = [with_article(" ".join(words + [obj.shape]))]
     if position:
         pos = obj.position(image_size)
         if pos == "center":
@@ -200,6 +202,8 @@ def caption_for(objects: Sequence[ObjectSpec], background: Optional[str], image_
                 colour: bool = True, pattern: bool = True, position: bool = False,
                 hints: Sequence[str] = ()) -> str:
     """Caption listing the objects; ``background=None`` leaves the background out; ``hints[i]``: object_phrase's."""
+    if len(hints) > len(objects):
+        raise ValueError(f"{len(hints)} hints for {len(objects)} objects")
     hints = tuple(hints) + ("",) * (len(objects) - len(hints))
     phrases = [object_phrase(o, image_size, colour, pattern, position, hint) for o, hint in zip(objects, hints)]
     if not phrases:
@@ -217,7 +221,7 @@ def random_caption(objects: Sequence[ObjectSpec], background: str, image_size: i
                        colour=bool(keep[0]), pattern=bool(keep[1]), position=position, hints=hints)
 
 
-def hidden_hints(objects: Sequence[ObjectSpec], rng: np.random.Generator, rate: float) -> tuple:
+def hidden_hints(objects: Sequence[ObjectSpec], rng: np.random.Generator, rate: float) -> Tuple[str, ...]:
     """Per object, the one attribute of a hidden combo to name (a share ``rate`` of them), else "".
 
     Hidden combos named by their shape word alone leave each of their words anti-correlated with the
@@ -231,7 +235,7 @@ def hidden_hints(objects: Sequence[ObjectSpec], rng: np.random.Generator, rate: 
     hints = []
     for obj in objects:
         if obj.hidden and rng.random() < rate:
-            hints.append(HINTS[1 + int(rng.integers(2))])
+            hints.append(("colour", "pattern")[int(rng.integers(2))])
         else:
             hints.append("")
     return tuple(hints)

@@ -62,7 +62,7 @@ class PretrainConfig:
     object_counts: tuple[float, float, float] = sw.PRETRAIN_COUNTS  # chances of 1, 2, 3 objects
     hidden_rate: float = sw.PRETRAIN_HIDDEN_RATE  # objects forced into a hidden combo
     twin_rate: float = 0.0  # multi-object scenes whose objects share one colour and pattern (sw.random_scene)
-    hidden_hint_rate: float = 0.0  # mentions of a hidden object that name one of its attributes (sw.hidden_hints)
+    hidden_hint_rate: float = 0.0  # hidden objects' mentions naming one of their words, before drops (sw.hidden_hints)
     decoder_steps: int = 3000  # decoder alone on the encoded scenes: the latent space stays fixed
     decoder_batch: int = 4
     decoder_lr: float = 2e-4
@@ -79,6 +79,11 @@ class PretrainConfig:
     supervision_layers: str = toy.CALIBRATION_LAYERS
     supervision_max_t: float = 1.0
     checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("twin_rate", "hidden_hint_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
     def supervision(self) -> sup.SupervisionSettings:
         """The attention-supervision settings of this run."""
@@ -326,6 +331,8 @@ class CaptionTokens:
 def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_rate: float,
               hint_rate: float = 0.0, hint_rng: Optional[np.random.Generator] = None) -> list[str]:
     """One step's captions; hints are drawn from ``hint_rng`` so that ``rng``'s stream is the same at any rate."""
+    if hint_rate > 0 and hint_rng is None:
+        raise ValueError("a hint rate above 0 needs a hint generator of its own")
     out = []
     for i in indices:
         if rng.random() < empty_rate:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -202,14 +202,18 @@ class AdherenceReport:
     samples: int = 0
     colour: int = 0
     colour_pattern: int = 0
+    pattern: int = 0
     rows: list[tuple[str, list[dict]]] = field(default_factory=list)
 
-    def add(self, label: str, found: Sequence[Any], colour: str, pattern: str) -> None:
-        """Score one picture: right only when exactly one object is found."""
+    def add(self, label: str, found: Sequence[Any], colours: Collection[str], patterns: Collection[str]) -> None:
+        """Score one picture against the colours and patterns that count as right (exactly one object found)."""
         one = len(found) == 1
+        colour = one and found[0].colour in colours
+        pattern = one and found[0].pattern in patterns
         self.samples += 1
-        self.colour += one and found[0].colour == colour
-        self.colour_pattern += one and found[0].colour == colour and found[0].pattern == pattern
+        self.colour += colour
+        self.pattern += pattern
+        self.colour_pattern += colour and pattern
         self.rows.append((label, [o.attributes() for o in found]))
 
     def table(self) -> str:
@@ -226,62 +230,59 @@ def pattern_adherence(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps
     report = AdherenceReport()
     for k, (prompt, _shape, colour, pattern) in enumerate(adherence_prompts(count)):
         for image in generate(bundle, prompt, [7000 + k * seeds + j for j in range(seeds)], steps=steps):
-            report.add(prompt, readout.read_scene(image), colour, pattern)
+            report.add(prompt, readout.read_scene(image), {colour}, {pattern})
     return report
 
 
 HIDDEN_WORD_KINDS = ("both words", "pattern word", "colour word")
 
 
-def hidden_word_prompts() -> list[tuple[str, str, str, str]]:
-    """(kind, prompt, colour, pattern): each hidden combo on each shape, named by both, its pattern or its colour word.
+def hidden_word_prompts() -> list[tuple[str, str, str, frozenset, frozenset]]:
+    """(kind, shape, prompt, colours and patterns that count as the hidden combo's); no prompt twice.
 
-    Pretraining never names a hidden pair together; by default it names neither of their words on
-    them either, so "striped" is never said of a purple object (``sw.hidden_hints``).
+    "both words" names a hidden pair, which pretraining never says; "pattern word" names a hidden
+    pattern alone, which counts any hidden colour that pattern comes with (stripes: purple or
+    yellow); "colour word" names a hidden colour alone. By default pretraining says none of these
+    words of a hidden object (``sw.hidden_hints``).
     """
     out = []
-    for colour, pattern in sorted(sw.HIDDEN_COMBOS):
-        for shape in sw.SHAPES:
-            words = {"both words": f"{colour} {sw.PATTERN_WORDS[pattern]}",
-                     "pattern word": sw.PATTERN_WORDS[pattern], "colour word": colour}
-            for kind in HIDDEN_WORD_KINDS:
-                phrase = f"{'an' if words[kind][0] in 'aeiou' else 'a'} {words[kind]} {shape}"
-                out.append((kind, f"{phrase} on a grey background", colour, pattern))
-    return out
+    for shape in sw.SHAPES:
+        for colour, pattern in sorted(sw.HIDDEN_COMBOS):
+            both = f"{colour} {sw.PATTERN_WORDS[pattern]} {shape}"
+            out.append(("both words", shape, both, frozenset({colour}), frozenset({pattern})))
+        for pattern in sorted({p for _, p in sw.HIDDEN_COMBOS}):
+            colours = frozenset(c for c, p in sw.HIDDEN_COMBOS if p == pattern)
+            out.append(("pattern word", shape, f"{sw.PATTERN_WORDS[pattern]} {shape}", colours, frozenset({pattern})))
+        for colour, pattern in sorted(sw.HIDDEN_COMBOS):
+            patterns = frozenset(p for c, p in sw.HIDDEN_COMBOS if c == colour)
+            out.append(("colour word", shape, f"{colour} {shape}", frozenset({colour}), patterns))
+    return [(kind, shape, f"{sw.with_article(words)} on a grey background", colours, patterns)
+            for kind, shape, words, colours, patterns in out]
 
 
 @dataclass
 class HiddenWordReport:
-    """Per kind of prompt: how often the one drawn object has the hidden combo's colour, pattern, both."""
+    """Per kind of prompt (``HIDDEN_WORD_KINDS``), an ``AdherenceReport`` against the hidden combos' looks."""
 
-    counts: dict = field(default_factory=lambda: {k: [0, 0, 0, 0] for k in HIDDEN_WORD_KINDS})
-    rows: list[tuple[str, list[dict]]] = field(default_factory=list)
-
-    def add(self, kind: str, label: str, found: Sequence[Any], colour: str, pattern: str) -> None:
-        """Score one picture: right only when exactly one object is found."""
-        one = len(found) == 1
-        row = self.counts[kind]
-        row[0] += 1
-        row[1] += one and found[0].colour == colour
-        row[2] += one and found[0].pattern == pattern
-        row[3] += one and found[0].colour == colour and found[0].pattern == pattern
-        self.rows.append((label, [o.attributes() for o in found]))
+    kinds: dict[str, AdherenceReport] = field(default_factory=lambda: {k: AdherenceReport() for k in HIDDEN_WORD_KINDS})
 
     def table(self) -> str:
         """Markdown summary, one row per kind of prompt."""
         lines = ["| hidden combo named by | samples | drawn in its colour | in its pattern | both |",
                  "|---|---|---|---|---|"]
-        for kind, (n, colour, pattern, both) in self.counts.items():
-            d = max(1, n)
-            lines.append(f"| {kind} | {n} | {colour / d:.0%} | {pattern / d:.0%} | {both / d:.0%} |")
+        for kind, r in self.kinds.items():
+            n = max(1, r.samples)
+            lines.append(f"| {kind} | {r.samples} | {r.colour / n:.0%} | {r.pattern / n:.0%} | "
+                         f"{r.colour_pattern / n:.0%} |")
         return "\n".join(lines)
 
 
 def hidden_words(weights_dir: Path = toy.WEIGHTS_DIR, seeds: int = 1, steps: int = 20) -> HiddenWordReport:
-    """Sample every ``hidden_word_prompts`` prompt with ``seeds`` fixed seeds and score it."""
+    """Sample every ``hidden_word_prompts`` prompt with ``seeds`` seeds, shared by the prompts of one shape."""
     bundle = toy.load_bundle(weights_dir)
     report = HiddenWordReport()
-    for k, (kind, prompt, colour, pattern) in enumerate(hidden_word_prompts()):
-        for image in generate(bundle, prompt, [9000 + k * seeds + j for j in range(seeds)], steps=steps):
-            report.add(kind, prompt, readout.read_scene(image), colour, pattern)
+    for kind, shape, prompt, colours, patterns in hidden_word_prompts():
+        first = 9000 + sw.SHAPES.index(shape) * seeds
+        for image in generate(bundle, prompt, range(first, first + seeds), steps=steps):
+            report.kinds[kind].add(prompt, readout.read_scene(image), colours, patterns)
     return report

@@ -21,25 +21,32 @@ def test_adherence_counts_one_object_with_the_named_colour_and_pattern():
         return SimpleNamespace(colour=colour, pattern=pattern, attributes=lambda: {"colour": colour})
 
     report = quality.AdherenceReport()
-    report.add("right", [read("red", "stripes")], "red", "stripes")
-    report.add("pattern wrong", [read("red", "dots")], "red", "stripes")
-    report.add("two objects", [read("red", "stripes"), read("red", "stripes")], "red", "stripes")
-    report.add("nothing", [], "red", "stripes")
-    assert (report.samples, report.colour, report.colour_pattern) == (4, 2, 1)
-    assert "| 4 | 50% | 25% |" in report.table()
-
+    report.add("right", [read("red", "stripes")], {"red"}, {"stripes"})
+    report.add("pattern wrong", [read("red", "dots")], {"red"}, {"stripes"})
+    report.add("colour wrong", [read("blue", "stripes")], {"red"}, {"stripes"})
+    report.add("two objects", [read("red", "stripes"), read("red", "stripes")], {"red"}, {"stripes"})
+    report.add("nothing", [], {"red"}, {"stripes"})
+    assert (report.samples, report.colour, report.pattern, report.colour_pattern) == (5, 2, 2, 1)
+    assert "| 5 | 40% | 20% |" in report.table()
 
 
 def test_hidden_word_prompts_name_each_hidden_combo_three_ways():
     prompts = quality.hidden_word_prompts()
-    assert len(prompts) == len(sw.HIDDEN_COMBOS) * len(sw.SHAPES) * len(quality.HIDDEN_WORD_KINDS)
-    for kind, prompt, colour, pattern in prompts:
-        assert (colour, pattern) in sw.HIDDEN_COMBOS and prompt.endswith(" on a grey background")
+    texts = [prompt for _, _, prompt, _, _ in prompts]
+    assert len(texts) == len(set(texts)) == len(sw.SHAPES) * (4 + 3 + 4)  # 4 pairs, 3 patterns, 4 colours
+    assert ("both words", "circle", "a purple striped circle on a grey background",
+            frozenset({"purple"}), frozenset({"stripes"})) in prompts
+    assert ("pattern word", "star", "a striped star on a grey background",
+            frozenset({"purple", "yellow"}), frozenset({"stripes"})) in prompts
+    assert ("colour word", "circle", "an orange circle on a grey background",
+            frozenset({"orange"}), frozenset({"dots"})) in prompts
+    assert ("pattern word", "square", "a dotted square on a grey background",
+            frozenset({"orange"}), frozenset({"dots"})) in prompts
+    for kind, shape, prompt, colours, patterns in prompts:
         words = prompt.split()
-        assert (colour in words) == (kind != "pattern word"), prompt
-        assert (sw.PATTERN_WORDS[pattern] in words) == (kind != "colour word"), prompt
-        assert words[0] == ("an" if words[1][0] in "aeiou" else "a"), prompt
-    assert {k for k, *_ in prompts} == set(quality.HIDDEN_WORD_KINDS)
+        assert words[-5] == shape and all((c, p) in sw.HIDDEN_COMBOS for c in colours for p in patterns)
+        assert any(c in words for c in colours) == (kind != "pattern word"), prompt
+        assert any(sw.PATTERN_WORDS[p] in words for p in patterns) == (kind != "colour word"), prompt
 
 
 def test_hidden_words_count_the_combos_colour_and_pattern_per_kind():
@@ -47,11 +54,11 @@ def test_hidden_words_count_the_combos_colour_and_pattern_per_kind():
         return SimpleNamespace(colour=colour, pattern=pattern, attributes=lambda: {"colour": colour})
 
     report = quality.HiddenWordReport()
-    report.add("pattern word", "a striped star", [read("cyan", "stripes")], "purple", "stripes")
-    report.add("pattern word", "a striped star", [read("purple", "stripes")], "purple", "stripes")
-    report.add("colour word", "a purple star", [read("purple", "solid")], "purple", "stripes")
-    report.add("colour word", "a purple star", [read("purple", "stripes"), read("red", "dots")], "purple", "stripes")
-    assert report.counts["pattern word"] == [2, 1, 2, 1]
-    assert report.counts["colour word"] == [2, 1, 0, 0]
+    striped, purple = report.kinds["pattern word"], report.kinds["colour word"]
+    striped.add("a striped star", [read("cyan", "stripes")], {"purple", "yellow"}, {"stripes"})
+    striped.add("a striped star", [read("yellow", "stripes")], {"purple", "yellow"}, {"stripes"})
+    purple.add("a purple star", [read("purple", "solid")], {"purple"}, {"stripes"})
+    purple.add("a purple star", [read("purple", "stripes"), read("red", "dots")], {"purple"}, {"stripes"})
     assert "| pattern word | 2 | 50% | 100% | 50% |" in report.table()
+    assert "| colour word | 2 | 50% | 0% | 0% |" in report.table()
     assert "| both words | 0 | 0% | 0% | 0% |" in report.table()

@@ -222,6 +222,10 @@ def test_hidden_hints_add_words_to_the_default_captions_and_change_nothing_else(
         added += len(extra)
     hidden = sum(o.hidden for s in scenes for o in s.objects)
     assert 0.2 * hidden < added < 0.5 * hidden, (added, hidden)  # half of them, less the dropped words and empties
+    with pytest.raises(ValueError, match="needs a hint generator"):
+        pretrain._captions(data, indices, np.random.default_rng(0), 0.1, 0.5)
+    with pytest.raises(ValueError, match="hidden_hint_rate must lie in"):
+        pretrain.PretrainConfig(work_dir=tmp_path, hidden_hint_rate=-0.1)
 
 
 def test_twin_scenes_append_to_a_latent_cache_and_leave_its_scenes_alone(tmp_path, monkeypatch):

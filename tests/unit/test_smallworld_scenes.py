@@ -125,6 +125,11 @@ def test_hidden_hints_name_one_attribute_never_the_pair() -> None:
     assert sw.object_phrase(purple, 128, hint="pattern") == "a striped square"
     assert sw.object_phrase(purple, 128, colour=False, hint="colour") == "a square"  # a dropped word stays dropped
     assert sw.object_phrase(red, 128, hint="pattern") == "a red dotted circle"
+    orange = sw.ObjectSpec("circle", "orange", "dots", 30, 30, 20)
+    assert sw.object_phrase(orange, 128, hint="colour") == "an orange circle"
+    assert sw.object_phrase(orange, 128, hint="pattern") == "a dotted circle"
+    with pytest.raises(ValueError, match="2 hints for 1 objects"):
+        sw.caption_for([purple], None, hints=("colour", ""))
     assert sw.caption_for([purple, red], "grey", hints=("pattern",)) == (
         "a striped square and a red dotted circle on a grey background")
     with pytest.raises(ValueError, match="hint must be one of"):
