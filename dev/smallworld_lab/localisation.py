@@ -73,20 +73,26 @@ def word_maps(model: Any, latents: torch.Tensor, context: torch.Tensor, sigma: t
     ``token_index`` [B, T] picks the words per row; each word's map is the head-averaged
     probability, averaged over the group's layers.
     """
+    import comfy.model_management as mm
+
     base = model.model
     store = MapStore()
     store.set_tokens(token_index)
     patched = model.clone()
     install_hook(patched, AttentionRecorder(store=store, rows="all"), "all")
+    # Clones share one UNet whose weights hold the patches of whichever clone ComfyUI loaded last
+    # (a LoRA, a learned concept's K/V); a direct UNet call must load this model's own first.
+    mm.load_models_gpu([patched], force_full_load=True)
+    device = patched.load_device
     noise = torch.randn(latents.shape, generator=generator)
-    sigmas = sigma.reshape(1).expand(latents.shape[0])
-    x_t = base.model_sampling.noise_scaling(sigmas, noise, latents)
+    sigmas = sigma.reshape(1).expand(latents.shape[0]).to(device)
+    x_t = base.model_sampling.noise_scaling(sigmas, noise.to(device), latents.to(device))
     options = dict(patched.model_options["transformer_options"])
     with torch.no_grad():
-        base.apply_model(x_t, sigmas, c_crossattn=context, transformer_options=options)
+        base.apply_model(x_t, sigmas, c_crossattn=context.to(device), transformer_options=options)
     by_size: dict[int, list[torch.Tensor]] = {}
     for maps in store.layer_maps():
-        by_size.setdefault(maps.shape[-1], []).append(maps.float())
+        by_size.setdefault(maps.shape[-1], []).append(maps.float().cpu())
     latent_side = latents.shape[-1]
     return {f"latent/{latent_side // side}": torch.stack(group).mean(0) for side, group in by_size.items()}
 

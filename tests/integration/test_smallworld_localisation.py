@@ -122,3 +122,29 @@ def test_widened_unet_predicts_what_the_narrow_one_did(random_toy):
     assert (before - after).abs().max() < 1e-4 * before.abs().max()
     with pytest.raises(ValueError, match="cannot widen"):
         widen.widen_tensor("out.2.weight", torch.zeros(4, 32, 3, 3), torch.Size([4, 48, 3, 3]))
+
+
+def test_word_maps_read_the_model_given_not_the_clone_sampled_last(random_toy):
+    """Clones share one UNet; a clone's weight patch left in it by sampling must not reach the base's maps."""
+    from concept_attention.sampling.ksampler import empty_latent, run_ksampler
+
+    model = random_toy.model
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = random_toy.clip.encode_from_tokens(random_toy.clip.tokenize("a red circle"))
+    sigma, index = loc.sigma_at(model, 0.3), torch.tensor([[1, 2, 3]] * 2)
+
+    def maps() -> dict:
+        return loc.word_maps(model, latents, context.expand(2, -1, -1), sigma, index, torch.Generator().manual_seed(1))
+
+    before = maps()
+    patched = model.clone()
+    keys = [k for k in patched.model_state_dict() if k.endswith("attn2.to_k.weight")]
+    original = patched.model_state_dict()[keys[0]].clone()
+    patched.add_patches({k: (torch.randn_like(patched.model_state_dict()[k]) * 3.0,) for k in keys}, 1.0)
+    cond = [[context, {"pooled_output": None}]]
+    run_ksampler(patched, 0, 1, 1.0, "euler", "normal", cond, cond, empty_latent(128))
+    assert not torch.equal(model.model_state_dict()[keys[0]], original)  # the shared UNet holds the clone's patch
+    after = maps()
+    assert torch.equal(model.model_state_dict()[keys[0]], original)
+    for group in before:
+        assert torch.equal(before[group], after[group]), group
