@@ -96,7 +96,9 @@ MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 29 000, twin scenes (from step 26 000, not shipped)": ("base_v2_twin29000.json",
                                                                              "learn_v2_twin29000.json"),
                  "step 31 450, twice the twins (from step 29 000, not shipped)": ("base_v2_twin31450.json",
-                                                                                 "learn_v2_twin31450.json")}
+                                                                                 "learn_v2_twin31450.json"),
+                 "step 31 836, twins and hidden-word hints (from step 26 000, not shipped)": (
+                     "base_v2_hint31836.json", "learn_v2_hint31836.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
@@ -131,7 +133,8 @@ RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
                "400 steps, lr 1e-3, step-20 000 model": "learn_v2_cpu20000_6x8_s400_lr1e3.json",
                "default (200 steps, lr 5e-4), step-26 000 model (shipped)": "learn_v2_cpu26000_6x8.json",
                "default (200 steps, lr 5e-4), step-29 693 model": "learn_v2_cpu29693_6x8.json",
-               "default (200 steps, lr 5e-4), twin-scene step-29 000 model": "learn_v2_twin29000_6x8.json"}
+               "default (200 steps, lr 5e-4), twin-scene step-29 000 model": "learn_v2_twin29000_6x8.json",
+               "default (200 steps, lr 5e-4), twins-and-hints step-31 836 model": "learn_v2_hint31836_6x8.json"}
 
 
 def table_cells(section: str, label: str) -> list[str]:
