@@ -214,7 +214,7 @@ def caption_for(objects: Sequence[ObjectSpec], background: Optional[str], image_
 
 def random_caption(objects: Sequence[ObjectSpec], background: str, image_size: int,
                    rng: np.random.Generator, drop: float = 0.2, hints: Sequence[str] = ()) -> str:
-    """Caption with colour, pattern and background words each dropped with probability ``drop``."""
+    """Caption with colour, pattern and background words each dropped at rate ``drop``; ``hints`` as caption_for's."""
     keep = rng.random(3) >= drop
     position = bool(rng.random() < 0.3)
     return caption_for(objects, background if keep[2] else None, image_size,

@@ -207,6 +207,8 @@ class AdherenceReport:
 
     def add(self, label: str, found: Sequence[Any], colours: Collection[str], patterns: Collection[str]) -> None:
         """Score one picture against the colours and patterns that count as right (exactly one object found)."""
+        if isinstance(colours, str) or isinstance(patterns, str):
+            raise TypeError("colours and patterns are collections of names, not one name")
         one = len(found) == 1
         colour = one and found[0].colour in colours
         pattern = one and found[0].pattern in patterns

@@ -44,7 +44,8 @@ def test_gates_prints_each_table_of_the_named_weights(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("flag", ["--twin-rate", "--hidden-hint-rate"])
-def test_rates_outside_zero_to_one_are_refused_before_anything_runs(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rates_outside_zero_to_one_are_refused_before_anything_runs(flag: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("pretrain_smallworld", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -3,8 +3,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from smallworld_lab import quality
 from concept_attention.smallworld import scenes as sw
+
+
+def read(colour: str, pattern: str) -> SimpleNamespace:
+    """A read-out object of that colour and pattern."""
+    return SimpleNamespace(colour=colour, pattern=pattern, attributes=lambda: {"colour": colour})
 
 
 def test_adherence_prompts_name_a_visible_pattern_and_are_seeded():
@@ -17,9 +24,6 @@ def test_adherence_prompts_name_a_visible_pattern_and_are_seeded():
 
 
 def test_adherence_counts_one_object_with_the_named_colour_and_pattern():
-    def read(colour: str, pattern: str) -> SimpleNamespace:
-        return SimpleNamespace(colour=colour, pattern=pattern, attributes=lambda: {"colour": colour})
-
     report = quality.AdherenceReport()
     report.add("right", [read("red", "stripes")], {"red"}, {"stripes"})
     report.add("pattern wrong", [read("red", "dots")], {"red"}, {"stripes"})
@@ -28,6 +32,8 @@ def test_adherence_counts_one_object_with_the_named_colour_and_pattern():
     report.add("nothing", [], {"red"}, {"stripes"})
     assert (report.samples, report.colour, report.pattern, report.colour_pattern) == (5, 2, 2, 1)
     assert "| 5 | 40% | 20% |" in report.table()
+    with pytest.raises(TypeError, match="collections of names"):
+        report.add("one name", [read("red", "stripes")], "red", {"stripes"})
 
 
 def test_hidden_word_prompts_name_each_hidden_combo_three_ways():
@@ -50,9 +56,6 @@ def test_hidden_word_prompts_name_each_hidden_combo_three_ways():
 
 
 def test_hidden_words_count_the_combos_colour_and_pattern_per_kind():
-    def read(colour: str, pattern: str) -> SimpleNamespace:
-        return SimpleNamespace(colour=colour, pattern=pattern, attributes=lambda: {"colour": colour})
-
     report = quality.HiddenWordReport()
     striped, purple = report.kinds["pattern word"], report.kinds["colour word"]
     striped.add("a striped star", [read("cyan", "stripes")], {"purple", "yellow"}, {"stripes"})
