@@ -339,7 +339,7 @@ def _captions(data: dict, indices: np.ndarray, rng: np.random.Generator, empty_r
             out.append("")
             continue
         objects = cached_objects(data, i)
-        hints = sw.hidden_hints(objects, hint_rng, hint_rate) if hint_rate > 0 else ()
+        hints = sw.hidden_hints(objects, hint_rng, hint_rate)  # at rate 0 all empty, without a draw
         out.append(sw.random_caption(objects, data["backgrounds"][i], toy.IMAGE_SIZE, rng, hints=hints))
     return out
 

@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain_smallworld.py"
+
+
+def load_script() -> ModuleType:
+    """The pretraining script as a module (it is not a package)."""
+    spec = importlib.util.spec_from_file_location("pretrain_smallworld", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_gates_prints_each_table_of_the_named_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -25,9 +33,7 @@ def test_gates_prints_each_table_of_the_named_weights(monkeypatch: pytest.Monkey
     for name in ("roundtrip_report", "quality_gate", "pattern_adherence", "two_object_gate", "hidden_words"):
         monkeypatch.setattr(quality, name, report(name))
     monkeypatch.setattr(pretrain, "train_unet", lambda *a, **k: pytest.fail("--gates must not train"))
-    spec = importlib.util.spec_from_file_location("pretrain_smallworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script()
     weights = tmp_path / "candidate"
     assert module.main(["--gates", str(weights), "--gate-samples", "2", "--two-object-samples", "1",
                         "--work-dir", str(tmp_path / "work")]) == 0
@@ -46,9 +52,7 @@ def test_gates_prints_each_table_of_the_named_weights(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("flag", ["--twin-rate", "--hidden-hint-rate"])
 def test_rates_outside_zero_to_one_are_refused_before_anything_runs(flag: str,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("pretrain_smallworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script()
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args([flag, "1.5"])
     assert exit_info.value.code == 2 and f"{flag}: must lie in [0, 1], got 1.5" in capsys.readouterr().err
