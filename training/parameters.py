@@ -1,7 +1,7 @@
 """What a DisenDiff run learns, and how it is put on the run's MODEL and CLIP clones.
 
 Per concept one token vector per text encoder (copied from a rare vocabulary row, as Custom
-Diffusion does, or from the class word); the cross-attention K/V weight deltas all concepts share;
+Diffusion does, from the class word, or the vocabulary's mean row); the cross-attention K/V weight deltas all concepts share;
 and with ``token_bank`` > 0 a nested-attention token bank per concept (``docs/method.md``
 §15): ``M`` vectors in text-feature space that every cross-attention layer projects with its own
 (delta-patched) ``to_k``/``to_v``, read by the trigger token.
@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 BANK_INIT_NOISE = 0.01
 # Rare CLIP vocabulary rows DisenDiff (after Custom Diffusion) copies new tokens from: ktn, pll, ucd.
 RARE_TOKEN_ROWS = (42170, 47629, 43514)
+
+
+def start_vector(table: torch.Tensor, clip: Any, spec: ConceptSpec, from_last: int, init: str) -> torch.Tensor:
+    """``[1, width]`` float32 start of one concept's token vector (``TrainSettings.init``)."""
+    if init == "mean":  # the average row: a start that names nothing in particular
+        return table.float().mean(0, keepdim=True)
+    if init == "rare" and from_last < len(RARE_TOKEN_ROWS):  # the last concept gets the first rare row
+        return table[[RARE_TOKEN_ROWS[from_last]]].clone().float()
+    return table[phrase_ids(clip, spec.class_phrase)[:1]].clone().float()
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +91,7 @@ class ConceptParameters:
     @classmethod
     def initial(cls, model: Any, clip: Any, specs: list[ConceptSpec],
                 settings: TrainSettings) -> ConceptParameters:
-        """Token vectors from rare vocabulary rows (or the class word), zero K/V deltas, no banks
+        """Token vectors from rare vocabulary rows (or the class word, or the mean row), zero K/V deltas, no banks
         yet; each where its model computes (the K/V deltas and bank rows with the UNet, the token
         vectors with the text encoder), so no step copies them between host and device."""
         unet_device, text_device = model.load_device, clip.patcher.load_device
@@ -91,12 +100,7 @@ class ConceptParameters:
         for i, spec in enumerate(specs):
             vectors = {}
             for key, table in tables.items():
-                from_last = len(specs) - 1 - i  # the last concept gets the first rare row
-                if settings.init == "rare" and from_last < len(RARE_TOKEN_ROWS):
-                    rows = [RARE_TOKEN_ROWS[from_last]]
-                else:
-                    rows = phrase_ids(clip, spec.class_phrase)[:1]
-                vector = table[rows].clone().float().to(text_device)
+                vector = start_vector(table, clip, spec, len(specs) - 1 - i, settings.init).to(text_device)
                 vectors[key] = torch.nn.Parameter(vector, requires_grad=settings.train_embeddings)
             embeddings.append(vectors)
         kv_deltas = {key: torch.nn.Parameter(torch.zeros(shape, device=unet_device), requires_grad=settings.train_kv)

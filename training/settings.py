@@ -17,6 +17,11 @@ from .data import AugmentSettings
 # error is the clean-latent error / sigma: too small to teach a small model's new token the colour
 # a single picture shows; at low noise, where fine patterns are learned, it stays as it was.
 LOSS_WEIGHTINGS = ("eps", "eps+x0")
+# Where a trigger's vector starts. "rare": the rare vocabulary rows Custom Diffusion and DisenDiff copy
+# (official); "class": the class phrase's first token; "mean": the mean row of the token table. In a
+# model whose rare rows were never trained (a toy CLIP) a rare row is a random vector that the text
+# encoder still reads as something (docs/toy_world.md, "Where a learned colour comes from").
+INITS = ("rare", "class", "mean")
 
 
 @dataclass
@@ -40,7 +45,7 @@ class TrainSettings:
     mask_reconstruction: bool = True  # with masks: reconstruct only the concepts' regions
     loss_weighting: str = "eps"  # "eps" (official) or "eps+x0": see LOSS_WEIGHTINGS
     mask_map_weight: float = 0.01  # with masks: weight of 1 - IoU(map, mask) per concept map
-    init: str = "rare"  # "rare" vocabulary rows, or "class" word embedding
+    init: str = "rare"  # where trigger vectors start: see INITS
     caption: str = ""  # empty: "photo of a V1 cat and V2 dog"
     autocast: str = "auto"  # "auto" (bf16 on CUDA GPUs that have it, else none), "none", "fp16", "bf16"
     gradient_checkpointing: bool = False
@@ -74,6 +79,8 @@ class TrainSettings:
         if not isinstance(self.augmentation, AugmentSettings):
             raise ValueError(f"augmentation must be AugmentSettings, got {type(self.augmentation).__name__}")
         self.augmentation.validate()
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}: 'rare' is the official start")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.autocast not in ("auto", "none", "fp16", "bf16"):

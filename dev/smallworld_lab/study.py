@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from concept_attention.smallworld import scenes as sw
-from concept_attention.training.settings import LOSS_WEIGHTINGS
+from concept_attention.training.settings import INITS, LOSS_WEIGHTINGS
 from .experiment import ExperimentSettings
 
 HELDOUT_SEED = 1207  # never used by any other scene generator of the project
@@ -32,7 +32,7 @@ FROZEN_SETTINGS = Path(__file__).resolve().parents[2] / "docs" / "verdict_settin
 TUNABLE = ("steps", "learning_rate", "attention_weight", "calibration_max_t", "micro_batch", "grad_accumulation",
            "map_layers", "iou_steps", "iou_denoise", "init", "loss_weighting", "cfg", "sample_steps")
 WHOLE_AT_LEAST_ONE = ("steps", "micro_batch", "grad_accumulation", "iou_steps", "sample_steps")
-CHOICES = {"init": ("rare", "class"), "loss_weighting": LOSS_WEIGHTINGS}
+CHOICES = {"init": INITS, "loss_weighting": LOSS_WEIGHTINGS}
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,29 @@ def test_embeddings_start_from_rare_rows(bundles):
     assert all(not torch.count_nonzero(d) and d.requires_grad for d in trainer.parameters.kv_deltas.values())
 
 
+def test_embeddings_start_from_the_class_word_or_the_mean_row_when_asked(bundles):
+    """``init="class"``: the class phrase's first token row; ``init="mean"``: the table's mean row, for every
+    concept alike; any other value is refused by name."""
+    from concept_attention.attention.tokens import phrase_ids
+    from concept_attention.concepts.concept_set import token_tables
+
+    bundle = _bundle(bundles, "sd15")
+    table = token_tables(bundle.clip)["clip_l"]
+    for init in ("class", "mean"):
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer = ConceptTrainer(bundle.model, bundle.clip, bundle.vae, _picture(), SPECS, _settings(init=init))
+            trainer.install()
+        for spec, vectors in zip(SPECS, trainer.parameters.embeddings):
+            expected = (table[phrase_ids(bundle.clip, spec.class_phrase)[:1]] if init == "class"
+                        else table.float().mean(0, keepdim=True))
+            assert torch.allclose(vectors["clip_l"].detach().cpu(), expected.float().cpu()), (init, spec.trigger)
+            assert vectors["clip_l"].requires_grad
+    starts = [v["clip_l"].detach() for v in trainer.parameters.embeddings]
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], table[[INIT_ROWS["V1"]]].float())
+    with pytest.raises(ValueError, match=r"init must be one of \('rare', 'class', 'mean'\), got 'zero'"):
+        TrainSettings(init="zero").validate()
+
+
 @pytest.mark.parametrize("train_kv, train_embeddings", [(True, False), (False, True)])
 def test_switching_a_part_off_freezes_it(bundles, train_kv, train_embeddings):
     bundle = _bundle(bundles, "sd15")

@@ -25,7 +25,7 @@ def test_overrides_are_typed_and_checked():
                                   "calibration_max_t=0.5"]) == {
         "attention_weight": 0.2, "steps": 300, "map_layers": "latent/1", "calibration_max_t": 0.5}
     bad = {"steps=many": "steps takes a whole number", "steps=0": "at least 1", "learning_rate=-1": "positive",
-           "learning_rate=nan": "finite number", "init=clas": "init must be one of rare, class",
+           "learning_rate=nan": "finite number", "init=clas": "init must be one of rare, class, mean",
            "loss_weighting=x0": "loss_weighting must be one of eps, eps\\+x0",
            "iou_denoise=1.5": "iou_denoise must be in", "calibration_max_t=0": "calibration_max_t must be in",
            "augmentation=none": "cannot be set by a study",
