@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(K/V only) as the base has them; default: both train, as in Custom Diffusion")
     parser.add_argument("--sample-seeds", type=int, default=None, metavar="N",
                         help="sample seeds 11 .. 10+N (default: the recipe's 4)")
+    parser.add_argument("--train-seed", type=int, default=None, metavar="N",
+                        help="seed of the training runs (augmentation, timesteps, noise; default: the recipe's 0)")
     parser.add_argument("--from-raw", type=Path, default=None, help="print the rates of saved rows")
     bench.add_machine_arguments(parser, device="cpu")
     return parser.parse_args(argv)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_raw:
         chosen = [flag for flag, value in (("--set", args.set), ("--scene-ids", args.scene_ids),
-                                           ("--freeze", args.freeze), ("--sample-seeds", args.sample_seeds)) if value]
+                                           ("--freeze", args.freeze), ("--sample-seeds", args.sample_seeds),
+                                           ("--train-seed", args.train_seed is not None)) if value]
         if chosen:
             logging.error("%s choose what a run trains and samples; --from-raw only prints saved rows",
                           ", ".join(chosen))
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             overrides = study.parse_overrides(args.set)
             settings = study.settings_with(overrides, args.sample_seeds)
+            if args.train_seed is not None:
+                if args.train_seed < 0:
+                    raise ValueError(f"--train-seed must be a whole number of at least 0, got {args.train_seed}")
+                settings = dataclasses.replace(settings, seed=args.train_seed)
             scene_ids = chosen_scenes(args.scene_ids, args.scenes)
         except ValueError as error:
             logging.error("%s", error)

@@ -76,7 +76,7 @@ class ExperimentSettings:
     iou_steps: int = 10
     iou_denoise: float = 0.6
     augmentation: AugmentSettings = field(default_factory=toy.toy_augmentation)
-    init: str = "rare"  # where triggers start: "rare" vocabulary rows or the "class" word
+    init: str = "mean"  # where triggers start (TrainSettings.init): the toy CLIP's rare rows are untrained
     loss_weighting: str = "eps+x0"  # new tokens learn a colour only so (TrainSettings.loss_weighting)
 
 

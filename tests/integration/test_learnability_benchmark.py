@@ -43,6 +43,8 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
     module = load_benchmark()
     refused = {("--set", "steps=many"): "steps takes a whole number",
                ("--sample-seeds", "0"): "--sample-seeds must be at least 1",
+               ("--train-seed", "-1"): "--train-seed must be a whole number of at least 0, got -1",
+               ("--from-raw", "x.json", "--train-seed", "0"): "--train-seed choose what a run trains and samples",
                ("--set", "seed=3"): "cannot be set by a study; tunable: steps, learning_rate",
                ("--scenes", "6", "--scene-ids", "2,6"): "--scene-ids '2,6': each index once, from 0 to 5 (--scenes 6; "
                                                           "raise --scenes",
@@ -57,27 +59,28 @@ def test_a_recipe_candidate_is_named_by_settings_fields(caplog: pytest.LogCaptur
 
 
 def test_a_probe_run_records_its_scenes_and_what_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--scene-ids and --freeze reach each scene's run; the raw file keeps them, the scene indices and the digests."""
+    """--scene-ids, --freeze and --train-seed reach each scene's run; the raw file keeps them, the scene indices and the digests."""
     from smallworld_lab import learnability
     from concept_attention.smallworld import model as toy
 
     calls = []
 
     def learn_scene(bundle, scene_id, scene, settings, what_trains):
-        calls.append((scene_id, scene.objects, dict(what_trains)))
+        calls.append((scene_id, scene.objects, dict(what_trains), settings.seed))
         return [LearnedSample(scene_id, 0, 11, True, True, True, False, True, 1)]
 
     monkeypatch.setattr(toy, "load_bundle", lambda weights: "bundle")
     monkeypatch.setattr(learnability, "learn_scene", learn_scene)
     module = load_benchmark()
     raw = tmp_path / "raw.json"
-    argv = ["--scenes", "6", "--scene-ids", "5,3", "--freeze", "embeddings", "--raw", str(raw), "--device", "cpu"]
+    argv = ["--scenes", "6", "--scene-ids", "5,3", "--freeze", "embeddings", "--train-seed", "1", "--raw", str(raw),
+            "--device", "cpu"]
     assert module.main(argv) == 0
     scenes = learnability.dev_scenes(6)
     frozen = {"train_embeddings": False}
-    assert calls == [(5, scenes[5].objects, frozen), (3, scenes[3].objects, frozen)]
+    assert calls == [(5, scenes[5].objects, frozen, 1), (3, scenes[3].objects, frozen, 1)]
     payload = json.loads(raw.read_text())
-    assert payload["scene_ids"] == [5, 3] and payload["what_trains"] == frozen
+    assert payload["scene_ids"] == [5, 3] and payload["what_trains"] == frozen and payload["settings"]["seed"] == 1
     assert payload["unet_sha256"] == toy.weights_sha256()["unet"]
     assert [row["scene"] for row in payload["rows"]] == [5, 3]
 
@@ -92,6 +95,8 @@ MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 20 000": ("base_v2_cpu20000.json", "learn_v2_cpu20000.json"),
                  "step 23 612 (stopped at a session's end)": ("base_v2_cpu23612.json", "learn_v2_cpu23612.json"),
                  "step 26 000 (shipped)": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json"),
+                 "step 26 000 (shipped), triggers at the mean row (the toy recipe's start since 2026-12-05)": (
+                     "base_v2_cpu26000.json", "learn_v2_cpu26000_init_mean.json"),
                  "step 29 693": ("base_v2_cpu29693.json", "learn_v2_cpu29693.json"),
                  "step 29 000, twin scenes (from step 26 000, not shipped)": ("base_v2_twin29000.json",
                                                                              "learn_v2_twin29000.json"),
@@ -187,11 +192,13 @@ HARD_SCENE_ROWS = {
 
 
 def test_hard_scene_recipe_table_is_what_its_raw_rows_give() -> None:
-    """The shipped base's recipe table on dev scenes 2-5: each row from its rows, run with the overrides it names."""
+    """The shipped base's recipe table on dev scenes 2-5: each row from its rows, run with the overrides it names
+    on the recipe of the time (triggers at the rare rows)."""
     for label, (name, overrides, frozen) in HARD_SCENE_ROWS.items():
         payload = json.loads((DOCS / "learnability_raw" / f"learn_v2_cpu26000_{name}.json").read_text())
         assert table_cells("#### Recipes on the four dev scenes", label) == recipe_cells(payload), label
         assert payload["overrides"] == overrides and payload.get("what_trains", {}) == frozen, label
+        assert payload["settings"]["init"] == overrides.get("init", "rare"), label  # the default of the time
         assert payload["scene_ids"] == [2, 3, 4, 5] and len(payload["settings"]["sample_seeds"]) == 8
 
 
@@ -242,3 +249,48 @@ def test_the_default_rows_misses_are_what_the_docs_say() -> None:
                 f"drawn instead: {drawn} (")
     text = " ".join((DOCS / "toy_world.md").read_text().split())
     assert misses["misses"] == 19 and sentence in text
+
+
+# docs/toy_world.md "Where a learned colour comes from": row label -> (the gate's 12, 6 x 8, where triggers start)
+START_ROWS = {"triggers at the rare rows (the default until 2026-12-05)": (
+                  "learn_v2_cpu26000.json", "learn_v2_cpu26000_6x8.json", "rare"),
+              "triggers at the mean row (the default since)": (
+                  "learn_v2_cpu26000_init_mean.json", "learn_v2_cpu26000_init_mean_6x8.json", "mean")}
+
+
+def test_trigger_start_table_and_paired_counts_are_what_the_raw_rows_give() -> None:
+    """The two starts on the shipped base: the gate's 12, the 6 x 8 rows, and the paired gains and losses the text states."""
+    from smallworld_lab import learnability
+    from concept_attention.smallworld import model as toy
+
+    payloads = {}
+    for label, (gate_file, wide_file, init) in START_ROWS.items():
+        gate, wide = (json.loads((DOCS / "learnability_raw" / name).read_text()) for name in (gate_file, wide_file))
+        assert gate["settings"]["init"] == wide["settings"]["init"] == init, label
+        assert wide["scenes"] == 6 and len(wide["settings"]["sample_seeds"]) == 8
+        if "unet_sha256" in gate:  # the rare start's files predate the digests; the mean start's record them
+            assert gate["unet_sha256"] == wide["unet_sha256"] == toy.weights_sha256()["unet"], label
+
+        def pair(rates: dict) -> str:
+            return f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
+
+        wide_rows = [LearnedSample(**r) for r in wide["rows"]]
+        first, every = learnability.rates(wide_rows), learnability.rates(wide_rows, first_only=False)
+        rates = learnability.rates([LearnedSample(**r) for r in gate["rows"]])
+        expected = [pair(rates), f"{pair(first)} ({first['colour_samples']})", f"{pair(every)} ({every['colour_samples']})",
+                    recipe_cells(wide)[4]]
+        assert table_cells("#### Where a learned colour comes from", label) == expected, label
+        payloads[init] = {(r["scene"], r["obj"], r["seed"]): r for r in wide["rows"]}
+    assert rates["colour"] >= learnability.COLOUR_GATE and rates["colour_pattern"] >= learnability.COLOUR_PATTERN_GATE
+
+    def paired(key: str, first_only: bool) -> tuple[int, int]:
+        rare, mean = payloads["rare"], payloads["mean"]
+        keys = [k for k in rare if (k[1] == 0 or not first_only) and rare[k][f"roundtrip_{key}"]]
+        return (sum(mean[k][key] and not rare[k][key] for k in keys), sum(rare[k][key] and not mean[k][key] for k in keys))
+
+    text = " ".join((DOCS / "toy_world.md").read_text().split())
+    (cg, cl), (pg, pl), (ag, al), (acg, acl) = (paired("colour", True), paired("pattern", True),
+                                                 paired("pattern", False), paired("colour", False))
+    assert (f"first objects' colour {cg} gained, {cl} lost; colour+pattern {pg} gained, {pl} lost; every hidden "
+            f"object's colour+pattern {ag} gained, {al} lost (a sign test gives p ≈ 0.04), its colour {acg} gained, "
+            f"{acl} lost (no change)") in text

@@ -478,7 +478,8 @@ def test_a_recipe_probe_freezes_what_it_names(random_toy):
     kv_frozen = exp.train_variant(random_toy, scene, "Custom Diffusion", TINY, {"train_kv": False}).concepts
     assert kv_frozen.metadata["settings"]["train_kv"] is False
     assert all(float(delta.abs().max()) == 0.0 for delta in kv_frozen.kv_deltas.values())
-    start = ConceptParameters.initial(random_toy.model, random_toy.clip, exp.specs_for(scene), TrainSettings())
+    start = ConceptParameters.initial(random_toy.model, random_toy.clip, exp.specs_for(scene),
+                                      TrainSettings(init=TINY.init))
     moved = [not torch.equal(c.embeddings[k].cpu(), v.detach().cpu().to(c.embeddings[k].dtype))
              for c, vectors in zip(kv_frozen.concepts, start.embeddings) for k, v in vectors.items()]
     assert moved and all(moved)
