@@ -1,10 +1,10 @@
 """What a DisenDiff run learns, and how it is put on the run's MODEL and CLIP clones.
 
 Per concept one token vector per text encoder (copied from a rare vocabulary row, as Custom
-Diffusion does, from the class word, or the vocabulary's mean row); the cross-attention K/V weight deltas all concepts share;
-and with ``token_bank`` > 0 a nested-attention token bank per concept (``docs/method.md``
-§15): ``M`` vectors in text-feature space that every cross-attention layer projects with its own
-(delta-patched) ``to_k``/``to_v``, read by the trigger token.
+Diffusion does, from the class word, or the vocabulary's mean row); the cross-attention K/V weight
+deltas all concepts share; and with ``token_bank`` > 0 a nested-attention token bank per concept
+(``docs/method.md`` §15): ``M`` vectors in text-feature space that every cross-attention layer
+projects with its own (delta-patched) ``to_k``/``to_v``, read by the trigger token.
 """
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ class ConceptParameters:
     @classmethod
     def initial(cls, model: Any, clip: Any, specs: list[ConceptSpec],
                 settings: TrainSettings) -> ConceptParameters:
-        """Token vectors from rare vocabulary rows (or the class word, or the mean row), zero K/V deltas, no banks
-        yet; each where its model computes (the K/V deltas and bank rows with the UNet, the token
-        vectors with the text encoder), so no step copies them between host and device."""
+        """Token vectors from rare vocabulary rows (or the class word, or the mean row), zero K/V
+        deltas, no banks yet; each where its model computes (the K/V deltas and bank rows with the
+        UNet, the token vectors with the text encoder), so no step copies them between host and device."""
         unet_device, text_device = model.load_device, clip.patcher.load_device
         tables = token_tables(clip)
         embeddings = []
