@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.error("%s", error)
             return 2
         what_trains = {f"train_{args.freeze}": False} if args.freeze else {}
+        digests = toy.weights_sha256(args.weights)  # read before loading, so they name the files the run loaded
         bundle = toy.load_bundle(args.weights)
         scenes = learnability.dev_scenes(args.scenes)
         for i in scene_ids:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("scene %d done after %.0f s", i, time.monotonic() - started)
         if args.raw:
             payload = {"weights": str(args.weights), "scenes": args.scenes, "scene_ids": scene_ids,
-                       **{f"{name}_sha256": digest for name, digest in toy.weights_sha256(args.weights).items()},
+                       **{f"{name}_sha256": digest for name, digest in digests.items()},
                        "settings": dataclasses.asdict(settings),
                        "overrides": overrides, "what_trains": what_trains,
                        "rows": [dataclasses.asdict(r) for r in rows]}

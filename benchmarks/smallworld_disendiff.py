@@ -308,6 +308,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, pro
     from concept_attention.smallworld import model as toy
 
     weights = args.weights or toy.WEIGHTS_DIR
+    digests = toy.weights_sha256(weights)  # read before loading, so they name the files the run loaded
     bundle = toy.load_bundle(weights)
     indices = list(range(protocol.scenes))
     if args.shard:
@@ -320,7 +321,7 @@ def run_experiment(args: argparse.Namespace, settings: Any, overrides: dict, pro
     raw: dict = {"format": RAW_FORMAT, "rows": {v: [] for v in variants}, "composition": {}, "minutes": 0.0,
                  "machine": machine_info(device), "settings": str(settings)}
     raw.update(split=args.split, overrides=overrides, weights=str(weights),
-               **{f"{name}_sha256": digest for name, digest in toy.weights_sha256(weights).items()})
+               **{f"{name}_sha256": digest for name, digest in digests.items()})
     if frozen_sha256:
         raw["frozen_settings_sha256"] = frozen_sha256
     started = time.monotonic()
