@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from smallworld_lab.learnability import LearnedSample
+from support import toy_bases
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learnability_smallworld.py"
 
@@ -69,7 +70,9 @@ def test_a_probe_run_records_its_scenes_and_what_trains(tmp_path: Path, monkeypa
         calls.append((scene_id, scene.objects, dict(what_trains), settings.seed))
         return [LearnedSample(scene_id, 0, 11, True, True, True, False, True, 1)]
 
-    monkeypatch.setattr(toy, "load_bundle", lambda weights: "bundle")
+    order, digests = [], toy.weights_sha256()
+    monkeypatch.setattr(toy, "load_bundle", lambda weights: order.append("load") or "bundle")
+    monkeypatch.setattr(toy, "weights_sha256", lambda weights=None: order.append("digest") or digests)
     monkeypatch.setattr(learnability, "learn_scene", learn_scene)
     module = load_benchmark()
     raw = tmp_path / "raw.json"
@@ -81,7 +84,7 @@ def test_a_probe_run_records_its_scenes_and_what_trains(tmp_path: Path, monkeypa
     assert calls == [(5, scenes[5].objects, frozen, 1), (3, scenes[3].objects, frozen, 1)]
     payload = json.loads(raw.read_text())
     assert payload["scene_ids"] == [5, 3] and payload["what_trains"] == frozen and payload["settings"]["seed"] == 1
-    assert payload["unet_sha256"] == toy.weights_sha256()["unet"]
+    assert payload["unet_sha256"] == digests["unet"] and order == ["digest", "load"]  # the files the run loaded
     assert [row["scene"] for row in payload["rows"]] == [5, 3]
 
 
@@ -94,16 +97,17 @@ MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 15 783 (the stop on the way)": ("base_v2_cpu15783.json", "learn_v2_cpu15783.json"),
                  "step 20 000": ("base_v2_cpu20000.json", "learn_v2_cpu20000.json"),
                  "step 23 612 (stopped at a session's end)": ("base_v2_cpu23612.json", "learn_v2_cpu23612.json"),
-                 "step 26 000 (shipped)": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json"),
-                 "step 26 000 (shipped), triggers at the mean row (the toy recipe's start since 2026-12-05)": (
+                 "step 26 000 (shipped until 2026-12-05)": ("base_v2_cpu26000.json", "learn_v2_cpu26000.json"),
+                 "step 26 000, triggers at the mean row (the toy recipe's start since 2026-12-05)": (
                      "base_v2_cpu26000.json", "learn_v2_cpu26000_init_mean.json"),
                  "step 29 693": ("base_v2_cpu29693.json", "learn_v2_cpu29693.json"),
                  "step 29 000, twin scenes (from step 26 000, not shipped)": ("base_v2_twin29000.json",
                                                                              "learn_v2_twin29000.json"),
                  "step 31 450, twice the twins (from step 29 000, not shipped)": ("base_v2_twin31450.json",
                                                                                  "learn_v2_twin31450.json"),
-                 "step 31 836, twins and hidden-word hints (from step 26 000, not shipped)": (
-                     "base_v2_hint31836.json", "learn_v2_hint31836.json")}
+                 "step 31 836, twins and hidden-word hints (from step 26 000; shipped since 2026-12-05)": (
+                     "base_v2_hint31836.json", "learn_v2_hint31836.json"),
+                 "step 31 836, triggers at the mean row": ("base_v2_hint31836.json", "learn_v2_hint31836_init_mean.json")}
 
 
 def test_main_run_table_is_what_its_raw_rows_give() -> None:
@@ -122,8 +126,10 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
         assert cells[1:5] == [f"{gates['soft_low'][0]:.2f}", f"{gates['soft_uniform'][0]:.2f}",
                               f"{gates['thresholded_objects'][0]:.0%}".replace("%", " %"),
                               f"{gates['argmax'][0]:.0%}".replace("%", " %")], label
-        rows = [learnability.LearnedSample(**r)
-                for r in json.loads((DOCS / "learnability_raw" / learn_file).read_text())["rows"]]
+        payload = json.loads((DOCS / "learnability_raw" / learn_file).read_text())
+        start = payload.get("settings", {}).get("init", "rare")  # the files before 2026-12-05 name none or "rare"
+        assert start == ("mean" if "mean row" in label else "rare"), label
+        rows = [learnability.LearnedSample(**r) for r in payload["rows"]]
         rates = learnability.rates(rows)
         assert cells[7] == (f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
                             + f" ({rates['colour_samples']} / {rates['colour_pattern_samples']})"), label
@@ -136,7 +142,7 @@ RECIPE_ROWS = {"default (200 steps, lr 5e-4)": "learn_v2_cpu9000_6x8.json",
                "400 steps, lr 1e-3, plain eps loss, step-14 000 model": "learn_v2_cpu14000_6x8_s400_lr1e3_eps.json",
                "400 steps, lr 1e-3, step-15 783 model": "learn_v2_cpu15783_6x8_s400_lr1e3.json",
                "400 steps, lr 1e-3, step-20 000 model": "learn_v2_cpu20000_6x8_s400_lr1e3.json",
-               "default (200 steps, lr 5e-4), step-26 000 model (shipped)": "learn_v2_cpu26000_6x8.json",
+               "default (200 steps, lr 5e-4), step-26 000 model (shipped then)": "learn_v2_cpu26000_6x8.json",
                "default (200 steps, lr 5e-4), step-29 693 model": "learn_v2_cpu29693_6x8.json",
                "default (200 steps, lr 5e-4), twin-scene step-29 000 model": "learn_v2_twin29000_6x8.json",
                "default (200 steps, lr 5e-4), twins-and-hints step-31 836 model": "learn_v2_hint31836_6x8.json"}
@@ -251,25 +257,30 @@ def test_the_default_rows_misses_are_what_the_docs_say() -> None:
     assert misses["misses"] == 19 and sentence in text
 
 
-# docs/toy_world.md "Where a learned colour comes from": row label -> (the gate's 12, 6 x 8, where triggers start)
-START_ROWS = {"triggers at the rare rows (the default until 2026-12-05)": (
-                  "learn_v2_cpu26000.json", "learn_v2_cpu26000_6x8.json", "rare"),
-              "triggers at the mean row (the default since)": (
-                  "learn_v2_cpu26000_init_mean.json", "learn_v2_cpu26000_init_mean_6x8.json", "mean")}
+STEP_26000_UNET_SHA256, STEP_31836_UNET_SHA256 = toy_bases.STEP_26000["unet"], toy_bases.STEP_31836["unet"]
+# docs/toy_world.md "Where a learned colour comes from": row label -> (the gate's 12, 6 x 8, where triggers
+# start, the UNet they ran on; None: files older than the digests)
+START_ROWS = {"step 26 000, triggers at the rare rows (the default until 2026-12-05)": (
+                  "learn_v2_cpu26000.json", "learn_v2_cpu26000_6x8.json", "rare", None),
+              "step 26 000, triggers at the mean row (the default since)": (
+                  "learn_v2_cpu26000_init_mean.json", "learn_v2_cpu26000_init_mean_6x8.json", "mean",
+                  STEP_26000_UNET_SHA256),
+              "step 31 836 (shipped since 2026-12-05), triggers at the mean row": (
+                  "learn_v2_hint31836_init_mean.json", "learn_v2_hint31836_init_mean_6x8.json", "mean",
+                  STEP_31836_UNET_SHA256)}
 
 
 def test_trigger_start_table_and_paired_counts_are_what_the_raw_rows_give() -> None:
-    """The two starts on the shipped base: the gate's 12, the 6 x 8 rows, and the paired gains and losses the text states."""
+    """The two starts: the gate's 12, the 6 x 8 rows, and the paired gains and losses the text states (step 26 000)."""
     from smallworld_lab import learnability
     from concept_attention.smallworld import model as toy
 
     payloads = {}
-    for label, (gate_file, wide_file, init) in START_ROWS.items():
+    for label, (gate_file, wide_file, init, unet) in START_ROWS.items():
         gate, wide = (json.loads((DOCS / "learnability_raw" / name).read_text()) for name in (gate_file, wide_file))
         assert gate["settings"]["init"] == wide["settings"]["init"] == init, label
         assert wide["scenes"] == 6 and len(wide["settings"]["sample_seeds"]) == 8
-        if "unet_sha256" in gate:  # the rare start's files predate the digests; the mean start's record them
-            assert gate["unet_sha256"] == wide["unet_sha256"] == toy.weights_sha256()["unet"], label
+        assert gate.get("unet_sha256") == wide.get("unet_sha256") == unet, label
 
         def pair(rates: dict) -> str:
             return f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
@@ -280,8 +291,11 @@ def test_trigger_start_table_and_paired_counts_are_what_the_raw_rows_give() -> N
         expected = [pair(rates), f"{pair(first)} ({first['colour_samples']})", f"{pair(every)} ({every['colour_samples']})",
                     recipe_cells(wide)[4]]
         assert table_cells("#### Where a learned colour comes from", label) == expected, label
-        payloads[init] = {(r["scene"], r["obj"], r["seed"]): r for r in wide["rows"]}
-    assert rates["colour"] >= learnability.COLOUR_GATE and rates["colour_pattern"] >= learnability.COLOUR_PATTERN_GATE
+        if unet != STEP_31836_UNET_SHA256:
+            payloads[init] = {(r["scene"], r["obj"], r["seed"]): r for r in wide["rows"]}
+        else:
+            assert unet == toy.weights_sha256()["unet"]
+            assert rates["colour"] >= learnability.COLOUR_GATE and rates["colour_pattern"] >= learnability.COLOUR_PATTERN_GATE
 
     def paired(key: str, first_only: bool) -> tuple[int, int]:
         rare, mean = payloads["rare"], payloads["mean"]
@@ -294,3 +308,36 @@ def test_trigger_start_table_and_paired_counts_are_what_the_raw_rows_give() -> N
     assert (f"first objects' colour {cg} gained, {cl} lost; colour+pattern {pg} gained, {pl} lost; every hidden "
             f"object's colour+pattern {ag} gained, {al} lost (a sign test gives p ≈ 0.04), its colour {acg} gained, "
             f"{acl} lost (no change)") in text
+
+
+def test_the_second_training_seed_sentence_is_what_its_raw_rows_give() -> None:
+    """toy_world.md's training-seed-1 replicate of the two starts: rates, paired counts and cyan misses from the rows."""
+    from smallworld_lab import learnability
+
+    def load(name: str) -> dict:
+        payload = json.loads((DOCS / "learnability_raw" / name).read_text())
+        assert payload["settings"]["seed"] == 1 and payload["scenes"] == 6 and payload["unet_sha256"] == STEP_26000_UNET_SHA256
+        return payload
+
+    rare, mean = load("learn_v2_cpu26000_6x8_seed1.json"), load("learn_v2_cpu26000_init_mean_6x8_seed1.json")
+    assert (rare["settings"]["init"], mean["settings"]["init"]) == ("rare", "mean")
+    by_key = [{(r["scene"], r["obj"], r["seed"]): r for r in p["rows"]} for p in (rare, mean)]
+
+    def paired(key: str, first_only: bool) -> str:
+        a, b = by_key
+        keys = [k for k in a if (k[1] == 0 or not first_only) and a[k][f"roundtrip_{key}"]]
+        return f"{sum(b[k][key] and not a[k][key] for k in keys)} gained, {sum(a[k][key] and not b[k][key] for k in keys)} lost"
+
+    def first(payload: dict) -> str:
+        rates = learnability.rates([LearnedSample(**r) for r in payload["rows"]])
+        return f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
+
+    def cyan(payload: dict) -> str:
+        misses = learnability.colour_misses([LearnedSample(**r) for r in payload["rows"]], learnability.dev_scenes(6))
+        return f"{misses['drawn_colours'].get('cyan', 0)} of {misses['misses']}"
+
+    text = " ".join((DOCS / "toy_world.md").read_text().split())
+    assert (f"first objects {first(rare)} with the rare rows, {first(mean)} with the mean row (48); paired, first "
+            f"objects' colour {paired('colour', True)}; colour+pattern {paired('pattern', True)}; every hidden "
+            f"object's colour+pattern {paired('pattern', False)}. With the rare rows {cyan(rare)} drawn first-object colour "
+            f"misses are cyan, with the mean row {cyan(mean)}.") in text
