@@ -34,10 +34,12 @@ BANK_INIT_NOISE = 0.01
 RARE_TOKEN_ROWS = (42170, 47629, 43514)
 
 
-def start_vector(table: torch.Tensor, clip: Any, spec: ConceptSpec, from_last: int, init: str) -> torch.Tensor:
-    """``[1, width]`` float32 start of one concept's token vector (``TrainSettings.init``)."""
+def start_vector(table: torch.Tensor, clip: Any, spec: ConceptSpec, from_last: int, init: str,
+                 mean_row: torch.Tensor | None = None) -> torch.Tensor:
+    """``[1, width]`` float32 start of one concept's token vector (``TrainSettings.init``); ``mean_row``:
+    the table's mean row if the caller has it already (one pass over the table serves every concept)."""
     if init == "mean":  # the average row: a start that names nothing in particular
-        return table.float().mean(0, keepdim=True)
+        return (table.float().mean(0, keepdim=True) if mean_row is None else mean_row).clone()
     if init == "rare" and from_last < len(RARE_TOKEN_ROWS):  # the last concept gets the first rare row
         return table[[RARE_TOKEN_ROWS[from_last]]].clone().float()
     return table[phrase_ids(clip, spec.class_phrase)[:1]].clone().float()
@@ -96,11 +98,14 @@ class ConceptParameters:
         UNet, the token vectors with the text encoder), so no step copies them between host and device."""
         unet_device, text_device = model.load_device, clip.patcher.load_device
         tables = token_tables(clip)
+        mean_rows = ({key: table.float().mean(0, keepdim=True) for key, table in tables.items()}
+                     if settings.init == "mean" else {})
         embeddings = []
         for i, spec in enumerate(specs):
             vectors = {}
             for key, table in tables.items():
-                vector = start_vector(table, clip, spec, len(specs) - 1 - i, settings.init).to(text_device)
+                vector = start_vector(table, clip, spec, len(specs) - 1 - i, settings.init,
+                                      mean_rows.get(key)).to(text_device)
                 vectors[key] = torch.nn.Parameter(vector, requires_grad=settings.train_embeddings)
             embeddings.append(vectors)
         kv_deltas = {key: torch.nn.Parameter(torch.zeros(shape, device=unet_device), requires_grad=settings.train_kv)

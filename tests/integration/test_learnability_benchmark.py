@@ -89,6 +89,26 @@ def test_a_probe_run_records_its_scenes_and_what_trains(tmp_path: Path, monkeypa
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def rate_pair(rates: dict) -> str:
+    """'67 % / 60 %': colour / colour+pattern as the docs print them."""
+    return f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
+
+
+def gained_lost(before: dict, after: dict, key: str, first_only: bool) -> tuple[int, int]:
+    """Samples (keyed by scene, object, seed) that ``after`` gets right and ``before`` not, and the reverse;
+    ``key`` "colour" or "pattern" (colour and pattern), counted where the round trip reads it."""
+    keys = [k for k in before if (k[1] == 0 or not first_only) and before[k][f"roundtrip_{key}"]]
+    return (sum(after[k][key] and not before[k][key] for k in keys),
+            sum(before[k][key] and not after[k][key] for k in keys))
+
+
+def by_sample(payload: dict) -> dict:
+    """A raw file's rows keyed by (scene, object, sample seed)."""
+    return {(r["scene"], r["obj"], r["seed"]): r for r in payload["rows"]}
+
+
 # docs/toy_world.md "The main run to step 20 000": row label -> (localisation raw rows, learnability raw rows)
 MAIN_RUN_ROWS = {"first model": ("base_v1.json", "learn_v1.json"),
                  "step 6 000": ("base_v2_cpu6000.json", "learn_v2_cpu6000.json"),
@@ -131,7 +151,7 @@ def test_main_run_table_is_what_its_raw_rows_give() -> None:
         assert start == ("mean" if "mean row" in label else "rare"), label
         rows = [learnability.LearnedSample(**r) for r in payload["rows"]]
         rates = learnability.rates(rows)
-        assert cells[7] == (f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
+        assert cells[7] == (rate_pair(rates)
                             + f" ({rates['colour_samples']} / {rates['colour_pattern_samples']})"), label
 
 
@@ -258,6 +278,7 @@ def test_the_default_rows_misses_are_what_the_docs_say() -> None:
 
 
 STEP_26000_UNET_SHA256, STEP_31836_UNET_SHA256 = toy_bases.STEP_26000["unet"], toy_bases.STEP_31836["unet"]
+
 # docs/toy_world.md "Where a learned colour comes from": row label -> (the gate's 12, 6 x 8, where triggers
 # start, the UNet they ran on; None: files older than the digests)
 START_ROWS = {"step 26 000, triggers at the rare rows (the default until 2026-12-05)": (
@@ -282,29 +303,22 @@ def test_trigger_start_table_and_paired_counts_are_what_the_raw_rows_give() -> N
         assert wide["scenes"] == 6 and len(wide["settings"]["sample_seeds"]) == 8
         assert gate.get("unet_sha256") == wide.get("unet_sha256") == unet, label
 
-        def pair(rates: dict) -> str:
-            return f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
-
         wide_rows = [LearnedSample(**r) for r in wide["rows"]]
         first, every = learnability.rates(wide_rows), learnability.rates(wide_rows, first_only=False)
         rates = learnability.rates([LearnedSample(**r) for r in gate["rows"]])
-        expected = [pair(rates), f"{pair(first)} ({first['colour_samples']})", f"{pair(every)} ({every['colour_samples']})",
-                    recipe_cells(wide)[4]]
+        expected = [rate_pair(rates), f"{rate_pair(first)} ({first['colour_samples']})",
+                    f"{rate_pair(every)} ({every['colour_samples']})", recipe_cells(wide)[4]]
         assert table_cells("#### Where a learned colour comes from", label) == expected, label
         if unet != STEP_31836_UNET_SHA256:
-            payloads[init] = {(r["scene"], r["obj"], r["seed"]): r for r in wide["rows"]}
+            payloads[init] = by_sample(wide)
         else:
             assert unet == toy.weights_sha256()["unet"]
             assert rates["colour"] >= learnability.COLOUR_GATE and rates["colour_pattern"] >= learnability.COLOUR_PATTERN_GATE
 
-    def paired(key: str, first_only: bool) -> tuple[int, int]:
-        rare, mean = payloads["rare"], payloads["mean"]
-        keys = [k for k in rare if (k[1] == 0 or not first_only) and rare[k][f"roundtrip_{key}"]]
-        return (sum(mean[k][key] and not rare[k][key] for k in keys), sum(rare[k][key] and not mean[k][key] for k in keys))
-
     text = " ".join((DOCS / "toy_world.md").read_text().split())
-    (cg, cl), (pg, pl), (ag, al), (acg, acl) = (paired("colour", True), paired("pattern", True),
-                                                 paired("pattern", False), paired("colour", False))
+    (cg, cl), (pg, pl), (ag, al), (acg, acl) = (gained_lost(payloads["rare"], payloads["mean"], key, first_only)
+                                                 for key, first_only in (("colour", True), ("pattern", True),
+                                                                         ("pattern", False), ("colour", False)))
     assert (f"first objects' colour {cg} gained, {cl} lost; colour+pattern {pg} gained, {pl} lost; every hidden "
             f"object's colour+pattern {ag} gained, {al} lost (a sign test gives p ≈ 0.04), its colour {acg} gained, "
             f"{acl} lost (no change)") in text
@@ -321,16 +335,12 @@ def test_the_second_training_seed_sentence_is_what_its_raw_rows_give() -> None:
 
     rare, mean = load("learn_v2_cpu26000_6x8_seed1.json"), load("learn_v2_cpu26000_init_mean_6x8_seed1.json")
     assert (rare["settings"]["init"], mean["settings"]["init"]) == ("rare", "mean")
-    by_key = [{(r["scene"], r["obj"], r["seed"]): r for r in p["rows"]} for p in (rare, mean)]
 
     def paired(key: str, first_only: bool) -> str:
-        a, b = by_key
-        keys = [k for k in a if (k[1] == 0 or not first_only) and a[k][f"roundtrip_{key}"]]
-        return f"{sum(b[k][key] and not a[k][key] for k in keys)} gained, {sum(a[k][key] and not b[k][key] for k in keys)} lost"
+        return "{} gained, {} lost".format(*gained_lost(by_sample(rare), by_sample(mean), key, first_only))
 
     def first(payload: dict) -> str:
-        rates = learnability.rates([LearnedSample(**r) for r in payload["rows"]])
-        return f"{rates['colour']:.0%} / {rates['colour_pattern']:.0%}".replace("%", " %")
+        return rate_pair(learnability.rates([LearnedSample(**r) for r in payload["rows"]]))
 
     def cyan(payload: dict) -> str:
         misses = learnability.colour_misses([LearnedSample(**r) for r in payload["rows"]], learnability.dev_scenes(6))
